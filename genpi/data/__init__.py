@@ -1,0 +1,1 @@
+"""Data: records on disk -> token ids and label masks for each loss."""

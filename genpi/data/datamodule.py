@@ -1,0 +1,303 @@
+"""The LightningDataModule: seeded train/val/test split, per-loss tokenization, length-grouped batches."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from genpi.data.records import load_records
+from genpi.data.tokenize import IGNORE, Limits, RecordEncoder, keep_prompt
+from genpi.errors import GenpiError
+from genpi.tasks.base import Task
+
+SPLITS = ("train", "val", "test")
+
+
+def input_key(pseudo_input: str) -> str:
+    """Whitespace/case-normalized hash of an input: the unit of splitting and of overlap checks."""
+    return hashlib.sha256(" ".join(pseudo_input.lower().split()).encode()).hexdigest()[:16]
+
+
+def split_records(
+    records: list[dict[str, Any]], val_size: float | int, test_size: float | int, seed: int
+) -> dict[str, list[dict[str, Any]]]:
+    """Split by distinct input (so duplicates never straddle splits), seeded and order-independent."""
+    keys = sorted({input_key(r["pseudo_input"]) for r in records})
+    random.Random(seed).shuffle(keys)
+
+    def count(size: float | int) -> int:
+        return int(size) if size >= 1 else int(round(size * len(keys)))
+
+    n_test, n_val = count(test_size), count(val_size)
+    if n_test + n_val >= len(keys):
+        raise GenpiError(
+            f"{len(keys)} distinct inputs cannot fill val ({n_val}) and test ({n_test}) splits and leave any to train; "
+            "lower data.val_size / data.test_size or synthesize more"
+        )
+    where = {k: "test" for k in keys[:n_test]}
+    where.update({k: "val" for k in keys[n_test : n_test + n_val]})
+    out: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
+    for r in records:
+        out[where.get(input_key(r["pseudo_input"]), "train")].append(r)
+    return out
+
+
+class EncodedDataset(Dataset):
+    """Pre-tokenized examples: a dict per record with one entry per loss it serves."""
+
+    def __init__(self, examples: list[dict[str, Any]]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.examples[i]
+
+    def lengths(self) -> list[int]:
+        return [example_length(e) for e in self.examples]
+
+
+def example_length(e: dict[str, Any]) -> int:
+    n = 0
+    for part in ("sft", "pg"):
+        if part in e:
+            n += len(e[part]["input_ids"])
+    if "kl" in e:
+        n += len(e["kl"]["student_input_ids"]) + len(e["kl"]["teacher_input_ids"])
+    return n
+
+
+class LengthGroupedBatchSampler(Sampler[list[int]]):
+    """Batches of similar length (low padding) in a seeded random order, sharded over ranks.
+
+    Indices are shuffled, cut into mega-batches of ``mega * batch_size``, sorted by length inside each,
+    then batched; batch order is shuffled again. Each rank takes every ``num_replicas``-th batch, and all
+    ranks get the same number of batches (DDP needs equal step counts).
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, shuffle: bool = True,
+                 group_by_length: bool = True, mega: int = 16, num_replicas: int = 1, rank: int = 0):
+        self.lengths = lengths
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.group = group_by_length
+        self.mega = mega
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        idx = list(range(len(self.lengths)))
+        rng = random.Random(self.seed + self.epoch)
+        if self.shuffle:
+            rng.shuffle(idx)
+        if self.group:
+            size = self.mega * self.batch_size
+            idx = [i for s in range(0, len(idx), size)
+                   for i in sorted(idx[s : s + size], key=lambda i: -self.lengths[i])]
+        batches = [idx[s : s + self.batch_size] for s in range(0, len(idx), self.batch_size)]
+        if self.shuffle and self.group:
+            rng.shuffle(batches)
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self._batches()
+        per_rank = len(batches) // self.num_replicas if self.num_replicas > 1 else len(batches)
+        # Lightning calls set_epoch before each epoch, so a resumed run replays the same order.
+        return iter(batches[self.rank :: self.num_replicas][:per_rank])
+
+    def __len__(self) -> int:
+        n = math.ceil(len(self.lengths) / self.batch_size)
+        return n // self.num_replicas if self.num_replicas > 1 else n
+
+
+def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
+
+
+def _mask(seqs: list[list[int]]) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    return torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], dtype=torch.long)
+
+
+def _response_mask(seqs: list[list[int]], response_lens: list[int]) -> torch.Tensor:
+    """True at positions whose logits predict a response token (right padding)."""
+    width = max(len(s) for s in seqs)
+    m = torch.zeros(len(seqs), width, dtype=torch.bool)
+    for i, (s, n) in enumerate(zip(seqs, response_lens)):
+        m[i, len(s) - n - 1 : len(s) - 1] = True
+    return m
+
+
+class Collator:
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch: dict[str, Any] = {}
+        for part in ("sft", "pg"):
+            rows = [e[part] for e in examples if part in e]
+            if rows:
+                ids = [r["input_ids"] for r in rows]
+                labels = [r["labels"][1:] + [IGNORE] for r in rows]  # shifted: labels[t] is the target of logits[t]
+                batch[part] = {"input_ids": _pad(ids, self.pad_id), "attention_mask": _mask(ids),
+                               "labels": _pad(labels, IGNORE)}
+        rows = [e["kl"] for e in examples if "kl" in e]
+        if rows:
+            s_ids = [r["student_input_ids"] for r in rows]
+            t_ids = [r["teacher_input_ids"] for r in rows]
+            lens = [r["response_len"] for r in rows]
+            kl = {
+                "student_input_ids": _pad(s_ids, self.pad_id), "student_attention_mask": _mask(s_ids),
+                "student_response_mask": _response_mask(s_ids, lens),
+                "teacher_input_ids": _pad(t_ids, self.pad_id), "teacher_attention_mask": _mask(t_ids),
+                "teacher_response_mask": _response_mask(t_ids, lens),
+                "response_ids": torch.tensor([t for s, n in zip(s_ids, lens) for t in s[len(s) - n :]]),
+            }
+            if all("teacher_topk_ids" in r for r in rows):
+                kl["teacher_topk_ids"] = torch.tensor([row for r in rows for row in r["teacher_topk_ids"]])
+                kl["teacher_topk_logprobs"] = torch.tensor([row for r in rows for row in r["teacher_topk_logprobs"]])
+            batch["kl"] = kl
+        return batch
+
+
+class GenPIDataModule(pl.LightningDataModule):
+    """Serves the records of one task, tokenized per loss.
+
+    Args:
+        task: the task whose prompt the teacher sees.
+        tokenizer: the model's tokenizer (its chat template is used).
+        path: a dataset folder or JSONL file; ``None`` uses the task's built-in sample data.
+        losses: which training sequences to build, among ``sft``, ``pg``, ``kl`` (a loss with weight 0
+            is not built); validation always builds ``kl`` so ``val/kl`` is always measured.
+        w_prompt_drop_prob: with-prompt baseline: SFT inputs carry the prompt, dropped with this probability.
+    """
+
+    def __init__(self, task: Task, tokenizer, path: str | None = None, losses: tuple[str, ...] = ("sft", "pg"),
+                 batch_size: int = 8, eval_batch_size: int | None = None, val_size: float | int = 0.1,
+                 test_size: float | int = 0.1, seed: int = 0, limits: dict | None = None, pg_reason: bool = True,
+                 w_prompt_drop_prob: float | None = None, group_by_length: bool = True, max_records: int | None = None,
+                 num_workers: int = 0, overfit: bool = False):
+        super().__init__()
+        self.task = task
+        self.tokenizer = tokenizer
+        self.path = path
+        self.losses = tuple(losses)
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.val_size = val_size
+        self.test_size = test_size
+        self.seed = seed
+        self.limits = Limits(**(limits or {}))
+        self.pg_reason = pg_reason
+        self.w_prompt_drop_prob = w_prompt_drop_prob
+        self.group_by_length = group_by_length
+        self.max_records = max_records
+        self.num_workers = num_workers
+        self.overfit = overfit
+        self.splits: dict[str, list[dict[str, Any]]] = {}
+        self.datasets: dict[str, EncodedDataset] = {}
+        self.encoder: RecordEncoder | None = None
+
+    @property
+    def source(self) -> Path:
+        if self.path:
+            return Path(self.path)
+        sample = self.task.sample_data_path()
+        if sample is None:
+            raise GenpiError(f"task {self.task.name!r} has no built-in sample data: set data.path to a dataset")
+        return sample
+
+    def load(self) -> None:
+        if self.splits:
+            return
+        records = load_records(self.source)
+        if self.max_records:
+            records = records[: self.max_records]
+        if self.overfit:
+            # Train and validate on the same records: the debug=overfit sanity check.
+            self.splits = {"train": records, "val": records, "test": []}
+        else:
+            self.splits = split_records(records, self.val_size, self.test_size, self.seed)
+        self.encoder = RecordEncoder(self.tokenizer, self.task, self.limits, pg_reason=self.pg_reason)
+
+    def encode(self, records: list[dict[str, Any]], losses: tuple[str, ...]) -> EncodedDataset:
+        assert self.encoder is not None
+        self.encoder.report.total += len(records)
+        examples = []
+        for i, rec in enumerate(records):
+            e: dict[str, Any] = {}
+            if "sft" in losses:
+                with_prompt = self.w_prompt_drop_prob is not None and keep_prompt(self.seed, i, self.w_prompt_drop_prob)
+                e["sft"] = self.encoder.sft(rec, with_prompt=with_prompt)
+            if "pg" in losses:
+                e["pg"] = self.encoder.pg(rec)
+            if "kl" in losses:
+                e["kl"] = self.encoder.kl(rec)
+            examples.append(e)
+        return EncodedDataset(examples)
+
+    def setup(self, stage: str | None = None) -> None:
+        self.load()
+        if "train" not in self.datasets:
+            self.datasets["train"] = self.encode(self.splits["train"], self.losses)
+            self.datasets["val"] = self.encode(self.splits["val"], tuple(sorted(set(self.losses) | {"kl"})))
+            self.encoder.report.log(f"data from {self.source}")
+
+    def truncation_counts(self) -> dict[str, int]:
+        return self.encoder.report.as_dict() if self.encoder else {}
+
+    def _world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return trainer.world_size, trainer.global_rank
+        return 1, 0
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        ds = self.datasets[split]
+        world, rank = self._world()
+        sampler = LengthGroupedBatchSampler(ds.lengths(), batch_size, seed=self.seed, shuffle=shuffle,
+                                            group_by_length=self.group_by_length, num_replicas=world, rank=rank)
+        return DataLoader(ds, batch_sampler=sampler, collate_fn=Collator(self.tokenizer.pad_token_id),
+                          num_workers=self.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.eval_batch_size, shuffle=False)
+
+    def padding_ratio(self, split: str = "train") -> float:
+        """Share of padded positions over one epoch of batches, all sequences of each example counted."""
+        ds = self.datasets[split]
+        sampler = LengthGroupedBatchSampler(ds.lengths(), self.batch_size, seed=self.seed, shuffle=True,
+                                            group_by_length=self.group_by_length)
+        real = padded = 0
+        for batch in sampler._batches():
+            for key in ("sft", "pg"):
+                lens = [len(ds[i][key]["input_ids"]) for i in batch if key in ds[i]]
+                if lens:
+                    real, padded = real + sum(lens), padded + max(lens) * len(lens)
+            for key in ("student_input_ids", "teacher_input_ids"):
+                lens = [len(ds[i]["kl"][key]) for i in batch if "kl" in ds[i]]
+                if lens:
+                    real, padded = real + sum(lens), padded + max(lens) * len(lens)
+        return 1 - real / padded if padded else 0.0
+
+    def split_keys(self) -> dict[str, list[str]]:
+        """Input keys per split (saved in the run folder so evaluation can refuse overlapping inputs)."""
+        self.load()
+        return {s: sorted({input_key(r["pseudo_input"]) for r in rs}) for s, rs in self.splits.items()}

@@ -1,0 +1,169 @@
+"""genpi-train: GenPI training on one task (``python -m genpi.train``)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from genpi.data.datamodule import GenPIDataModule
+from genpi.data.tokenize import teacher_prompt
+from genpi.errors import GenpiError
+from genpi.hydra_utils import to_dict
+from genpi.models.factory import load_model_and_tokenizer, model_fingerprint
+from genpi.module import GenPIModule, active_terms
+from genpi.runs import last_checkpoint, read_json, update_json, wandb_run_id, write_json
+from genpi.tasks import build_task
+from genpi.tasks.base import task_fingerprint
+from genpi.wrappers import run_dir_of, task_wrapper
+
+log = logging.getLogger("genpi.train")
+
+
+def build_datamodule(cfg: DictConfig, task, tokenizer) -> GenPIDataModule:
+    loss = to_dict(cfg.loss)
+    data = to_dict(cfg.data)
+    w_prompt = loss.get("w_prompt") or {}
+    terms = active_terms(loss)
+    if w_prompt.get("enabled") and "sft" not in terms:
+        raise GenpiError("loss.w_prompt.enabled needs loss.sft.weight > 0 (the baseline is SFT with the prompt)")
+    return GenPIDataModule(
+        task, tokenizer, losses=terms, pg_reason=bool((loss.get("pg") or {}).get("reason", True)),
+        w_prompt_drop_prob=float(w_prompt.get("drop_prob", 0.0)) if w_prompt.get("enabled") else None, **data,
+    )
+
+
+def _loggers(cfg: DictConfig, run_dir: Path) -> list:
+    out = []
+    for name, lcfg in (cfg.get("logger") or {}).items():
+        if lcfg is None:
+            continue
+        if name == "wandb":
+            with open_dict(lcfg):
+                lcfg.id = lcfg.id or wandb_run_id(run_dir)
+                lcfg.resume = "allow"
+                lcfg.tags = list(cfg.get("tags") or []) + _override_tags()
+            out.append(hydra.utils.instantiate(lcfg, _convert_="partial"))
+            out[-1].experiment.config.update(_loggable_config(cfg), allow_val_change=True)
+        else:
+            out.append(hydra.utils.instantiate(lcfg))
+    return out
+
+
+def _override_tags() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return [o for o in HydraConfig.get().overrides.task if "key" not in o.lower()][:64]
+
+
+def _loggable_config(cfg: DictConfig) -> dict[str, Any]:
+    return {k: v for k, v in to_dict(cfg).items() if k not in ("hydra",)}
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Seed, build task, model, data, module, callbacks, loggers and trainer; fit; measure; save.
+
+    Returns a dict with ``metrics`` and the objects built (for tests).
+    """
+    pl.seed_everything(cfg.seed, workers=True)
+    torch.set_float32_matmul_precision("high")
+    run_dir = run_dir_of(cfg)
+    task = build_task(**to_dict(cfg.task))
+    model, tokenizer = load_model_and_tokenizer(cfg.model, for_training=True)
+    datamodule = build_datamodule(cfg, task, tokenizer)
+    datamodule.setup("fit")
+    prompt = teacher_prompt(tokenizer, task)
+    module = GenPIModule(model, to_dict(cfg.loss), to_dict(cfg.optim), prompt.ids)
+
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    fdr = bool(cfg.trainer.get("fast_dev_run", False))
+    loggers = [] if fdr else _loggers(cfg, run_dir)
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    ckpt = cfg.get("ckpt_path") or (last_checkpoint(run_dir) if not fdr else None)
+    if ckpt and not cfg.get("resume", True) and not cfg.get("ckpt_path"):
+        raise GenpiError(f"run folder {run_dir} already holds a checkpoint: set resume=true to continue it, "
+                         "or change run_name to start a new run")
+    if ckpt and not Path(ckpt).is_file():
+        raise GenpiError(f"checkpoint not found: {ckpt} (set ckpt_path to an existing .ckpt, or null)")
+
+    metrics_path = run_dir / "metrics.json"
+    state = read_json(metrics_path)
+    metrics: dict[str, Any] = {}
+    if cfg.get("validate_before_fit", True) and not fdr:
+        if ckpt and "val/kl_start" in state:
+            metrics["val/kl_start"] = state["val/kl_start"]
+        else:
+            start = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+            metrics.update({f"{k}_start": float(v) for k, v in start.items()})
+    write_json(run_dir / "splits.json", datamodule.split_keys())
+    write_json(run_dir / "run.json", {
+        "task": task.name, "task_fingerprint": task_fingerprint(task), "prompt_id": task.prompt_id,
+        "model": model_fingerprint(cfg.model), "data": str(datamodule.source), "run_name": cfg.run_name,
+        "lora": bool(cfg.model.lora.enabled), "config": _loggable_config(cfg),
+    })
+    if metrics:
+        update_json(metrics_path, **metrics)
+
+    log.info("training %s on %s (%d train / %d val records, terms %s)", task.name, datamodule.source,
+             len(datamodule.datasets["train"]), len(datamodule.datasets["val"]), datamodule.losses)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
+
+    if not fdr:
+        end = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+        metrics.update({k: float(v) for k, v in end.items()})
+        for cb in callbacks:
+            if hasattr(cb, "summary"):
+                metrics.update(cb.summary())
+        metrics.update({
+            "train/steps": int(trainer.global_step),
+            "data/padding_ratio": datamodule.padding_ratio(),
+            "data/truncated": datamodule.truncation_counts(),
+            "data/train_records": len(datamodule.datasets["train"]),
+        })
+        metrics = update_json(metrics_path, **metrics)
+        save_adapter(module, tokenizer, run_dir / "adapter", cfg)
+        for lg in loggers:
+            if hasattr(lg, "log_metrics"):
+                lg.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)},
+                               step=trainer.global_step)
+        log.info("metrics: %s", metrics_path)
+    return {"metrics": metrics, "run_dir": run_dir, "trainer": trainer, "module": module, "datamodule": datamodule,
+            "task": task, "tokenizer": tokenizer}
+
+
+def save_adapter(module: GenPIModule, tokenizer, folder: Path, cfg: DictConfig) -> None:
+    """The trained adapter in PEFT format (or the full model under full fine-tuning), with the tokenizer."""
+    if isinstance(module.trainer.strategy, pl.strategies.FSDPStrategy):
+        log.warning("FSDP run: export the adapter from the sharded checkpoint with genpi-export")
+        return
+    if module.trainer.global_rank != 0:
+        return
+    module.model.save_pretrained(str(folder), safe_serialization=True)
+    tokenizer.save_pretrained(str(folder))
+    write_json(folder / "genpi.json", {"model": model_fingerprint(cfg.model), "task": cfg.task.name,
+                                       "config": OmegaConf.to_container(cfg.model, resolve=True)})
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@task_wrapper
+def _hydra_main(cfg: DictConfig) -> float | None:
+    out = train(cfg)
+    print(f"run folder: {out['run_dir']}")
+    return out["metrics"].get(cfg.get("optimized_metric") or "val/kl")
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
