@@ -35,6 +35,7 @@ def build_datamodule(cfg: DictConfig, task, tokenizer) -> GenPIDataModule:
         raise GenpiError("loss.w_prompt.enabled needs loss.sft.weight > 0 (the baseline is SFT with the prompt)")
     return GenPIDataModule(
         task, tokenizer, losses=terms, pg_reason=bool((loss.get("pg") or {}).get("reason", True)),
+        sft_source=(loss.get("sft") or {}).get("source", "conversation"),
         w_prompt_drop_prob=float(w_prompt.get("drop_prob", 0.0)) if w_prompt.get("enabled") else None, **data,
     )
 

@@ -190,7 +190,7 @@ class GenPIDataModule(pl.LightningDataModule):
                  batch_size: int = 8, eval_batch_size: int | None = None, val_size: float | int = 0.1,
                  test_size: float | int = 0.1, seed: int = 0, limits: dict | None = None, pg_reason: bool = True,
                  w_prompt_drop_prob: float | None = None, group_by_length: bool = True, max_records: int | None = None,
-                 num_workers: int = 0, overfit: bool = False):
+                 num_workers: int = 0, overfit: bool = False, sft_source: str = "conversation"):
         super().__init__()
         self.task = task
         self.tokenizer = tokenizer
@@ -208,6 +208,7 @@ class GenPIDataModule(pl.LightningDataModule):
         self.max_records = max_records
         self.num_workers = num_workers
         self.overfit = overfit
+        self.sft_source = sft_source
         self.splits: dict[str, list[dict[str, Any]]] = {}
         self.datasets: dict[str, EncodedDataset] = {}
         self.encoder: RecordEncoder | None = None
@@ -232,7 +233,8 @@ class GenPIDataModule(pl.LightningDataModule):
             self.splits = {"train": records, "val": records, "test": []}
         else:
             self.splits = split_records(records, self.val_size, self.test_size, self.seed)
-        self.encoder = RecordEncoder(self.tokenizer, self.task, self.limits, pg_reason=self.pg_reason)
+        self.encoder = RecordEncoder(self.tokenizer, self.task, self.limits, pg_reason=self.pg_reason,
+                                     sft_source=self.sft_source)
 
     def encode(self, records: list[dict[str, Any]], losses: tuple[str, ...]) -> EncodedDataset:
         assert self.encoder is not None

@@ -158,7 +158,11 @@ class TruncationReport:
 class RecordEncoder:
     """Builds the per-loss token sequences of one record."""
 
-    def __init__(self, tokenizer, task: Task, limits: Limits | None = None, pg_reason: bool = True):
+    def __init__(self, tokenizer, task: Task, limits: Limits | None = None, pg_reason: bool = True,
+                 sft_source: str = "conversation"):
+        if sft_source not in ("conversation", "single"):
+            raise GenpiError(f"loss.sft.source={sft_source!r}: choose 'conversation' or 'single'")
+        self.sft_source = sft_source
         self.tok = tokenizer
         self.task = task
         self.limits = limits or Limits()
@@ -169,7 +173,8 @@ class RecordEncoder:
     # -- SFT: student input, teacher conversation ------------------------------------
     def sft(self, rec: dict[str, Any], with_prompt: bool = False) -> dict[str, list[int]]:
         x, _ = self._input(rec)
-        conv = list(rec["teacher_output_conv"]) or [{"role": "assistant", "content": rec["teacher_output_single"]}]
+        conv = list(rec["teacher_output_conv"]) if self.sft_source == "conversation" else []
+        conv = conv or [{"role": "assistant", "content": rec["teacher_output_single"]}]
         head = self.task.teacher_messages(x) if with_prompt else self.task.student_messages(x)
         segs = chat_segments(self.tok, head + conv, label_from=len(head))
         ids, labels = self._join(segs, skip_text=self.prompt.text if with_prompt else None)
