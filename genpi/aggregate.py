@@ -1,0 +1,170 @@
+"""Gather run folders (or a W&B group) into one table (markdown + CSV) and a plot.
+
+``python -m genpi.aggregate ROOT --rows loss --cols task --metrics val/kl eval/gap_closed/kl_forward``
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from genpi.errors import GenpiError, exit_on_error
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def collect_runs(root: str | Path) -> list[dict[str, Any]]:
+    """One row per training run folder under ``root`` (any depth): its config values and metrics.
+
+    Eval metrics written next to the run (``eval/metrics.json`` or ``metrics.json`` keys ``eval/*``) join
+    the same row. Failed jobs (``error.txt``) appear with ``status=failed``.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise GenpiError(f"no such folder: {root} (pass the multirun or runs folder of a study)")
+    rows = []
+    for run_json in sorted(root.rglob("run.json")):
+        run_dir = run_json.parent
+        info = json.loads(run_json.read_text())
+        cfg = info.get("config", {})
+        row: dict[str, Any] = {
+            "run_dir": str(run_dir), "task": info.get("task"), "loss": (cfg.get("loss") or {}).get("name"),
+            "model": info.get("model"), "seed": cfg.get("seed"), "run_name": info.get("run_name"),
+            "experiment": cfg.get("experiment_name"), "status": "ok",
+        }
+        row.update({f"cfg.{k}": v for k, v in _flat(cfg.get("loss") or {}).items()})
+        metrics_path = run_dir / "metrics.json"
+        if metrics_path.is_file():
+            row.update({k: v for k, v in json.loads(metrics_path.read_text()).items() if not isinstance(v, dict)})
+        if (run_dir / "error.txt").is_file():
+            row["status"] = "failed"
+        rows.append(row)
+    for err in sorted(root.rglob("error.txt")):
+        if not (err.parent / "run.json").is_file():
+            rows.append({"run_dir": str(err.parent), "status": "failed",
+                         "error": err.read_text().strip().splitlines()[-1][:200]})
+    return rows
+
+
+def collect_wandb(group: str, project: str, entity: str | None = None) -> list[dict[str, Any]]:
+    """Rows from the runs of a W&B group (needs network access to W&B)."""
+    import wandb
+
+    api = wandb.Api()
+    path = f"{entity}/{project}" if entity else project
+    rows = []
+    for run in api.runs(path, filters={"group": group}):
+        cfg = run.config
+        row = {"run_dir": run.url, "task": (cfg.get("task") or {}).get("name"), "loss": (cfg.get("loss") or {}).get("name"),
+               "seed": cfg.get("seed"), "status": run.state}
+        row.update({k: v for k, v in run.summary.items() if isinstance(v, (int, float))})
+        rows.append(row)
+    return rows
+
+
+def pivot(rows: list[dict[str, Any]], row_key: str, col_key: str, metric: str) -> tuple[list, list, dict]:
+    """Mean of ``metric`` per (row value, column value) over seeds; returns row labels, column labels, cells."""
+    cells: dict[tuple[Any, Any], list[float]] = {}
+    for r in rows:
+        v = r.get(metric)
+        if r.get("status") != "ok" or not isinstance(v, (int, float)) or not math.isfinite(v):
+            continue
+        cells.setdefault((r.get(row_key), r.get(col_key)), []).append(float(v))
+    row_labels = sorted({k[0] for k in cells}, key=str)
+    col_labels = sorted({k[1] for k in cells}, key=str)
+    return row_labels, col_labels, {k: sum(v) / len(v) for k, v in cells.items()}
+
+
+def write_tables(rows: list[dict[str, Any]], out_dir: Path, row_key: str, col_key: str,
+                 metrics: list[str]) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = out_dir / "results.csv"
+    keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("task", "loss", "seed", "status"), k))
+    with csv_path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    lines = []
+    for metric in metrics:
+        rl, cl, cells = pivot(rows, row_key, col_key, metric)
+        lines += [f"### {metric}", "", "| " + " | ".join([row_key, *map(str, cl)]) + " |",
+                  "|" + "---|" * (len(cl) + 1)]
+        for r in rl:
+            vals = [f"{cells[(r, c)]:.3f}" if (r, c) in cells else "–" for c in cl]
+            lines.append("| " + " | ".join([str(r), *vals]) + " |")
+        lines.append("")
+    failed = [r for r in rows if r.get("status") == "failed"]
+    if failed:
+        lines += ["### Failed jobs", ""] + [f"- {r['run_dir']}: {r.get('error', 'see error.txt')}" for r in failed]
+    md_path = out_dir / "results.md"
+    md_path.write_text("\n".join(lines) + "\n")
+    return md_path, csv_path
+
+
+def plot(rows: list[dict[str, Any]], out_path: Path, row_key: str, col_key: str, metric: str) -> Path:
+    """Grouped bars: one group per column value (e.g. task), one bar per row value (e.g. loss)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rl, cl, cells = pivot(rows, row_key, col_key, metric)
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(cl) + 2), 3.6))
+    width = 0.8 / max(1, len(rl))
+    for i, r in enumerate(rl):
+        xs = [j + i * width for j in range(len(cl))]
+        ax.bar(xs, [cells.get((r, c), float("nan")) for c in cl], width, label=str(r))
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cl))], [str(c) for c in cl])
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=8, ncols=min(3, len(rl)) or 1)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=120)
+    plt.close(fig)
+    return out_path
+
+
+@exit_on_error
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("root", nargs="?", help="folder holding the study's run folders")
+    ap.add_argument("--wandb-group", help="read a W&B group instead of folders")
+    ap.add_argument("--wandb-project", default="genpi")
+    ap.add_argument("--wandb-entity", default=None)
+    ap.add_argument("--rows", default="loss")
+    ap.add_argument("--cols", default="task")
+    ap.add_argument("--metrics", nargs="+", default=["val/kl", "val/kl_start"])
+    ap.add_argument("--out", default=None, help="output folder (default: ROOT/summary)")
+    args = ap.parse_args(argv)
+    if args.wandb_group:
+        rows = collect_wandb(args.wandb_group, args.wandb_project, args.wandb_entity)
+        out = Path(args.out or f"outputs/summary/{args.wandb_group}")
+    elif args.root:
+        rows = collect_runs(args.root)
+        out = Path(args.out or Path(args.root) / "summary")
+    else:
+        raise GenpiError("give a study folder or --wandb-group NAME")
+    if not rows:
+        raise GenpiError(f"no run folders (run.json) under {args.root}: did the sweep run?")
+    md, csv_path = write_tables(rows, out, args.rows, args.cols, args.metrics)
+    png = plot(rows, out / "results.png", args.rows, args.cols, args.metrics[0])
+    print(md.read_text())
+    print(f"table: {md}\ncsv: {csv_path}\nplot: {png}")
+
+
+if __name__ == "__main__":
+    main()
