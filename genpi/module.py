@@ -90,8 +90,19 @@ class GenPIModule(pl.LightningModule):
         h = self.hidden(part["input_ids"], part["attention_mask"])
         keep = part["labels"] != IGNORE
         weight, bias = self.lm_head()
-        return losses.chunked_token_cross_entropy(h[keep], weight, part["labels"][keep],
+        loss = losses.chunked_token_cross_entropy(h[keep], weight, part["labels"][keep],
                                                   chunk_size=self.chunk_size, lm_head_bias=bias)
+        return self._global_token_mean(loss, int(keep.sum()))
+
+    def _global_token_mean(self, loss: torch.Tensor, n_tokens: int) -> torch.Tensor:
+        """Rescale a rank's token mean so that DDP's gradient average is the mean over all ranks' tokens
+        (the same as one process on the global batch), not a mean of per-rank means."""
+        trainer = self._trainer
+        if trainer is None or trainer.world_size <= 1:
+            return loss
+        n = torch.tensor(float(n_tokens), device=loss.device)
+        total = self.trainer.strategy.reduce(n.clone(), reduce_op="sum")
+        return loss * (n * trainer.world_size / total.clamp_min(1.0))
 
     @torch.no_grad()
     def teacher_hidden(self, kl: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -130,13 +141,15 @@ class GenPIModule(pl.LightningModule):
             if "teacher_topk_ids" not in kl:
                 raise GenpiError("loss.kl.teacher=cached needs records with teacher_topk_ids: run the synth "
                                  "teacher_logits stage, or set loss.kl.teacher=online")
-            return losses.chunked_topk_forward_kl(student_h, weight, kl["teacher_topk_ids"],
+            loss = losses.chunked_topk_forward_kl(student_h, weight, kl["teacher_topk_ids"],
                                                   kl["teacher_topk_logprobs"], chunk_size=self.chunk_size,
                                                   lm_head_bias=bias)
-        teacher_h = self.teacher_hidden(kl)
-        return losses.chunked_distill_loss(student_h, teacher_h, weight, kind=self.kl_kind, beta=self.kl_beta,
-                                           temperature=self.kl_temperature, chunk_size=self.chunk_size,
-                                           lm_head_bias=bias)
+        else:
+            teacher_h = self.teacher_hidden(kl)
+            loss = losses.chunked_distill_loss(student_h, teacher_h, weight, kind=self.kl_kind, beta=self.kl_beta,
+                                               temperature=self.kl_temperature, chunk_size=self.chunk_size,
+                                               lm_head_bias=bias)
+        return self._global_token_mean(loss, student_h.shape[0])
 
     def compute(self, batch: dict[str, Any], val: bool = False) -> dict[str, torch.Tensor]:
         """Each active term on its own sequences; in validation ``kl`` (online) is measured whatever its weight."""

@@ -57,6 +57,14 @@ def _loggers(cfg: DictConfig, run_dir: Path) -> list:
     return out
 
 
+def _plugins() -> list | None:
+    """Under Slurm, submitit owns requeueing (USR2, see conf/hydra/launcher/slurm.yaml): Lightning's own
+    SIGUSR1 requeue is switched off so that a preempted job is requeued exactly once."""
+    from pytorch_lightning.plugins.environments import SLURMEnvironment
+
+    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None
+
+
 def _override_tags() -> list[str]:
     from hydra.core.hydra_config import HydraConfig
 
@@ -87,7 +95,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     fdr = bool(cfg.trainer.get("fast_dev_run", False))
     loggers = [] if fdr else _loggers(cfg, run_dir)
-    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                                  plugins=_plugins())
 
     ckpt = cfg.get("ckpt_path") or (last_checkpoint(run_dir) if not fdr else None)
     if ckpt and not cfg.get("resume", True) and not cfg.get("ckpt_path"):

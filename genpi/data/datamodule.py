@@ -76,11 +76,12 @@ def example_length(e: dict[str, Any]) -> int:
 
 
 class LengthGroupedBatchSampler(Sampler[list[int]]):
-    """Batches of similar length (low padding) in a seeded random order, sharded over ranks.
+    """Batches of similar length (low padding) in a seeded random order, split over ranks.
 
-    Indices are shuffled, cut into mega-batches of ``mega * batch_size``, sorted by length inside each,
-    then batched; batch order is shuffled again. Each rank takes every ``num_replicas``-th batch, and all
-    ranks get the same number of batches (DDP needs equal step counts).
+    Global batches of ``batch_size * num_replicas`` are formed (indices shuffled, cut into mega-batches
+    of ``mega`` global batches, sorted by length inside each); rank ``r`` takes slice ``r`` of every global
+    batch. So DDP on N ranks with batch b sees the same global batches as one process with batch N*b,
+    and every rank gets the same number of batches (DDP needs equal step counts).
     """
 
     def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, shuffle: bool = True,
@@ -98,29 +99,31 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _batches(self) -> list[list[int]]:
+    def global_batches(self) -> list[list[int]]:
         idx = list(range(len(self.lengths)))
         rng = random.Random(self.seed + self.epoch)
         if self.shuffle:
             rng.shuffle(idx)
+        size = self.batch_size * self.num_replicas
         if self.group:
-            size = self.mega * self.batch_size
-            idx = [i for s in range(0, len(idx), size)
-                   for i in sorted(idx[s : s + size], key=lambda i: -self.lengths[i])]
-        batches = [idx[s : s + self.batch_size] for s in range(0, len(idx), self.batch_size)]
+            chunk = self.mega * size
+            idx = [i for s in range(0, len(idx), chunk)
+                   for i in sorted(idx[s : s + chunk], key=lambda i: -self.lengths[i])]
+        batches = [idx[s : s + size] for s in range(0, len(idx), size)]
+        if self.num_replicas > 1:
+            batches = [b for b in batches if len(b) == size]  # every rank needs a full slice
         if self.shuffle and self.group:
             rng.shuffle(batches)
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        batches = self._batches()
-        per_rank = len(batches) // self.num_replicas if self.num_replicas > 1 else len(batches)
         # Lightning calls set_epoch before each epoch, so a resumed run replays the same order.
-        return iter(batches[self.rank :: self.num_replicas][:per_rank])
+        lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
+        return iter([b[lo:hi] for b in self.global_batches()])
 
     def __len__(self) -> int:
-        n = math.ceil(len(self.lengths) / self.batch_size)
-        return n // self.num_replicas if self.num_replicas > 1 else n
+        size = self.batch_size * self.num_replicas
+        return len(self.lengths) // size if self.num_replicas > 1 else math.ceil(len(self.lengths) / size)
 
 
 def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
@@ -288,7 +291,7 @@ class GenPIDataModule(pl.LightningDataModule):
         sampler = LengthGroupedBatchSampler(ds.lengths(), self.batch_size, seed=self.seed, shuffle=True,
                                             group_by_length=self.group_by_length)
         real = padded = 0
-        for batch in sampler._batches():
+        for batch in sampler.global_batches():
             for key in ("sft", "pg"):
                 lens = [len(ds[i][key]["input_ids"]) for i in batch if key in ds[i]]
                 if lens:

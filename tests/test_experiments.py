@@ -1,0 +1,168 @@
+"""Experiments at scale on this machine: experiment files, multiruns (basic and submitit local), Optuna,
+resume after a kill, DDP equivalence, W&B offline files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import CONF, compose_cfg
+from tests.test_train import run_train
+
+REPO = CONF.parent
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+TINY = ["model=tiny", "trainer=cpu"]
+
+
+def cli(args: list[str], tmp_path: Path, timeout: int = 600, env: dict | None = None,
+        module: str = "genpi.train") -> subprocess.CompletedProcess:
+    e = dict(os.environ, WANDB_MODE="offline", **(env or {}))
+    e.pop("GENPI_LAUNCH_ID", None)
+    return subprocess.run([sys.executable, "-m", module, f"paths.output_root={tmp_path}", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout, env=e)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_and_runs_on_tiny(tmp_path, tiny_path, experiment):
+    cfg = compose_cfg("train", [f"experiment={experiment}"], tmp_path)
+    assert cfg.experiment_name == experiment  # the W&B group and sweep folder name
+    out = run_train(tmp_path, [f"experiment={experiment}", *TINY, "debug=fdr"])
+    assert out["trainer"].global_step == 1
+
+
+def test_paper_setups_state_the_paper_values(tmp_path):
+    cfg = compose_cfg("train", ["experiment=paper_m2w"], tmp_path)
+    assert cfg.model.load_in_4bit and cfg.model.lora.r == 16 and cfg.model.lora.alpha == 32
+    assert cfg.optim.lr == 1e-4 and cfg.optim.scheduler == "cosine" and cfg.optim.warmup_ratio == 0.03
+    assert cfg.data.batch_size * cfg.trainer.accumulate_grad_batches == 32 and cfg.trainer.max_epochs == 10
+    assert cfg.loss.sft.weight == 0.3 and cfg.task.name == "m2w"
+    assert compose_cfg("train", ["experiment=paper_os"], tmp_path).loss.sft.weight == 0.7
+
+
+@pytest.mark.slow
+def test_multirun_local_submitit_two_jobs_and_a_failing_one(tmp_path, tiny_path):
+    r = cli(["-m", "hydra/launcher=local", "debug=fdr", "experiment_name=two", "loss=sft,pg",
+             "data.batch_size=4"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = list((tmp_path / "multirun" / "two").glob("*/*/run.json"))
+    assert len(runs) == 2 and {json.loads(p.read_text())["config"]["loss"]["name"] for p in runs} == {"sft", "pg"}
+    assert list((tmp_path / "multirun" / "two").glob("*/.submitit"))
+    # a failing job is reported and the others finish
+    r = cli(["-m", "experiment_name=fail", "debug=fdr", "data.path=missing.jsonl,null"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    errors = list((tmp_path / "multirun" / "fail").glob("*/*/error.txt"))
+    assert len(errors) == 1 and "dataset not found" in errors[0].read_text()
+    assert len(list((tmp_path / "multirun" / "fail").glob("*/*/run.json"))) == 1
+
+
+@pytest.mark.slow
+def test_two_sweeps_in_the_same_second_never_share_a_folder(tmp_path, tiny_path):
+    args = ["-m", "experiment_name=same", "debug=fdr", "loss=sft"]
+    e = dict(os.environ, WANDB_MODE="offline")
+    e.pop("GENPI_LAUNCH_ID", None)
+    procs = [subprocess.Popen([sys.executable, "-m", "genpi.train", f"paths.output_root={tmp_path}", *args],
+                              cwd=REPO, env=e, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)]
+    for p in procs:
+        assert p.wait(timeout=600) == 0
+    sweeps = list((tmp_path / "multirun" / "same").iterdir())
+    assert len(sweeps) == 2
+
+
+@pytest.mark.slow
+def test_loss_weight_sweep(tmp_path, tiny_path):
+    r = cli(["-m", "experiment_name=w", "loss=genpi_kl", "loss.kl.weight=0.0,1.0", "trainer.max_steps=2",
+             "data.max_records=24"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = [json.loads(p.read_text()) for p in (tmp_path / "multirun" / "w").glob("*/*/metrics.json")]
+    assert len(metrics) == 2 and all("val/kl" in m for m in metrics)
+    dirs = sorted(p.name for p in (tmp_path / "multirun" / "w").glob("*/*") if p.is_dir() and p.name[0] != ".")
+    assert any("loss.kl.weight=0.0" in d for d in dirs) and any("loss.kl.weight=1.0" in d for d in dirs)
+
+
+@pytest.mark.slow
+def test_optuna_two_trials(tmp_path, tiny_path):
+    r = cli(["hparams_search=genpi_optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2",
+             "post_eval=false", "optimized_metric=val/kl", "hydra.sweeper.direction=minimize",
+             "trainer.max_steps=1", "data.max_records=24"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    sweep = next((tmp_path / "multirun" / "optuna_loss_weights").iterdir())
+    best = (sweep / "optimization_results.yaml").read_text()
+    assert "best_params" in best and "loss.kl.weight" in best
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_in_the_same_folder_with_the_same_wandb_run(tmp_path, tiny_path):
+    common = ["loss=sft", "data.max_records=48", "data.batch_size=4", "trainer.max_epochs=4", "logger=many",
+              "model.lora.dropout=0.0", "+callbacks.model_checkpoint.every_n_train_steps=2"]
+    ref = cli([*common, "run_name=ref"], tmp_path)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    e = dict(os.environ, WANDB_MODE="offline")
+    p = subprocess.Popen([sys.executable, "-m", "genpi.train", f"paths.output_root={tmp_path}", *common,
+                          "run_name=killed"], cwd=REPO, env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "runs" / "killed" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while not ckpt.is_file() and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(1.0)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (tmp_path / "runs" / "killed" / "adapter").exists()  # it really died mid-way
+    again = cli([*common, "run_name=killed"], tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    m_ref = json.loads((tmp_path / "runs" / "ref" / "metrics.json").read_text())
+    m_res = json.loads((tmp_path / "runs" / "killed" / "metrics.json").read_text())
+    assert m_res["train/steps"] == m_ref["train/steps"]
+    run_ids = {d.name.split("-")[-1] for d in (tmp_path / "runs" / "killed" / "wandb").glob("offline-run-*")}
+    assert run_ids == {(tmp_path / "runs" / "killed" / "wandb_id.txt").read_text().strip()}
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_match_one_process(tmp_path, tiny_path):
+    common = ["loss=genpi_kl", "data.max_records=40", "trainer.max_steps=3", "model.lora.dropout=0.0",
+              "optim.warmup_ratio=0.0", "optim.scheduler=constant", "validate_before_fit=false"]
+    one = cli([*common, "data.batch_size=8", "run_name=one"], tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = cli([*common, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
+               "trainer.strategy=ddp", "data.batch_size=4", "run_name=two"], tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    m1 = json.loads((tmp_path / "runs" / "one" / "metrics.json").read_text())
+    m2 = json.loads((tmp_path / "runs" / "two" / "metrics.json").read_text())
+    assert m2["train/steps"] == m1["train/steps"] == 3
+    assert m2["val/kl"] == pytest.approx(m1["val/kl"], rel=1e-3)
+    assert m2["val/loss"] == pytest.approx(m1["val/loss"], rel=1e-3)
+
+
+def test_wandb_offline_files_carry_group_job_type_tags_and_config(tmp_path, tiny_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    out = run_train(tmp_path, ["logger=wandb", "experiment_name=wb", "trainer.max_steps=1", "data.max_records=24",
+                               "tags=[mytag]"])
+    run_dir = out["run_dir"]
+    (offline,) = list((run_dir / "wandb").glob("offline-run-*"))
+    from wandb.proto import wandb_internal_pb2
+    from wandb.sdk.internal import datastore
+
+    ds = datastore.DataStore()
+    ds.open_for_scan(str(next(offline.glob("*.wandb"))))
+    run_rec, configs = None, []
+    while (data := ds.scan_data()) is not None:
+        rec = wandb_internal_pb2.Record()
+        rec.ParseFromString(data)
+        if rec.WhichOneof("record_type") == "run":
+            run_rec = rec.run
+        if rec.WhichOneof("record_type") == "config":
+            configs.append({u.key: u.value_json for u in rec.config.update})
+    assert run_rec.run_group == "wb" and run_rec.job_type == "train" and "mytag" in run_rec.tags
+    assert run_rec.run_id == (run_dir / "wandb_id.txt").read_text().strip()
+    merged = {k: v for c in configs for k, v in c.items()}
+    assert json.loads(merged["loss"])["name"] == "genpi" and "task" in merged
+    text = "".join(p.read_text(errors="ignore") for p in run_dir.rglob("*") if p.is_file() and p.suffix in
+                   (".json", ".yaml", ".txt", ".log"))
+    assert "x" * 40 not in text  # the key never lands on disk
