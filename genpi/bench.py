@@ -1,0 +1,236 @@
+"""genpi-bench: training-step and loss benchmarks, side by side in one run on the same model and data.
+
+``python -m genpi.bench [--prompt-tokens 1000 --input-tokens 128 --steps 10]``
+
+Prints, for one machine and one set of versions:
+- the teacher pass alone, naive (re-reading the prompt) vs prefix-cached;
+- a whole GenPI+KL training step with the naive teacher, the prefix-cached teacher and cached top-k
+  teacher logits, next to plain SFT (the reference);
+- the padding ratio of length-grouped vs plain batches;
+- peak memory of the chunked vs unchunked KL + cross-entropy at 8 x 1,024 tokens and a 128,256 vocabulary
+  (each in a fresh process, so one's peak cannot hide the other's);
+- the synthesis throughput of batched vs one-at-a-time role swapping (experiments/bench/bench_roleswap.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import pytorch_lightning
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "lightning": pytorch_lightning.__version__,
+            "machine": f"{platform.machine()} {torch.get_num_threads()} threads"}
+
+
+def _timeit(fn, steps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return (time.perf_counter() - t0) / steps
+
+
+def build_bench_setup(prompt_tokens: int, input_tokens: int, response_tokens: int, n_records: int, batch_size: int):
+    """The tiny model with LoRA, a task whose prompt is ``prompt_tokens`` long, and synthetic records."""
+    from genpi.data.datamodule import Collator, GenPIDataModule
+    from genpi.data.tokenize import teacher_prompt
+    from genpi.models.factory import load_model_and_tokenizer
+    from genpi.tasks.base import Task, build_task
+
+    model, tok = load_model_and_tokenizer({"name_or_path": "tiny", "lora": {"enabled": True, "r": 16, "alpha": 32,
+                                                                            "dropout": 0.0}}, for_training=True)
+    base = build_task(name="os", builtin_prompt="os.txt", parser=None)
+    text = base.prompt_text
+    filler_ids = tok(text, add_special_tokens=False)["input_ids"]
+    reps = prompt_tokens // max(1, len(filler_ids)) + 1
+    ids = (filler_ids * reps)[:prompt_tokens]
+    task = Task(name="bench", prompt_turns=[{"role": "user", "content": tok.decode(ids) + "\nThe problem:"}],
+                parser=None)
+    words = tok(" ".join(base.prompt_turns[-2]["content"].split() * 50), add_special_tokens=False)["input_ids"]
+    recs = []
+    for i in range(n_records):
+        x = tok.decode(words[i : i + input_tokens])
+        y = tok.decode(words[i + 7 : i + 7 + response_tokens])
+        recs.append({"context_id": "b", "context": task.prompt_text, "pseudo_input": f"{i} {x}",
+                     "teacher_output_single": y, "student_output_single": y[::-1], "reason": "r",
+                     "teacher_output_conv": [{"role": "assistant", "content": y}]})
+    dm = GenPIDataModule(task, tok, losses=("sft", "pg", "kl"), batch_size=batch_size, val_size=1, test_size=1,
+                         limits={"input_tokens": input_tokens, "response_tokens": response_tokens})
+    dm.load()
+    dm.splits = {"train": recs, "val": recs[:batch_size], "test": []}
+    dm.setup()
+    collate = Collator(tok.pad_token_id)
+    batch = collate([dm.datasets["train"][i] for i in range(batch_size)])
+    return model, tok, task, dm, batch, teacher_prompt(tok, task)
+
+
+def _add_topk(module, batch: dict[str, Any], k: int) -> None:
+    with torch.no_grad():
+        th = module.teacher_hidden(batch["kl"])
+        w, b = module.lm_head()
+        logits = torch.nn.functional.linear(th, w, b).float().log_softmax(-1)
+        lp, ids = logits.topk(k, dim=-1)
+    batch["kl"]["teacher_topk_ids"], batch["kl"]["teacher_topk_logprobs"] = ids, lp
+
+
+def bench_training(args) -> dict[str, Any]:
+    from genpi.module import GenPIModule
+
+    model, tok, task, dm, batch, prompt = build_bench_setup(args.prompt_tokens, args.input_tokens,
+                                                            args.response_tokens, args.records, args.batch_size)
+    out: dict[str, Any] = {"prompt_tokens": len(prompt.ids), "batch_size": args.batch_size}
+
+    def make(kl_w: float, sft_w: float, pg_w: float, teacher: str = "online", prefix_cache: bool = True):
+        m = GenPIModule(model, {"kl": {"weight": kl_w, "teacher": teacher, "prefix_cache": prefix_cache},
+                                "sft": {"weight": sft_w}, "pg": {"weight": pg_w}}, {"lr": 1e-4}, prompt.ids)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            m.compute(batch)["loss"].backward()
+            opt.step()
+
+        return m, step
+
+    naive, _ = make(1, 0, 0, prefix_cache=False)
+    cached, _ = make(1, 0, 0, prefix_cache=True)
+    t_naive = _timeit(lambda: naive.teacher_hidden(batch["kl"]), args.steps)
+    t_cached = _timeit(lambda: cached.teacher_hidden(batch["kl"]), args.steps)
+    diff = (naive.teacher_hidden(batch["kl"]) - cached.teacher_hidden(batch["kl"])).abs().max().item()
+    out["teacher_pass"] = {"naive_s": t_naive, "prefix_cached_s": t_cached, "speedup": t_naive / t_cached,
+                           "max_abs_diff": diff}
+
+    tokens = sum(int(batch[k]["attention_mask"].sum()) for k in ("sft", "pg")) + int(
+        batch["kl"]["student_attention_mask"].sum() + batch["kl"]["teacher_attention_mask"].sum())
+    steps = {}
+    for name, kw in (("genpi_kl_naive", dict(kl_w=1, sft_w=0.7, pg_w=0.3, prefix_cache=False)),
+                     ("genpi_kl_prefix_cached", dict(kl_w=1, sft_w=0.7, pg_w=0.3, prefix_cache=True))):
+        _, step = make(**kw)
+        steps[name] = _timeit(step, args.steps)
+    _add_topk(cached, batch, args.topk)
+    _, step = make(1, 0.7, 0.3, teacher="cached")
+    steps["genpi_kl_cached_logits"] = _timeit(step, args.steps)
+    _, step = make(0, 0.7, 0.3)
+    steps["genpi_no_kl"] = _timeit(step, args.steps)
+    _, step = make(1, 0, 0, teacher="cached")
+    steps["kl_cached_logits_only"] = _timeit(step, args.steps)
+    _, step = make(0, 1, 0)
+    steps["sft_only"] = _timeit(step, args.steps)
+    out["step_s"] = steps
+    out["tokens_per_s"] = {k: tokens / v for k, v in steps.items()}
+    out["ratios"] = {
+        "teacher_pass naive / prefix-cached (target >= 3)": t_naive / t_cached,
+        "GenPI+KL step naive / prefix-cached (target >= 1.5)": steps["genpi_kl_naive"] / steps["genpi_kl_prefix_cached"],
+        "GenPI+KL cached-logits step / GenPI (SFT+PG) step (target <= 1.2)":
+            steps["genpi_kl_cached_logits"] / steps["genpi_no_kl"],
+        "KL cached-logits step / SFT step": steps["kl_cached_logits_only"] / steps["sft_only"],
+    }
+    grouped = dm.padding_ratio()
+    dm.group_by_length = False
+    out["padding_ratio"] = {"length_grouped": grouped, "plain": dm.padding_ratio()}
+    return out
+
+
+def _loss_memory_child(mode: str, n_tokens: int, vocab: int, hidden: int, chunk: int) -> None:
+    """Run one loss variant forward+backward and print its value and this process's peak RSS."""
+    from genpi import losses
+
+    torch.manual_seed(0)
+    w = (torch.randn(vocab, hidden) / hidden**0.5).requires_grad_(False)
+    hs = torch.randn(n_tokens, hidden, requires_grad=True)
+    ht = torch.randn(n_tokens, hidden)
+    targets = torch.randint(0, vocab, (n_tokens,))
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if mode == "chunked":
+        kl = losses.chunked_distill_loss(hs, ht, w, kind="forward_kl", chunk_size=chunk)
+        ce = losses.chunked_token_cross_entropy(hs, w, targets, chunk_size=chunk)
+    else:
+        s_logits, t_logits = hs @ w.T, ht @ w.T
+        kl = losses.distill_loss(s_logits, t_logits, torch.ones(n_tokens, dtype=torch.bool), kind="forward_kl")
+        ce = losses.token_cross_entropy(s_logits, targets)
+    (kl + ce).backward()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"kl": kl.item(), "ce": ce.item(), "grad_norm": hs.grad.norm().item(),
+                      "peak_mb": peak / 1024, "delta_mb": (peak - base) / 1024}))
+
+
+def bench_loss_memory(args) -> dict[str, Any]:
+    res = {}
+    for mode in ("unchunked", "chunked"):
+        cmd = [sys.executable, "-m", "genpi.bench", "--_loss-child", mode, "--mem-tokens", str(args.mem_tokens),
+               "--mem-vocab", str(args.mem_vocab), "--mem-hidden", str(args.mem_hidden), "--chunk", str(args.chunk)]
+        p = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        res[mode] = json.loads(p.stdout.strip().splitlines()[-1])
+    res["peak_ratio_unchunked_over_chunked"] = res["unchunked"]["delta_mb"] / max(1e-6, res["chunked"]["delta_mb"])
+    res["max_value_diff"] = max(abs(res["unchunked"][k] - res["chunked"][k]) for k in ("kl", "ce"))
+    return res
+
+
+def bench_roleswap(args) -> dict[str, Any] | None:
+    script = REPO / "experiments" / "bench" / "bench_roleswap.py"
+    if not script.is_file():
+        return None
+    p = subprocess.run([sys.executable, str(script), "--json"], capture_output=True, text=True)
+    if p.returncode != 0:
+        return {"error": p.stderr.strip().splitlines()[-1] if p.stderr else "failed"}
+    try:
+        return json.loads(p.stdout.strip().splitlines()[-1])
+    except (json.JSONDecodeError, IndexError):
+        return {"output": p.stdout[-500:]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompt-tokens", type=int, default=1000)
+    ap.add_argument("--input-tokens", type=int, default=128)
+    ap.add_argument("--response-tokens", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--records", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--topk", type=int, default=20)
+    ap.add_argument("--mem-tokens", type=int, default=8 * 1024)
+    ap.add_argument("--mem-vocab", type=int, default=128_256)
+    ap.add_argument("--mem-hidden", type=int, default=256)
+    ap.add_argument("--chunk", type=int, default=1024)
+    ap.add_argument("--skip", nargs="*", default=[], choices=["training", "memory", "roleswap"])
+    ap.add_argument("--out", default="outputs/bench/bench.json")
+    ap.add_argument("--_loss-child", dest="loss_child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.loss_child:
+        _loss_memory_child(args.loss_child, args.mem_tokens, args.mem_vocab, args.mem_hidden, args.chunk)
+        return
+    torch.manual_seed(0)
+    report: dict[str, Any] = {"versions": _versions()}
+    if "training" not in args.skip:
+        report["training"] = bench_training(args)
+    if "memory" not in args.skip:
+        report["loss_memory"] = bench_loss_memory(args)
+    if "roleswap" not in args.skip:
+        report["roleswap"] = bench_roleswap(args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    print(f"bench: {out}")
+
+
+if __name__ == "__main__":
+    main()
