@@ -141,6 +141,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         })
         metrics = update_json(metrics_path, **metrics)
         save_adapter(module, tokenizer, run_dir / "adapter", cfg)
+        if cfg.get("post_eval") and trainer.global_rank == 0:
+            metrics = update_json(metrics_path, **post_evaluate(cfg, run_dir))
         for lg in loggers:
             if hasattr(lg, "log_metrics"):
                 lg.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)},
@@ -148,6 +150,46 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info("metrics: %s", metrics_path)
     return {"metrics": metrics, "run_dir": run_dir, "trainer": trainer, "module": module, "datamodule": datamodule,
             "task": task, "tokenizer": tokenizer}
+
+
+def post_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Run genpi-eval on this run's held-out split in a fresh process; its metrics come back as ``eval/*``.
+
+    A separate process keeps the evaluation's own Hydra run (and vLLM, if used) apart from this one.
+    """
+    import json
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "genpi.evaluate", f"run_dir={run_dir}", f"paths.output_root={cfg.paths.output_root}",
+            f"task={cfg.task.name}", *[o for o in _model_overrides()]]
+    proc = subprocess.run(args, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise GenpiError(f"post-training evaluation failed (exit {proc.returncode}): "
+                         f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
+    report = next((ln.split(":", 1)[1].strip() for ln in proc.stdout.splitlines() if ln.startswith("report:")), None)
+    if not report:
+        raise GenpiError("post-training evaluation printed no 'report:' line")
+    flat: dict[str, Any] = {"eval/report": report}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}/{k}", v)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[prefix] = value
+
+    walk("eval", json.loads((Path(report).parent / "metrics.json").read_text()))
+    return flat
+
+
+def _model_overrides() -> list[str]:
+    """The command-line overrides that shape the model, so evaluation loads the same base."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return [o for o in HydraConfig.get().overrides.task if o.startswith(("model=", "model.", "task."))]
 
 
 def save_adapter(module: GenPIModule, tokenizer, folder: Path, cfg: DictConfig) -> None:
