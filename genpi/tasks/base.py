@@ -37,6 +37,7 @@ class Task:
     format: str | None = None
     demonstrations: list[str] = field(default_factory=list)
     sample_data: str | None = None
+    inputs_file: str | None = None
 
     def __post_init__(self) -> None:
         if not self.prompt_turns or not any(t["content"] for t in self.prompt_turns):
@@ -112,6 +113,13 @@ class Task:
             return None
         p = Path(self.sample_data)
         return p if p.is_absolute() else TASK_DIR / "samples" / p
+
+    def inputs_path(self) -> Path | None:
+        """The task's built-in pseudo inputs (blocks separated by ``---`` lines), for ``source: file``."""
+        if self.inputs_file is None:
+            return None
+        p = Path(self.inputs_file)
+        return p if p.is_absolute() else TASK_DIR / "inputs" / p
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "prompt_id": self.prompt_id, "turns": len(self.prompt_turns)}
