@@ -1,4 +1,8 @@
-"""Where genpi keeps things: a cache for built models, the repository root."""
+"""Where genpi keeps things: a cache for models it builds, and the repository root.
+
+Nothing machine-specific is written here: the cache follows ``$GENPI_CACHE`` (e.g. a shared scratch folder on a
+cluster) and falls back to the user's home.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,11 @@ from pathlib import Path
 
 
 def cache_dir() -> Path:
-    """``$GENPI_CACHE``, else ``~/.cache/genpi``."""
-    return Path(os.environ.get("GENPI_CACHE") or Path.home() / ".cache" / "genpi").expanduser()
+    """genpi's cache folder: ``$GENPI_CACHE`` if set (``~`` expanded), else ``~/.cache/genpi``. Not created here."""
+    env = os.environ.get("GENPI_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "genpi"
 
 
 def repo_root() -> Path:
+    """The folder holding the ``genpi`` package (the repository root in a source checkout)."""
     return Path(__file__).resolve().parents[1]

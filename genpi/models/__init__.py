@@ -1,4 +1,4 @@
-"""Models: the built-in tiny model, any pretrained causal LM, LoRA, quantization."""
+"""Models: the built-in tiny model, any pretrained causal LM, LoRA, 4-bit loading."""
 
 from genpi.models.factory import (
     apply_lora,
@@ -6,8 +6,10 @@ from genpi.models.factory import (
     load_model_and_tokenizer,
     load_tokenizer,
     model_fingerprint,
+    model_load_kwargs,
     resolve_model_path,
 )
+from genpi.models.tiny import build_tiny
 
-__all__ = ["apply_lora", "load_model", "load_model_and_tokenizer", "load_tokenizer", "model_fingerprint",
-           "resolve_model_path"]
+__all__ = ["apply_lora", "build_tiny", "load_model", "load_model_and_tokenizer", "load_tokenizer",
+           "model_fingerprint", "model_load_kwargs", "resolve_model_path"]

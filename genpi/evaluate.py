@@ -1,0 +1,220 @@
+"""genpi-eval: how well a trained adapter internalized the prompt, and what dropping the prompt saves
+(``python -m genpi.evaluate run_dir=...``). See ``conf/eval.yaml`` for every option."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, open_dict
+
+from genpi.data.datamodule import Collator
+from genpi.data.tokenize import Limits, RecordEncoder, student_prefix_ids, teacher_prefix_ids, truncate_text
+from genpi.errors import GenpiError
+from genpi.evaluation import artifacts, generation, metrics, report, savings
+from genpi.hydra_utils import to_dict
+from genpi.models.factory import load_model, load_tokenizer, model_fingerprint, resolve_model_path
+from genpi.module import GenPIModule
+from genpi.tasks import build_task
+from genpi.wrappers import run_dir_of, task_wrapper
+
+log = logging.getLogger("genpi.evaluate")
+
+
+def _stop_ids(tokenizer) -> list[int]:
+    from genpi.synthesis.clients.base import end_of_turn_ids
+
+    return end_of_turn_ids(tokenizer)
+
+
+def load_student(model_cfg: Any, adapter_dir: Path):
+    """The base model with the adapter loaded (inference mode); ``disable_adapter()`` gives the base back."""
+    from peft import PeftModel
+
+    base = load_model(model_cfg, for_training=False)
+    return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False).eval()
+
+
+def run_evaluation(cfg: DictConfig) -> Path:
+    """Evaluate one adapter on held-out inputs; write ``metrics.json``, ``report.md``, ``examples.jsonl`` and the
+    plots into this run's folder. Returns the report's path."""
+    t_start = time.perf_counter()
+    out_dir = run_dir_of(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ev = to_dict(cfg.eval)
+    engine = generation.pick_engine(ev["engine"])
+    if ev["kl_on"] not in ("record", "generated"):
+        raise GenpiError(f"eval.kl_on={ev['kl_on']!r}: choose record or generated")
+
+    # 1. what to evaluate, refused early if it does not fit
+    task = build_task(**to_dict(cfg.task))
+    tokenizer = load_tokenizer(cfg.model)
+    model_name = model_fingerprint(cfg.model)
+    art = artifacts.locate(cfg.get("run_dir"), cfg.get("adapter"), cfg.paths.output_root, task.name, model_name,
+                           out_dir, cfg.model)
+    artifacts.check_compatible(art, task, model_name)
+    records, source = artifacts.eval_records(art, ev["inputs_file"], ev["split"], bool(ev["allow_overlap"]),
+                                             ev["max_examples"])
+    log.info("evaluating %s on %d inputs (%s), engine %s", art.adapter_dir, len(records), source["inputs"], engine)
+
+    # 2. the exact token ids each model reads
+    limits = Limits(**(to_dict(cfg.data).get("limits") or {}))
+    encoder = RecordEncoder(tokenizer, task, limits)
+    inputs = [truncate_text(tokenizer, r["pseudo_input"], limits.input_tokens)[0] for r in records]
+    teacher_ids = [teacher_prefix_ids(tokenizer, task, x, encoder.prompt) for x in inputs]
+    student_ids = [student_prefix_ids(tokenizer, task, x) for x in inputs]
+    sets = [generation.PromptSet("teacher", teacher_ids, adapter=False),
+            generation.PromptSet("student", student_ids, adapter=True),
+            generation.PromptSet("floor", student_ids, adapter=False)]
+    sav_cfg = ev.get("savings") or {}
+    timing = (generation.TimingSpec(int(sav_cfg["new_tokens"]), int(sav_cfg["requests"]), int(sav_cfg["repeats"]))
+              if sav_cfg.get("measure", True) else None)
+    stop_ids = _stop_ids(tokenizer)
+    max_new = int(ev["max_new_tokens"])
+
+    # 3. greedy answers (and timings): vLLM first, in its own process, so its memory is free for the KL pass
+    if engine == "vllm":
+        vcfg = ev.get("vllm") or {}
+        job = generation.vllm_job(resolve_model_path(cfg.model), str(cfg.model.dtype), art.adapter_dir, sets, max_new,
+                                  stop_ids, timing, seed=int(cfg.seed),
+                                  enable_prefix_caching=bool(vcfg.get("enable_prefix_caching", False)),
+                                  max_model_len=vcfg.get("max_model_len"),
+                                  gpu_memory_utilization=float(vcfg.get("gpu_memory_utilization", 0.9)))
+        result = generation.run_vllm_worker(job, out_dir / "vllm", timeout_s=vcfg.get("timeout_s"),
+                                            kvcache_gb=vcfg.get("kvcache_gb"), multiprocessing=vcfg.get("multiprocessing"),
+                                            cpu_threads_bind=vcfg.get("cpu_threads_bind"))
+        model = load_student(cfg.model, art.adapter_dir)
+    else:
+        model = load_student(cfg.model, art.adapter_dir)
+        result = generation.hf_run(model, sets, max_new, stop_ids, tokenizer.pad_token_id, timing,
+                                   batch_size=int(ev["batch_size"]))
+    t_generated = time.perf_counter()
+    answers = {name: [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in result["outputs"][name]]
+               for name in metrics.MODELS}
+
+    # 4. KL to the teacher on the teacher's answers: the dataset's where it has them, else the greedy ones
+    notes: list[str] = []
+    use_record = [ev["kl_on"] == "record" and bool(r.get("teacher_output_single")) for r in records]
+    kl_answers = [r["teacher_output_single"] if u else answers["teacher"][i]
+                  for i, (r, u) in enumerate(zip(records, use_record))]
+    kl_source = ("the dataset's" if all(use_record) else "greedy" if not any(use_record)
+                 else "the dataset's (greedy where it has none)")
+    module = GenPIModule(model, {"kl": {"weight": 0.0, "prefix_cache": True}}, {}, encoder.prompt.ids).eval()
+    collate = Collator(tokenizer.pad_token_id)
+    # stored top-k rows belong to the stored answer; the teacher here is always run online
+    examples_kl = [{"kl": encoder.kl({**{k: v for k, v in r.items() if not k.startswith("teacher_topk")},
+                                      "teacher_output_single": a})}
+                   for r, a in zip(records, kl_answers)]
+    bs = int(ev["batch_size"])
+    batches = (collate(examples_kl[i : i + bs]) for i in range(0, len(examples_kl), bs))
+    kl = metrics.kl_to_teacher(module, batches, chunk_size=int(ev["chunk_size"]))
+    t_kl = time.perf_counter()
+
+    # 5. agreement and format, per example and per model
+    per_example: dict[str, dict[str, list[float]]] = {}
+    has_format = task.format is not None
+    for m in metrics.MODELS:
+        per_example[m] = metrics.agreement(answers[m], answers["teacher"])
+        if has_format:
+            per_example[m]["format_ok"] = metrics.format_flags(answers[m], task.check_format)
+    if not has_format:
+        notes.append(f"task {task.name} has no format check (task.format is null): no format rate")
+    table = metrics.summarize(per_example, kl, has_format)
+
+    # 6. savings
+    params = savings.count_parameters(model)["compute"]
+    sav = savings.compute_savings([len(t) for t in teacher_ids], [len(s) for s in student_ids],
+                                  [len(a) for a in result["outputs"]["teacher"]], params)
+    if result.get("timing"):
+        sav.update(timing=result["timing"], timing_engine=engine,
+                   timing_new_tokens=timing.new_tokens if timing else None,
+                   timing_reduction=savings.timing_savings(result["timing"]))
+        if engine == "hf":
+            notes.append("latency measured with transformers (vLLM not used): install vllm for serving-engine figures")
+
+    # 7. the report
+    examples = report.example_rows([r["pseudo_input"] for r in records], answers, kl_answers, per_example, kl)
+    plots, plot_notes = report.make_plots(out_dir, art.run_dir, kl, table)
+    notes += plot_notes
+    if art.from_checkpoint:
+        notes.append(f"the run had no adapter/ folder; the adapter was rebuilt from {art.from_checkpoint}")
+
+    info = {
+        "task": task.name, "prompt_id": task.prompt_id, "model": model_name, "adapter": str(art.adapter_dir),
+        "run_dir": str(art.run_dir) if art.run_dir else None,
+        "checkpoint": str(art.from_checkpoint) if art.from_checkpoint else None,
+        "engine": engine, "max_new_tokens": max_new, "kl_on": kl_source, "notes": notes,
+        "vllm_version": result.get("vllm_version"), "seconds": time.perf_counter() - t_start,
+        "seconds_generation": t_generated - t_start, "seconds_kl": t_kl - t_generated, **source,
+    }
+    out = {**table, "savings": sav, "info": info, "n_examples": len(records)}
+    report.write_examples(out_dir, examples)
+    path = report.write_report(out_dir, out, examples, plots, n_show=int(ev.get("show_examples", 3)))
+    _log_to_loggers(cfg, out, out_dir, plots)
+    log.info("evaluation done in %.1f s: %s", info["seconds"], path)
+    return path
+
+
+def flat_metrics(metrics_out: dict[str, Any], prefix: str = "eval") -> dict[str, float]:
+    """Numeric leaves of the metrics as ``eval/<group>/<name>`` (None, strings and lists left out)."""
+    flat: dict[str, float] = {}
+
+    def walk(key: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{key}/{k}", v)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            flat[key] = float(value)
+
+    walk(prefix, {k: v for k, v in metrics_out.items() if k != "info"})
+    return flat
+
+
+def _log_to_loggers(cfg: DictConfig, metrics_out: dict[str, Any], out_dir: Path, plots: dict[str, str]) -> None:
+    """The metrics (and, on W&B, the plots) to the configured loggers; W&B runs as job_type eval."""
+    flat = flat_metrics(metrics_out)
+    for name, lcfg in (cfg.get("logger") or {}).items():
+        if lcfg is None:
+            continue
+        if name == "wandb":
+            with open_dict(lcfg):
+                lcfg.job_type = "eval"
+                lcfg.id = None
+        lg = hydra.utils.instantiate(lcfg, _convert_="partial")
+        lg.log_hyperparams({k: v for k, v in to_dict(cfg).items() if k != "hydra"})
+        lg.log_metrics(flat, step=0)
+        if name == "wandb":
+            for title, png in plots.items():
+                lg.log_image(key=f"eval/{Path(png).stem}", images=[str(out_dir / png)], caption=[title])
+        if hasattr(lg, "save"):
+            lg.save()
+        if hasattr(lg, "finalize"):
+            lg.finalize("success")
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+@task_wrapper
+def _hydra_main(cfg: DictConfig) -> float | None:
+    path = run_evaluation(cfg)
+    print(f"report: {path}", flush=True)
+    value = metrics_from_report(path).get("gap_closed", {}).get("kl_forward")
+    return value
+
+
+def metrics_from_report(report_path: str | Path) -> dict[str, Any]:
+    """The ``metrics.json`` beside a report."""
+    import json
+
+    return json.loads((Path(report_path).parent / "metrics.json").read_text())
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,448 @@
+"""The synthesis stages, one function each, and :func:`run_stages`, which chains them.
+
+A row is a dict for one pseudo input: its columns so far (``pseudo_input``, ``teacher_output_single``,
+...) and ``ids``, the record id it has in each stage's store. A stage takes rows and returns them with
+its columns added; its record ids hash the upstream record id with the stage's fingerprint (see
+:mod:`genpi.synthesis.plan`), so equal inputs under an equal config find their stored results, and
+anything else is computed afresh. Each stage works alone (its inputs read from the store of an earlier
+run in the same folder, or from ``synth.from_dataset``) or chained.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from genpi.errors import GenpiError
+from genpi.synthesis.clients import ChatClient, ClientPool, request_seed
+from genpi.synthesis.plan import PRODUCES, REQUIRES, STAGES, Plan, StagePlan, lineage, task_inputs_path
+from genpi.synthesis.prompts import PSEUDO_INPUT_TEMPLATE, REASON_TEMPLATE
+from genpi.synthesis.roleswap import role_swap
+from genpi.synthesis.store import Store, stable_hash
+from genpi.tasks.base import Task
+
+log = logging.getLogger(__name__)
+
+Row = dict[str, Any]
+
+
+# -- running -------------------------------------------------------------------------------------------
+@dataclass
+class StageContext:
+    """What a stage function works with: the task, its plan, the clients, the store, where to report."""
+
+    task: Task
+    plan: StagePlan
+    clients: ClientPool
+    store: Store
+    out_dir: Path
+    chunk_size: int = 64
+    progress: bool = True
+    failed_samples: int = 5
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def client(self) -> ChatClient:
+        return self.clients.get(self.plan.client, self.plan.model)
+
+    def bar(self, total: int, initial: int = 0, unit: str = "rec"):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, initial=initial, desc=self.plan.name, unit=unit, disable=not self.progress,
+                    dynamic_ncols=True, leave=True)
+
+
+def _chunks(items: list[Any], size: int) -> list[list[Any]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def input_id(pseudo_input: str) -> str:
+    return stable_hash("input", pseudo_input)
+
+
+def per_record(
+    ctx: StageContext, rows: list[Row], work: Callable[..., list[dict[str, Any]]] | None,
+) -> list[Row]:
+    """Run ``work`` on the rows whose record is not in the store yet, one chunk at a time, each chunk
+    appended to the store before the next starts; then give every row the stage's columns.
+
+    ``work(rows, record_ids, tick)`` returns one dict of the stage's columns per row; it may call
+    ``tick(n)`` as records finish, for the progress bar. With ``work=None`` nothing is computed: rows only
+    pick up what the store already holds (a stage not asked for in this run).
+    """
+    stage = ctx.plan.name
+    need = REQUIRES[stage]
+    shard = ctx.store.shard(stage, ctx.plan.fingerprint)
+    done = shard.load()
+    keyed = [(stable_hash(ctx.plan.fingerprint, row["ids"][need]), row) for row in rows if need in row["ids"]]
+    todo = [(rid, row) for rid, row in keyed if rid not in done]
+    ctx.stats.update(records=len(keyed), from_store=len(keyed) - len(todo), computed=0)
+    if work is not None and todo:
+        ctx.store.write_meta(stage, ctx.plan.fingerprint, ctx.plan.describe())
+        with ctx.bar(total=len(keyed), initial=len(keyed) - len(todo)) as bar:
+            for chunk in _chunks(todo, ctx.chunk_size):
+                ticked = [0]
+
+                def tick(n: int, ticked: list[int] = ticked) -> None:
+                    ticked[0] += n
+                    bar.update(n)
+
+                results = work([row for _, row in chunk], [rid for rid, _ in chunk], tick)
+                if len(results) != len(chunk):
+                    raise RuntimeError(f"stage {stage} returned {len(results)} results for {len(chunk)} records")
+                new = []
+                for (rid, row), res in zip(chunk, results):
+                    rec = {**{k: v for k, v in row.items() if k != "ids"}, **res, "record_id": rid,
+                           "ids": {**row["ids"], stage: rid}}
+                    new.append(rec)
+                    done[rid] = rec
+                shard.append(new)
+                ctx.stats["computed"] += len(new)
+                bar.update(len(new) - ticked[0])
+    elif work is None:
+        ctx.stats["records"] = sum(1 for rid, _ in keyed if rid in done)
+    for rid, row in keyed:
+        if rid in done:
+            row.update({c: done[rid][c] for c in PRODUCES[stage] if c in done[rid]})
+            row["ids"][stage] = rid
+    return rows
+
+
+# -- stage 1: pseudo inputs ------------------------------------------------------------------------------
+class Dedup:
+    """Keeps the first of exact and normalized (whitespace/case) duplicates, counting both kinds."""
+
+    def __init__(self) -> None:
+        from genpi.tasks.parsers import normalize_for_dedup
+
+        self.normalize = normalize_for_dedup
+        self.exact: set[str] = set()
+        self.normalized: set[str] = set()
+        self.accepted: list[str] = []
+        self.candidates = 0
+        self.exact_duplicates = 0
+        self.normalized_duplicates = 0
+
+    def add(self, text: str) -> bool:
+        text = text.strip()
+        if not text:
+            return False
+        self.candidates += 1
+        if text in self.exact:
+            self.exact_duplicates += 1
+            return False
+        self.exact.add(text)
+        norm = self.normalize(text)
+        if norm in self.normalized:
+            self.normalized_duplicates += 1
+            return False
+        self.normalized.add(norm)
+        self.accepted.append(text)
+        return True
+
+    def stats(self) -> dict[str, Any]:
+        dups = self.exact_duplicates + self.normalized_duplicates
+        return {"candidates": self.candidates, "exact_duplicates": self.exact_duplicates,
+                "normalized_duplicates": self.normalized_duplicates,
+                "duplicate_rate": dups / self.candidates if self.candidates else 0.0}
+
+
+def generator_messages(task: Task, settings: dict[str, Any], round_index: int, request: int, seed: int) -> list[dict]:
+    """The generator's request: the prompt, a seeded sample of the task's demonstrations, how many to write."""
+    rng = random.Random(request_seed(seed, "demos", round_index, request))
+    demos = list(task.demonstrations)
+    k_demo = min(int(settings.get("num_demonstrations") or 0), len(demos))
+    shown = rng.sample(demos, k_demo) if k_demo else []
+    examples = "\n".join(f"{i}. {d}" for i, d in enumerate(shown, 1)) or "(none yet)"
+    template = settings.get("template") or PSEUDO_INPUT_TEMPLATE
+    text = template.format(prompt=task.prompt_text, examples=examples, k=int(settings.get("inputs_per_request") or 10))
+    return [{"role": "user", "content": text}]
+
+
+def pseudo_inputs(ctx: StageContext) -> list[Row]:
+    """Stage 1: the task inputs, deduplicated (exact, then whitespace/case-normalized).
+
+    ``source=file`` reads them from a file. ``source=generate`` asks the generator for numbered lists in
+    rounds of ``requests_per_round`` requests (``sampling.n`` outputs each) until ``num_inputs`` distinct
+    inputs are parsed or ``max_attempts`` outputs are spent. Each round is stored before the next, and
+    round seeds are fixed, so a resumed run replays the stored rounds and continues exactly where it
+    stopped. Outputs with nothing parseable count as failed attempts; a few are saved to
+    ``failed_samples.jsonl`` beside the dataset. No input at all is an error that reports those numbers.
+    """
+    settings = ctx.plan.settings
+    task = ctx.task
+    dedup = Dedup()
+    want = settings.get("num_inputs")
+    attempts = failed = 0
+    samples: list[dict[str, Any]] = []
+    if settings.get("source", "file") == "file":
+        from genpi.tasks.parsers import read_inputs_file
+
+        path = task_inputs_path(task, settings)
+        for text in read_inputs_file(path):
+            dedup.add(text)
+            if want and len(dedup.accepted) >= int(want):
+                break
+        ctx.stats.update(source="file", file=str(path))
+    else:
+        want = int(want)
+        budget = int(settings.get("max_attempts") or want)
+        sampling = ctx.plan.sampling
+        assert sampling is not None
+        rounds = ctx.store.shard("pseudo_inputs", ctx.plan.fingerprint, kind="rounds")
+        stored = rounds.load()
+        ctx.store.write_meta("pseudo_inputs", ctx.plan.fingerprint, ctx.plan.describe())
+        per_round = max(1, int(settings.get("requests_per_round") or 1))
+        r = 0
+        with ctx.bar(total=want, unit="input") as bar:
+            while len(dedup.accepted) < want and attempts < budget:
+                rid = f"round-{r}"
+                if rid in stored:
+                    texts = stored[rid]["texts"]
+                else:
+                    n_req = min(per_round, math.ceil((budget - attempts) / sampling.n))
+                    msgs = [generator_messages(task, settings, r, i, sampling.seed or 0) for i in range(n_req)]
+                    seeds = [request_seed(sampling.seed, "round", r, i) for i in range(n_req)]
+                    texts = ctx.client().chat(msgs, sampling, seeds=seeds)
+                    rounds.append([{"record_id": rid, "round": r, "texts": texts}])
+                before = len(dedup.accepted)
+                for text in texts:
+                    attempts += 1
+                    parsed = task.parse_pseudo_inputs(text)
+                    if not parsed:
+                        failed += 1
+                        if len(samples) < ctx.failed_samples:
+                            samples.append({"round": r, "text": text})
+                    for x in parsed:
+                        dedup.add(x)
+                bar.update(min(want, len(dedup.accepted)) - min(want, before))
+                bar.set_postfix(attempts=attempts, failed=failed)
+                r += 1
+        ctx.stats.update(source="generate", rounds=r)
+        if samples:
+            path = ctx.out_dir / "failed_samples.jsonl"
+            path.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples), encoding="utf-8")
+            ctx.stats["failed_samples_file"] = str(path)
+    accepted = dedup.accepted[: int(want)] if want else dedup.accepted
+    ctx.stats.update(dedup.stats(), requested=want, records=len(accepted))
+    if attempts:  # generator yield; a file has none
+        ctx.stats.update(attempts=attempts, failed_attempts=failed, parse_yield=(attempts - failed) / attempts)
+    if not accepted:
+        where = f"; samples of the generator's output: {ctx.stats['failed_samples_file']}" if samples else ""
+        raise GenpiError(
+            f"pseudo_inputs ended with no inputs: {attempts} generator outputs, {failed} with nothing parseable, "
+            f"{dedup.candidates} candidates, {dedup.exact_duplicates + dedup.normalized_duplicates} duplicates{where}. "
+            "Use a stronger generator (synth.pseudo_inputs.model.name_or_path=...), more attempts "
+            "(synth.pseudo_inputs.max_attempts), or synth.pseudo_inputs.source=file"
+        )
+    if want and len(accepted) < int(want):
+        log.warning("pseudo_inputs: %d of %d inputs after %d attempts (%d unparseable); continuing with those",
+                    len(accepted), want, attempts, failed)
+    rows = [{"pseudo_input": x, "ids": {"pseudo_inputs": input_id(x)}} for x in accepted]
+    shard = ctx.store.shard("pseudo_inputs", ctx.plan.fingerprint)
+    have = shard.load()
+    shard.append([{"record_id": row["ids"]["pseudo_inputs"], **row} for row in rows
+                  if row["ids"]["pseudo_inputs"] not in have])
+    ctx.stats.setdefault("computed", len(rows))
+    return rows
+
+
+# -- stage 2: teacher and student answers ---------------------------------------------------------------
+def outputs(ctx: StageContext, rows: list[Row], compute: bool = True) -> list[Row]:
+    """Stage 2: the teacher (``task.teacher_messages(x)``: prompt + input) and the student
+    (``task.student_messages(x)``: input alone) answer every input, both in one batched call per chunk."""
+    sampling = ctx.plan.sampling
+    assert sampling is not None
+
+    def work(chunk: list[Row], rids: list[str], tick: Callable[[int], None]) -> list[dict[str, Any]]:
+        msgs = [ctx.task.teacher_messages(r["pseudo_input"]) for r in chunk]
+        msgs += [ctx.task.student_messages(r["pseudo_input"]) for r in chunk]
+        seeds = [request_seed(sampling.seed, rid, "teacher") for rid in rids]
+        seeds += [request_seed(sampling.seed, rid, "student") for rid in rids]
+        texts = ctx.client().chat(msgs, sampling, seeds=seeds)
+        n = len(chunk)
+        return [{"teacher_output_single": texts[i], "student_output_single": texts[n + i]} for i in range(n)]
+
+    return per_record(ctx, rows, work if compute else None)
+
+
+# -- stage 3: reasons --------------------------------------------------------------------------------------
+def reason_messages(task: Task, row: Row, template: str | None = None) -> list[dict[str, str]]:
+    text = (template or REASON_TEMPLATE).format(
+        prompt=task.prompt_text, input=row["pseudo_input"], student=row["student_output_single"],
+        teacher=row["teacher_output_single"],
+    )
+    return [{"role": "user", "content": text}]
+
+
+def reasons(ctx: StageContext, rows: list[Row], compute: bool = True) -> list[Row]:
+    """Stage 3: a reasoner sees the prompt, the input, the student's answer ("bad") and the teacher's
+    ("good") and explains in a few sentences why the prompt changes the answer."""
+    sampling = ctx.plan.sampling
+    assert sampling is not None
+
+    def work(chunk: list[Row], rids: list[str], tick: Callable[[int], None]) -> list[dict[str, Any]]:
+        msgs = [reason_messages(ctx.task, r, ctx.plan.settings.get("template")) for r in chunk]
+        texts = ctx.client().chat(msgs, sampling, seeds=[request_seed(sampling.seed, rid, "reason") for rid in rids])
+        return [{"reason": t} for t in texts]
+
+    return per_record(ctx, rows, work if compute else None)
+
+
+# -- stage 4: role-swapped conversations --------------------------------------------------------------------
+def conversations(ctx: StageContext, rows: list[Row], compute: bool = True) -> list[Row]:
+    """Stage 4: role swapping (see :mod:`genpi.synthesis.roleswap`). The conversations of one chunk advance
+    together, one batched call per turn and side; the agent's first turn is the teacher's single answer
+    unless ``reuse_teacher_output=false``. A chunk is stored when all its conversations have ended."""
+    plan = ctx.plan
+    assert plan.sampling is not None and plan.env_sampling is not None and plan.env_model is not None
+    max_turns = int(plan.settings.get("max_turns") or ctx.task.max_turns)
+    reuse = bool(plan.settings.get("reuse_teacher_output", True))
+
+    def work(chunk: list[Row], rids: list[str], tick: Callable[[int], None]) -> list[dict[str, Any]]:
+        agent = ctx.client()
+        env = ctx.clients.get(plan.env_client or plan.client, plan.env_model)
+        convs = role_swap(
+            ctx.task, [r["pseudo_input"] for r in chunk], agent, env, plan.sampling, plan.env_sampling,
+            max_turns=max_turns, first_turns=[r["teacher_output_single"] for r in chunk] if reuse else None,
+            keys=rids, on_done=tick,
+        )
+        return [{"teacher_output_conv": c.turns, "ended_by": c.ended_by} for c in convs]
+
+    rows = per_record(ctx, rows, work if compute else None)
+    ctx.stats["ended_by"] = _count(r.get("ended_by") for r in rows if "conversations" in r["ids"])
+    return rows
+
+
+def _count(values) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in values:
+        if v:
+            out[v] = out.get(v, 0) + 1
+    return out
+
+
+# -- stage 5: the teacher's top-k log-probs -------------------------------------------------------------
+def teacher_logits(ctx: StageContext, rows: list[Row], compute: bool = True) -> list[Row]:
+    """Stage 5: the teacher's top-k log-probabilities on its own answer tokens.
+
+    Tokenized exactly as training tokenizes the KL target (the functions of :mod:`genpi.data.tokenize`,
+    with the model's own tokenizer from :func:`genpi.models.factory.load_tokenizer`):
+
+    - the teacher prefix: ``tokenizer.apply_chat_template(task.teacher_messages(x),
+      add_generation_prompt=True, tokenize=False)``, tokenized with ``add_special_tokens=False`` (the
+      task's prompt as one segment whose ids are shared by every record, then the rest)
+      -- ``teacher_prefix_ids``;
+    - the response: ``teacher_output_single`` followed by the template's end-of-turn text (e.g.
+      ``<|eot_id|>``), tokenized with ``add_special_tokens=False`` -- ``response_ids``.
+
+    ``teacher_topk_ids[t]`` / ``teacher_topk_logprobs[t]`` (``k`` each, best first) are the teacher's
+    distribution over response token ``t`` given the prefix and response tokens ``< t``; there is one row
+    per response token, end-of-turn token included. Log-probs are float32 log-softmax of the raw logits
+    (no temperature), rounded to 6 decimals.
+    """
+    k = int(ctx.plan.settings["top_k"])
+
+    def work(chunk: list[Row], rids: list[str], tick: Callable[[int], None]) -> list[dict[str, Any]]:
+        from genpi.data.tokenize import response_ids, teacher_prefix_ids, teacher_prompt
+        from genpi.models.factory import load_tokenizer
+
+        tok = _tokenizer_cache.get(json.dumps(ctx.plan.model, sort_keys=True, default=str))
+        if tok is None:
+            tok = load_tokenizer(ctx.plan.model)
+            _tokenizer_cache[json.dumps(ctx.plan.model, sort_keys=True, default=str)] = tok
+        prompt = teacher_prompt(tok, ctx.task)
+        seqs, starts = [], []
+        for r in chunk:
+            prefix = teacher_prefix_ids(tok, ctx.task, r["pseudo_input"], prompt)
+            seqs.append(prefix + response_ids(tok, r["teacher_output_single"]))
+            starts.append(len(prefix))
+        out = ctx.client().topk_logprobs(seqs, starts, k)
+        return [{"teacher_topk_ids": ids, "teacher_topk_logprobs": [[round(v, 6) for v in row] for row in lps]}
+                for ids, lps in out]
+
+    return per_record(ctx, rows, work if compute else None)
+
+
+_tokenizer_cache: dict[str, Any] = {}
+
+STAGE_FUNCTIONS: dict[str, Callable[..., list[Row]]] = {
+    "outputs": outputs, "reasons": reasons, "conversations": conversations, "teacher_logits": teacher_logits,
+}
+
+
+# -- where rows come from when pseudo_inputs does not run --------------------------------------------------
+def rows_from_dataset(path: Path, stages: tuple[str, ...]) -> list[Row]:
+    """Rows from a dataset: each stage it holds gets a content-hash record id, so later stages key on it."""
+    from genpi.data.records import load_records
+
+    rows = []
+    for rec in load_records(path, columns=("pseudo_input",)):
+        row: Row = {"pseudo_input": rec["pseudo_input"], "ids": {"pseudo_inputs": input_id(rec["pseudo_input"])}}
+        for stage in stages[1:]:
+            cols = {c: rec.get(c) for c in PRODUCES[stage] if c != "ended_by"}
+            row.update(cols)
+            row["ids"][stage] = stable_hash("dataset", stage, row["ids"][REQUIRES[stage]], cols)
+        rows.append(row)
+    return rows
+
+
+def rows_from_store(store: Store, stage: str, fingerprint: str) -> list[Row]:
+    """Rows from an earlier run's shard of ``stage`` (every column up to that stage, with their ids)."""
+    rows = []
+    for rec in store.shard(stage, fingerprint).load().values():
+        row = {k: v for k, v in rec.items() if k != "record_id"}
+        row["ids"] = dict(rec["ids"])
+        rows.append(row)
+    return rows
+
+
+def run_stages(plan: Plan, store: Store, clients: ClientPool) -> tuple[list[Row], dict[str, dict[str, Any]]]:
+    """Run the plan's stages in order; stages not asked for still pick up their stored results.
+
+    Returns the rows and a report per stage (records, computed, from store, seconds, settings, stats).
+    """
+    reports: dict[str, dict[str, Any]] = {}
+
+    def context(name: str) -> StageContext:
+        return StageContext(plan.task, plan.stages[name], clients, store, plan.out_dir, plan.chunk_size,
+                            plan.progress, plan.failed_samples)
+
+    if plan.source == "pseudo_inputs":
+        ctx = context("pseudo_inputs")
+        t0 = time.perf_counter()
+        rows = pseudo_inputs(ctx)
+        reports["pseudo_inputs"] = {"ran": "computed", "seconds": time.perf_counter() - t0, **ctx.stats,
+                                    **plan.stages["pseudo_inputs"].describe()}
+        start = 1
+    elif plan.source == "dataset":
+        assert plan.from_dataset is not None
+        rows = rows_from_dataset(plan.from_dataset, plan.dataset_stages)
+        for s in plan.dataset_stages:
+            reports[s] = {"ran": "dataset", "records": len(rows), "computed": 0, "dataset": str(plan.from_dataset)}
+        start = STAGES.index(plan.requested[0])
+    else:
+        prereq = plan.source.split(":", 1)[1]
+        rows = rows_from_store(store, prereq, plan.stages[prereq].fingerprint)
+        for s in reversed(lineage(prereq)):
+            reports[s] = {"ran": "store", "records": len(rows), "computed": 0, **plan.stages[s].describe()}
+        start = STAGES.index(plan.requested[0])
+    for name in STAGES[start:]:
+        compute = name in plan.requested
+        ctx = context(name)
+        t0 = time.perf_counter()
+        rows = STAGE_FUNCTIONS[name](ctx, rows, compute=compute)
+        if compute:
+            reports[name] = {"ran": "computed", "seconds": time.perf_counter() - t0, **ctx.stats,
+                             **plan.stages[name].describe()}
+            if ctx.stats.get("records", 0) == 0:
+                raise GenpiError(f"synth stage {name!r} ended with no records ({len(rows)} rows came in)")
+        elif ctx.stats.get("records"):
+            reports[name] = {"ran": "store", **ctx.stats, **plan.stages[name].describe()}
+    return rows, {s: reports[s] for s in STAGES if s in reports}
