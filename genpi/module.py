@@ -12,8 +12,8 @@ import torch
 from transformers import DynamicCache
 
 from genpi import losses
-from genpi.errors import GenpiError
 from genpi.data.tokenize import IGNORE
+from genpi.errors import GenpiError
 
 TERMS = ("kl", "sft", "pg")
 

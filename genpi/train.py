@@ -66,15 +66,34 @@ def _plugins() -> list | None:
 
 
 def _override_tags() -> list[str]:
+    """The command-line overrides as W&B tags: what distinguishes runs of one sweep at a glance.
+
+    Paths (machine-specific, often long) and anything naming a key or token are left out; W&B refuses tags
+    over 64 characters, so longer overrides are cut with an ellipsis.
+    """
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
         return []
-    return [o for o in HydraConfig.get().overrides.task if "key" not in o.lower()][:64]
+    tags = []
+    for o in HydraConfig.get().overrides.task:
+        key = o.split("=", 1)[0].lower()
+        if any(w in key for w in ("key", "token", "secret", "path", "dir", "root")):
+            continue
+        tags.append(o if len(o) <= 64 else o[:63] + "…")
+    return tags[:64]
 
 
 def _loggable_config(cfg: DictConfig) -> dict[str, Any]:
     return {k: v for k, v in to_dict(cfg).items() if k not in ("hydra",)}
+
+
+def _validate(trainer: pl.Trainer, module: GenPIModule, datamodule: GenPIDataModule) -> dict[str, float]:
+    results = trainer.validate(module, datamodule=datamodule, verbose=False)
+    if not results or not results[0]:
+        raise GenpiError(f"the validation split of {datamodule.source} gave no batches "
+                         f"({len(datamodule.datasets['val'])} records): raise data.val_size or synthesize more")
+    return results[0]
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -112,7 +131,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if ckpt and "val/kl_start" in state:
             metrics["val/kl_start"] = state["val/kl_start"]
         else:
-            start = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+            start = _validate(trainer, module, datamodule)
             metrics.update({f"{k}_start": float(v) for k, v in start.items()})
     write_json(run_dir / "splits.json", datamodule.split_keys())
     write_json(run_dir / "run.json", {
@@ -128,7 +147,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
 
     if not fdr:
-        end = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+        end = _validate(trainer, module, datamodule)
         metrics.update({k: float(v) for k, v in end.items()})
         for cb in callbacks:
             if hasattr(cb, "summary"):

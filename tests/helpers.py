@@ -9,6 +9,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
+import genpi.hydra_utils  # noqa: F401  (registers the genpi_* resolvers the configs use)
+
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
@@ -28,3 +30,34 @@ def compose_cfg(config_name: str, overrides: list[str], output_root: Path):
     HydraConfig.instance().set_config(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     return cfg
+
+
+def read_wandb_records(path: Path) -> list:
+    """The protobuf records of a W&B transaction log (``run-<id>.wandb``), as wandb writes them offline.
+
+    wandb >= 0.2x no longer ships a Python reader, so this reads the format itself: a 7-byte header
+    (``:W&B``, a 2-byte magic, a version byte), then 32 KiB blocks of chunks, each with a 4-byte CRC, a
+    2-byte little-endian length and a type byte (1 full, 2 first, 3 middle, 4 last); block tails shorter
+    than a chunk header are zero padding.
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    data = Path(path).read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B transaction log"
+    block, pos, records, parts = 32768, 7, [], b""
+    while pos + 7 <= len(data):
+        room = block - pos % block
+        if room < 7:
+            pos += room
+            continue
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        if kind == 0 and length == 0:
+            break
+        payload = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        parts = payload if kind in (1, 2) else parts + payload
+        if kind in (1, 4):
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(parts)
+            records.append(rec)
+    return records

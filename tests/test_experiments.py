@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import CONF, compose_cfg
+from tests.helpers import CONF, compose_cfg, read_wandb_records
 from tests.test_train import run_train
 
 REPO = CONF.parent
@@ -25,7 +25,10 @@ def cli(args: list[str], tmp_path: Path, timeout: int = 600, env: dict | None = 
         module: str = "genpi.train") -> subprocess.CompletedProcess:
     e = dict(os.environ, WANDB_MODE="offline", **(env or {}))
     e.pop("GENPI_LAUNCH_ID", None)
-    return subprocess.run([sys.executable, "-m", module, f"paths.output_root={tmp_path}", *args], cwd=REPO,
+    # Hydra's flags (-m, --cfg) go before the overrides: argparse takes no flag after a positional.
+    flags = [a for a in args if a.startswith("-")]
+    overrides = [a for a in args if not a.startswith("-")]
+    return subprocess.run([sys.executable, "-m", module, *flags, f"paths.output_root={tmp_path}", *overrides], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout, env=e)
 
 
@@ -64,10 +67,10 @@ def test_multirun_local_submitit_two_jobs_and_a_failing_one(tmp_path, tiny_path)
 
 @pytest.mark.slow
 def test_two_sweeps_in_the_same_second_never_share_a_folder(tmp_path, tiny_path):
-    args = ["-m", "experiment_name=same", "debug=fdr", "loss=sft"]
+    args = ["experiment_name=same", "debug=fdr", "loss=sft"]
     e = dict(os.environ, WANDB_MODE="offline")
     e.pop("GENPI_LAUNCH_ID", None)
-    procs = [subprocess.Popen([sys.executable, "-m", "genpi.train", f"paths.output_root={tmp_path}", *args],
+    procs = [subprocess.Popen([sys.executable, "-m", "genpi.train", "-m", f"paths.output_root={tmp_path}", *args],
                               cwd=REPO, env=e, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)]
     for p in procs:
         assert p.wait(timeout=600) == 0
@@ -144,17 +147,13 @@ def test_wandb_offline_files_carry_group_job_type_tags_and_config(tmp_path, tiny
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     out = run_train(tmp_path, ["logger=wandb", "experiment_name=wb", "trainer.max_steps=1", "data.max_records=24",
                                "tags=[mytag]"])
+    import wandb
+
+    wandb.finish()  # what task_wrapper does after every job: the run's files are complete only then
     run_dir = out["run_dir"]
     (offline,) = list((run_dir / "wandb").glob("offline-run-*"))
-    from wandb.proto import wandb_internal_pb2
-    from wandb.sdk.internal import datastore
-
-    ds = datastore.DataStore()
-    ds.open_for_scan(str(next(offline.glob("*.wandb"))))
     run_rec, configs = None, []
-    while (data := ds.scan_data()) is not None:
-        rec = wandb_internal_pb2.Record()
-        rec.ParseFromString(data)
+    for rec in read_wandb_records(next(offline.glob("*.wandb"))):
         if rec.WhichOneof("record_type") == "run":
             run_rec = rec.run
         if rec.WhichOneof("record_type") == "config":

@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -81,11 +82,15 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
     Global batches of ``batch_size * num_replicas`` are formed (indices shuffled, cut into mega-batches
     of ``mega`` global batches, sorted by length inside each); rank ``r`` takes slice ``r`` of every global
     batch. So DDP on N ranks with batch b sees the same global batches as one process with batch N*b,
-    and every rank gets the same number of batches (DDP needs equal step counts).
+    and every rank gets the same number of batches (DDP needs equal step counts). Under DDP a last, incomplete
+    global batch is dropped in training (``pad_last=False``); in evaluation (``pad_last=True``) it is filled up
+    with examples from the start, as ``DistributedSampler`` does, so a split smaller than one global batch is
+    still evaluated (those few examples then count twice).
     """
 
     def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, shuffle: bool = True,
-                 group_by_length: bool = True, mega: int = 16, num_replicas: int = 1, rank: int = 0):
+                 group_by_length: bool = True, mega: int = 16, num_replicas: int = 1, rank: int = 0,
+                 pad_last: bool = False):
         self.lengths = lengths
         self.batch_size = batch_size
         self.seed = seed
@@ -94,6 +99,7 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         self.mega = mega
         self.num_replicas = num_replicas
         self.rank = rank
+        self.pad_last = pad_last
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -110,8 +116,11 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
             idx = [i for s in range(0, len(idx), chunk)
                    for i in sorted(idx[s : s + chunk], key=lambda i: -self.lengths[i])]
         batches = [idx[s : s + size] for s in range(0, len(idx), size)]
-        if self.num_replicas > 1:
-            batches = [b for b in batches if len(b) == size]  # every rank needs a full slice
+        if self.num_replicas > 1 and batches and len(batches[-1]) < size:  # every rank needs a full slice
+            if self.pad_last:
+                batches[-1] = (batches[-1] + idx * size)[:size]
+            else:
+                batches.pop()
         if self.shuffle and self.group:
             rng.shuffle(batches)
         return batches
@@ -123,7 +132,9 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         size = self.batch_size * self.num_replicas
-        return len(self.lengths) // size if self.num_replicas > 1 else math.ceil(len(self.lengths) / size)
+        if self.num_replicas > 1 and not self.pad_last:
+            return len(self.lengths) // size
+        return math.ceil(len(self.lengths) / size)
 
 
 def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
@@ -275,7 +286,8 @@ class GenPIDataModule(pl.LightningDataModule):
         ds = self.datasets[split]
         world, rank = self._world()
         sampler = LengthGroupedBatchSampler(ds.lengths(), batch_size, seed=self.seed, shuffle=shuffle,
-                                            group_by_length=self.group_by_length, num_replicas=world, rank=rank)
+                                            group_by_length=self.group_by_length, num_replicas=world, rank=rank,
+                                            pad_last=not shuffle)
         return DataLoader(ds, batch_sampler=sampler, collate_fn=Collator(self.tokenizer.pad_token_id),
                           num_workers=self.num_workers)
 

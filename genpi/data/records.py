@@ -19,8 +19,9 @@ Optional: ``teacher_topk_ids`` / ``teacher_topk_logprobs`` (per response token, 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from genpi.errors import GenpiError
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 _OS_THINK = re.compile(r"^\s*Think:\s*\S", re.MULTILINE)
 _OS_ACT = re.compile(r"^\s*Act:\s*(.*)$", re.MULTILINE)

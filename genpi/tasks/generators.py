@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import random
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 SPLITS = ("train", "heldout", "pretrain")
 END = "<END>"
@@ -79,7 +80,7 @@ def _os_example(s: Slots) -> dict[str, Any]:
         x = f"Create a folder named {name} inside {d} and put an empty file called {u}.{ext} in it."
         code, out, final = f"mkdir -p {d}/{name} && touch {d}/{name}/{u}.{ext} && ls {d}/{name}", f"{u}.{ext}", "finish"
         think = "I create the folder with mkdir -p, then the empty file with touch, and list the folder to check."
-        plain = f"Sure! First make the folder with mkdir, then create the file with touch. That's all there is to it."
+        plain = "Sure! First make the folder with mkdir, then create the file with touch. That's all there is to it."
     elif kind == 3:
         x = f"How many lines of {f} contain the word '{w}'?"
         code, out, final = f"grep -c -w '{w}' {f}", str(n), f"answer({n})"
@@ -89,7 +90,7 @@ def _os_example(s: Slots) -> dict[str, Any]:
         x = f"Which user owns the file {f}?"
         code, out, final = f"stat -c %U {f}", u, f"answer({u})"
         think = f"stat can print the owner of {f} directly with the %U format."
-        plain = f"The owner of a file is shown by ls -l in the third column. It is often root for system files."
+        plain = "The owner of a file is shown by ls -l in the third column. It is often root for system files."
     elif kind == 5:
         x = f"How many processes named {p} are running right now?"
         code, out, final = f"pgrep -c -x {p}", str(n % 17), f"answer({n % 17})"
@@ -110,8 +111,8 @@ def _os_example(s: Slots) -> dict[str, Any]:
         x = f"What is the name of the largest file directly inside {d}? Give only the file name."
         name = f"{s.pick(FILES)}.{ext}"
         code, out, final = f"ls -S -p {d} | grep -v / | head -n 1", name, f"answer({name})"
-        think = f"ls -S sorts by size, largest first; I drop folders and keep the first line."
-        plain = f"You can sort files by size with ls -S. The largest one will be listed first."
+        think = "ls -S sorts by size, largest first; I drop folders and keep the first line."
+        plain = "You can sort files by size with ls -S. The largest one will be listed first."
     first = _os_bash(think, code)
     last_think = "The output gives the answer." if final.startswith("answer") else "The output shows that the task is done."
     last = f"Think: {last_think}\n\nAct: {final}"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 _ITEM = re.compile(r"^\s*(?:[-*•]\s+|\(?\d{1,3}[.):]\s+|(?:input|question|task|instruction)\s*#?\s*\d{1,3}\s*[:.)-]\s*)",
                    re.IGNORECASE)
