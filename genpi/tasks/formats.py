@@ -88,8 +88,13 @@ def kg_action(text: str) -> str | None:
 ACTIONS: dict[str, Callable[[str], str | None]] = {
     "os": os_action, "webshop": webshop_action, "m2w": m2w_action, "kg": kg_action,
 }
-FORMAT_CHECKS: dict[str, Callable[[str], bool]] = {k: (lambda f: lambda text: f(text) is not None)(f)
-                                                   for k, f in ACTIONS.items()}
+
+
+def _follows(action: Callable[[str], str | None]) -> Callable[[str], bool]:
+    return lambda text: action(text) is not None
+
+
+FORMAT_CHECKS: dict[str, Callable[[str], bool]] = {k: _follows(f) for k, f in ACTIONS.items()}
 
 
 def extract_action(task_format: str, text: str) -> str | None:
