@@ -75,6 +75,29 @@ def collect_wandb(group: str, project: str, entity: str | None = None) -> list[d
     return rows
 
 
+REFERENCES = {"teacher": "teacher (base + prompt)", "floor": "floor (base, no prompt)"}
+
+
+def reference_rows(rows: list[dict[str, Any]], row_key: str) -> list[dict[str, Any]]:
+    """Rows for the evaluation's two reference models, to read beside the students: for every metric
+    ``eval/student/X`` the teacher's (floor's) ``eval/teacher/X`` (``eval/floor/X``); the share of the gap closed is
+    1 for the teacher and 0 for the floor by definition."""
+    out = []
+    for r in rows:
+        if r.get("status") != "ok":
+            continue
+        for model, label in REFERENCES.items():
+            ref = {k: v for k, v in r.items() if not k.startswith("eval/")}
+            ref[row_key] = label
+            for k, v in r.items():
+                if k.startswith("eval/student/"):
+                    ref[k] = r.get(f"eval/{model}/" + k[len("eval/student/"):])
+                elif k.startswith("eval/gap_closed/") and isinstance(v, (int, float)):
+                    ref[k] = 1.0 if model == "teacher" else 0.0
+            out.append(ref)
+    return out
+
+
 def pivot(rows: list[dict[str, Any]], row_key: str, col_key: str, metric: str) -> tuple[list, list, dict]:
     """Mean of ``metric`` per (row value, column value) over seeds; returns row labels, column labels, cells."""
     cells: dict[tuple[Any, Any], list[float]] = {}
@@ -83,7 +106,8 @@ def pivot(rows: list[dict[str, Any]], row_key: str, col_key: str, metric: str) -
         if r.get("status") != "ok" or not isinstance(v, (int, float)) or not math.isfinite(v):
             continue
         cells.setdefault((r.get(row_key), r.get(col_key)), []).append(float(v))
-    row_labels = sorted({k[0] for k in cells}, key=str)
+    refs = list(REFERENCES.values())
+    row_labels = sorted({k[0] for k in cells}, key=lambda r: (r in refs, refs.index(r) if r in refs else 0, str(r)))
     col_labels = sorted({k[1] for k in cells}, key=str)
     return row_labels, col_labels, {k: sum(v) / len(v) for k, v in cells.items()}
 
@@ -149,6 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cols", default="task")
     ap.add_argument("--metrics", nargs="+", default=["val/kl", "val/kl_start"])
     ap.add_argument("--out", default=None, help="output folder (default: ROOT/summary)")
+    ap.add_argument("--reference-rows", action="store_true",
+                    help="add rows for the teacher (base + prompt) and the floor (base, no prompt) of the evaluations")
     args = ap.parse_args(argv)
     if args.wandb_group:
         rows = collect_wandb(args.wandb_group, args.wandb_project, args.wandb_entity)
@@ -160,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
         raise GenpiError("give a study folder or --wandb-group NAME")
     if not rows:
         raise GenpiError(f"no run folders (run.json) under {args.root}: did the sweep run?")
+    if args.reference_rows:
+        rows = rows + reference_rows(rows, args.rows)
     md, csv_path = write_tables(rows, out, args.rows, args.cols, args.metrics)
     png = plot(rows, out / "results.png", args.rows, args.cols, args.metrics[0])
     print(md.read_text())

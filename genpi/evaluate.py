@@ -4,13 +4,12 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 from genpi.data.datamodule import Collator
 from genpi.data.tokenize import Limits, RecordEncoder, student_prefix_ids, teacher_prefix_ids, truncate_text
@@ -20,6 +19,7 @@ from genpi.hydra_utils import to_dict
 from genpi.models.factory import load_model, load_tokenizer, model_fingerprint, resolve_model_path
 from genpi.module import GenPIModule
 from genpi.tasks import build_task
+from genpi.tracking import numeric_leaves, report_to_loggers
 from genpi.wrappers import run_dir_of, task_wrapper
 
 log = logging.getLogger("genpi.evaluate")
@@ -154,46 +154,13 @@ def run_evaluation(cfg: DictConfig) -> Path:
     out = {**table, "savings": sav, "info": info, "n_examples": len(records)}
     report.write_examples(out_dir, examples)
     path = report.write_report(out_dir, out, examples, plots, n_show=int(ev.get("show_examples", 3)))
-    _log_to_loggers(cfg, out, out_dir, plots)
+    columns = list(table["teacher"])
+    rows = [[m, *(table[m].get(k) for k in columns)] for m in (*metrics.MODELS, "gap_closed")]
+    report_to_loggers(cfg, "eval", numeric_leaves({k: v for k, v in out.items() if k != "info"}, "eval"),
+                      tables={"eval/models": (["model", *columns], rows)},
+                      images={f"eval/{Path(png).stem}": out_dir / png for png in plots.values()})
     log.info("evaluation done in %.1f s: %s", info["seconds"], path)
     return path
-
-
-def flat_metrics(metrics_out: dict[str, Any], prefix: str = "eval") -> dict[str, float]:
-    """Numeric leaves of the metrics as ``eval/<group>/<name>`` (None, strings and lists left out)."""
-    flat: dict[str, float] = {}
-
-    def walk(key: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{key}/{k}", v)
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            flat[key] = float(value)
-
-    walk(prefix, {k: v for k, v in metrics_out.items() if k != "info"})
-    return flat
-
-
-def _log_to_loggers(cfg: DictConfig, metrics_out: dict[str, Any], out_dir: Path, plots: dict[str, str]) -> None:
-    """The metrics (and, on W&B, the plots) to the configured loggers; W&B runs as job_type eval."""
-    flat = flat_metrics(metrics_out)
-    for name, lcfg in (cfg.get("logger") or {}).items():
-        if lcfg is None:
-            continue
-        if name == "wandb":
-            with open_dict(lcfg):
-                lcfg.job_type = "eval"
-                lcfg.id = None
-        lg = hydra.utils.instantiate(lcfg, _convert_="partial")
-        lg.log_hyperparams({k: v for k, v in to_dict(cfg).items() if k != "hydra"})
-        lg.log_metrics(flat, step=0)
-        if name == "wandb":
-            for title, png in plots.items():
-                lg.log_image(key=f"eval/{Path(png).stem}", images=[str(out_dir / png)], caption=[title])
-        if hasattr(lg, "save"):
-            lg.save()
-        if hasattr(lg, "finalize"):
-            lg.finalize("success")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")

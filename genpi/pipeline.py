@@ -18,7 +18,7 @@ import time
 STAGE_KEYS = {
     "synth": ("synth",),
     "train": ("loss", "optim", "trainer", "data", "callbacks", "debug", "experiment", "hparams_search", "ckpt_path",
-              "resume", "validate_before_fit", "run_name", "post_eval", "optimized_metric"),
+              "resume", "validate_before_fit", "run_name", "post_eval", "post_eval_overrides", "optimized_metric"),
     "eval": ("eval",),
 }
 

@@ -25,6 +25,7 @@ from genpi.synthesis.stages import Row, run_stages
 from genpi.synthesis.store import Store, stable_hash
 from genpi.tasks import build_task
 from genpi.tasks.base import Task
+from genpi.tracking import numeric_leaves, report_to_loggers
 from genpi.wrappers import task_wrapper
 
 log = logging.getLogger("genpi.synth")
@@ -87,7 +88,22 @@ def run_synthesis(cfg: DictConfig | dict[str, Any]) -> Path:
         log.warning("column %s is empty in %s: run its stage to fill it", col, out / "data.jsonl")
     if plan.progress:
         print_summary(card)
+    if isinstance(cfg, DictConfig) and cfg.get("logger"):
+        report_card(cfg, card)
     return out
+
+
+def report_card(cfg: DictConfig, card: dict[str, Any]) -> None:
+    """The data card to the configured loggers (W&B: job_type synth, in the study's group): yields, counts and
+    lengths as numbers, the stages as a table."""
+    numbers = numeric_leaves({k: card[k] for k in ("records", "mean_lengths", "conversations_ended_by",
+                                                  "pseudo_inputs") if isinstance(card.get(k), (dict, int))}, "synth")
+    for stage, rep in card["stages"].items():
+        numbers.update(numeric_leaves({k: v for k, v in rep.items() if k not in ("sampling", "env_sampling")},
+                                      f"synth/{stage}"))
+    columns = ["stage", "ran", "records", "computed", "seconds", "client", "model"]
+    rows = [[stage, *(rep.get(c) for c in columns[1:])] for stage, rep in card["stages"].items()]
+    report_to_loggers(cfg, "synth", numbers, tables={"synth/stages": (columns, rows)})
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="synth")

@@ -181,7 +181,7 @@ def post_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     import sys
 
     args = [sys.executable, "-m", "genpi.evaluate", f"run_dir={run_dir}", f"paths.output_root={cfg.paths.output_root}",
-            f"task={cfg.task.name}", *[o for o in _model_overrides()]]
+            f"task={cfg.task.name}", *_model_overrides(), *(cfg.get("post_eval_overrides") or [])]
     proc = subprocess.run(args, capture_output=True, text=True)
     if proc.returncode != 0:
         raise GenpiError(f"post-training evaluation failed (exit {proc.returncode}): "
@@ -203,12 +203,16 @@ def post_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
 
 def _model_overrides() -> list[str]:
-    """The command-line overrides that shape the model, so evaluation loads the same base."""
+    """What makes evaluation load the same base model and task and evaluate as asked: the model and task options
+    chosen (on the command line or by an experiment file), then the command line's ``model.*`` and ``task.*``
+    overrides."""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
         return []
-    return [o for o in HydraConfig.get().overrides.task if o.startswith(("model=", "model.", "task."))]
+    hc = HydraConfig.get()
+    chosen = [f"{group}={hc.runtime.choices[group]}" for group in ("model", "task") if hc.runtime.choices.get(group)]
+    return chosen + [o for o in hc.overrides.task if o.startswith(("model.", "task."))]
 
 
 def save_adapter(module: GenPIModule, tokenizer, folder: Path, cfg: DictConfig) -> None:

@@ -79,6 +79,23 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
 
+def encode_segments(tokenizer, segments: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
+    """Token ids of ``(text, is_label)`` segments and their labels (the ids, or ``IGNORE`` off the labels)."""
+    ids: list[int] = []
+    labels: list[int] = []
+    for text, is_label in segments:
+        seg = encode(tokenizer, text)
+        ids += seg
+        labels += seg if is_label else [IGNORE] * len(seg)
+    return ids, labels
+
+
+def encode_chat(tokenizer, messages: list[Message], label_from: int = 0) -> tuple[list[int], list[int]]:
+    """Token ids of a chat and its labels: the assistant turns at index ``>= label_from`` (see
+    :func:`chat_segments`), ``IGNORE`` everywhere else."""
+    return encode_segments(tokenizer, chat_segments(tokenizer, messages, label_from))
+
+
 def truncate_text(tokenizer, text: str, max_tokens: int | None) -> tuple[str, bool]:
     """Cut ``text`` to at most ``max_tokens`` tokens; returns the text and whether it was cut."""
     if max_tokens is None:
@@ -251,11 +268,8 @@ class RecordEncoder:
                 rest.append((t[consumed:], lab))
                 consumed = 0
             segs = rest
-        for text, is_label in segs:
-            seg = encode(self.tok, text)
-            ids += seg
-            labels += seg if is_label else [IGNORE] * len(seg)
-        return ids, labels
+        more_ids, more_labels = encode_segments(self.tok, segs)
+        return ids + more_ids, labels + more_labels
 
 
 def keep_prompt(seed: int, index: int, drop_prob: float) -> bool:

@@ -49,7 +49,7 @@ def _first_line(err: BaseException) -> str:
 def resolve_model_path(model_cfg: Any) -> str:
     """What transformers and vLLM load for ``model.name_or_path``.
 
-    ``tiny`` builds (or reuses) the built-in model and returns its folder; an existing local folder is returned
+    ``tiny`` (``tiny_agent``) builds (or reuses) the built-in (pre-trained) model and returns its folder; an existing local folder is returned
     as an absolute path; a hub-like name (``org/name``) is returned as it is (loading it needs the hub or its
     cache). A value that looks like a path (starts with ``/``, ``.`` or ``~``) but does not exist is an error.
     """
@@ -58,6 +58,11 @@ def resolve_model_path(model_cfg: Any) -> str:
         from genpi.models.tiny import build_tiny
 
         return str(build_tiny(_plain(_get(model_cfg, "tiny", {}))))
+    if name == "tiny_agent":
+        from genpi.models.tiny_agent import build_tiny_agent
+
+        return str(build_tiny_agent({"tiny": _plain(_get(model_cfg, "tiny", {})),
+                                     "tiny_agent": _plain(_get(model_cfg, "tiny_agent", {}))}))
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -73,7 +78,7 @@ def resolve_model_path(model_cfg: Any) -> str:
 def model_fingerprint(model_cfg: Any) -> str:
     """A short name of the base model, recorded with adapters to refuse one trained on another base.
 
-    The tiny model: ``tiny-<hash>`` (its folder name; computed without building). A local folder: the tiny
+    The tiny model: ``tiny-<hash>``, the tiny_agent: ``tiny_agent-<hash>`` (folder names, computed without building). A local folder: the tiny
     model's name if it is a tiny build, else its absolute path. A hub name: the name.
     """
     name = str(_get(model_cfg, "name_or_path", "tiny"))
@@ -81,11 +86,17 @@ def model_fingerprint(model_cfg: Any) -> str:
         from genpi.models.tiny import tiny_hash
 
         return f"tiny-{tiny_hash(_plain(_get(model_cfg, 'tiny', {})))}"
+    if name == "tiny_agent":
+        from genpi.models.tiny_agent import agent_folder
+
+        return agent_folder({"tiny": _plain(_get(model_cfg, "tiny", {})),
+                             "tiny_agent": _plain(_get(model_cfg, "tiny_agent", {}))}).name
     path = Path(name).expanduser()
     if path.is_dir():
-        from genpi.models.tiny import is_built
+        from genpi.models import tiny, tiny_agent
 
-        return path.resolve().name if is_built(path) else str(path.resolve())
+        built = tiny.is_built(path) or tiny.is_built(path, tiny_agent.MARKER)
+        return path.resolve().name if built else str(path.resolve())
     return name.rstrip("/")
 
 

@@ -22,6 +22,7 @@ chat template writes it.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -29,6 +30,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -280,9 +282,9 @@ def _publish_permissions(folder: Path) -> None:
 
 
 def _sweep_stale(root: Path, max_age_s: float = 3600.0) -> None:
-    """Remove temp build folders of builds killed long ago (a build takes seconds)."""
+    """Remove temp build folders of builds killed long ago (a build takes seconds to minutes)."""
     now = time.time()
-    for stale in root.glob(".tiny-*.tmp*"):
+    for stale in root.glob(".tiny*.tmp*"):
         try:
             if now - stale.stat().st_mtime > max_age_s:
                 shutil.rmtree(stale, ignore_errors=True)
@@ -290,9 +292,53 @@ def _sweep_stale(root: Path, max_age_s: float = 3600.0) -> None:
             pass
 
 
-def is_built(folder: Path) -> bool:
-    """Whether ``folder`` is a complete tiny-model build."""
-    return (Path(folder) / MARKER).is_file()
+def is_built(folder: Path, marker: str = MARKER) -> bool:
+    """Whether ``folder`` is a complete build (its marker file, written last, is there)."""
+    return (Path(folder) / marker).is_file()
+
+
+def build_once(folder: Path, build_into: Callable[[Path], None], marker: str = MARKER, lock: bool = False) -> Path:
+    """``folder`` built by ``build_into(tmp)`` in a temp folder beside it and renamed into place, unless built.
+
+    Concurrent builders are safe: the first rename wins and the others discard their identical copies. With
+    ``lock`` (for builds that take minutes), a second builder waits for the first instead of building too.
+    """
+    folder = Path(folder)
+    if is_built(folder, marker):
+        return folder
+    root = folder.parent
+    root.mkdir(parents=True, exist_ok=True)
+    guard = (root / f".{folder.name}.lock").open("w") if lock else None
+    try:
+        if guard is not None:
+            fcntl.flock(guard.fileno(), fcntl.LOCK_EX)
+            if is_built(folder, marker):
+                return folder
+        _sweep_stale(root)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp", dir=root))
+        try:
+            build_into(tmp)
+            _publish_permissions(tmp)
+            for _ in range(2):
+                try:
+                    os.rename(tmp, folder)  # atomic, and fails if another builder's folder is already there
+                    break
+                except OSError:
+                    if is_built(folder, marker):
+                        break
+                    # An incomplete folder of that name (copied by hand, half deleted): move it aside, retry once.
+                    try:
+                        os.rename(folder, root / f".{folder.name}.broken-{uuid.uuid4().hex[:8]}")
+                    except OSError:
+                        pass
+            if not is_built(folder, marker):
+                raise GenpiError(f"could not create {folder}: remove that folder and retry")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        if guard is not None:
+            guard.close()
+    return folder
 
 
 def build_tiny(cfg: dict[str, Any] | None = None, cache: Path | None = None) -> Path:
@@ -302,37 +348,9 @@ def build_tiny(cfg: dict[str, Any] | None = None, cache: Path | None = None) -> 
         cfg: architecture overrides (``model.tiny``); keys of :data:`DEFAULT_ARCH`.
         cache: genpi cache folder to use instead of :func:`genpi.paths.cache_dir`; the model goes to
             ``<cache>/models/tiny-<hash>``.
-
-    Concurrent builders (parallel jobs, test workers) are safe: each builds in its own temp folder next to the
-    target and renames it into place; the first rename wins, and the others discard their identical copies.
     """
     arch = arch_config(cfg)
     sources = corpus()
     digest = _content_hash(arch, sources)
     root = (Path(cache).expanduser() if cache else cache_dir()) / "models"
-    folder = root / f"tiny-{digest}"
-    if is_built(folder):
-        return folder
-    root.mkdir(parents=True, exist_ok=True)
-    _sweep_stale(root)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp", dir=root))
-    try:
-        _build_into(tmp, arch, sources, digest)
-        _publish_permissions(tmp)
-        for _ in range(2):
-            try:
-                os.rename(tmp, folder)  # atomic, and fails if another builder's folder is already there
-                break
-            except OSError:
-                if is_built(folder):
-                    break
-                # An incomplete folder of that name (copied by hand, half deleted): move it aside, retry once.
-                try:
-                    os.rename(folder, root / f".{folder.name}.broken-{uuid.uuid4().hex[:8]}")
-                except OSError:
-                    pass
-        if not is_built(folder):
-            raise GenpiError(f"could not create the tiny model at {folder}: remove that folder and retry")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return build_once(root / f"tiny-{digest}", lambda tmp: _build_into(tmp, arch, sources, digest))

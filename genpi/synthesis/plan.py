@@ -177,9 +177,25 @@ def make_plan(task: Task, synth: dict[str, Any], run_model: dict[str, Any], seed
         sampling = env_kind = env_model = env_sampling = None
         if name == "pseudo_inputs":
             source = block.get("source", "file")
-            if source not in ("file", "generate"):
-                raise GenpiError(f"synth.pseudo_inputs.source={source!r}: choose file or generate")
-            if source == "file":
+            if source not in ("file", "generate", "templates"):
+                raise GenpiError(f"synth.pseudo_inputs.source={source!r}: choose file, generate or templates")
+            if source == "templates":
+                from genpi.tasks import generators
+                from genpi.tasks.generators import GENERATORS, SPLITS
+
+                split = block.get("split") or "heldout"
+                if task.name not in GENERATORS:
+                    raise GenpiError(f"synth.pseudo_inputs.source=templates: task {task.name!r} has no input "
+                                     f"templates (built-in tasks: {sorted(GENERATORS)}); use source=file or generate")
+                if split not in SPLITS:
+                    raise GenpiError(f"synth.pseudo_inputs.split={split!r}: choose one of {list(SPLITS)}")
+                if not block.get("num_inputs"):
+                    raise GenpiError("synth.pseudo_inputs.source=templates needs synth.pseudo_inputs.num_inputs=N")
+                # Drawn in a fixed order: asking for more inputs extends the same list.
+                identity = {"stage": name, "version": STAGE_VERSION[name], "source": "templates", "split": split,
+                            "seed": int(block.get("seed") or 0), "task": task.name,
+                            "templates": stable_hash(Path(generators.__file__).read_text(encoding="utf-8"))}
+            elif source == "file":
                 identity = {"stage": name, "version": STAGE_VERSION[name], "source": "file"}
                 if name in requested:
                     path = task_inputs_path(task, block)

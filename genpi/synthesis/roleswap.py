@@ -22,8 +22,6 @@ from dataclasses import dataclass, field
 from genpi.synthesis.clients.base import ChatClient, Message, Sampling, request_seed
 from genpi.tasks.base import Task
 
-SWAP = {"assistant": "user", "user": "assistant"}
-
 
 @dataclass
 class Conversation:
@@ -44,10 +42,7 @@ def agent_view(task: Task, conv: Conversation) -> list[Message]:
 
 
 def env_view(task: Task, conv: Conversation) -> list[Message]:
-    persona = task.env_persona.replace("{input}", conv.pseudo_input)
-    return [{"role": "system", "content": persona}] + [
-        {"role": SWAP[t["role"]], "content": t["content"]} for t in conv.turns
-    ]
+    return task.env_messages(conv.pseudo_input, conv.turns)
 
 
 def _fits(client: ChatClient, views: list[list[Message]], max_tokens: int) -> list[bool]:

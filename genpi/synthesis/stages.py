@@ -168,7 +168,8 @@ def generator_messages(task: Task, settings: dict[str, Any], round_index: int, r
 def pseudo_inputs(ctx: StageContext) -> list[Row]:
     """Stage 1: the task inputs, deduplicated (exact, then whitespace/case-normalized).
 
-    ``source=file`` reads them from a file. ``source=generate`` asks the generator for numbered lists in
+    ``source=file`` reads them from a file; ``source=templates`` draws them from the built-in task's input
+    templates (:mod:`genpi.tasks.generators`) with slot values of one split. ``source=generate`` asks the generator for numbered lists in
     rounds of ``requests_per_round`` requests (``sampling.n`` outputs each) until ``num_inputs`` distinct
     inputs are parsed or ``max_attempts`` outputs are spent. Each round is stored before the next, and
     round seeds are fixed, so a resumed run replays the stored rounds and continues exactly where it
@@ -190,6 +191,13 @@ def pseudo_inputs(ctx: StageContext) -> list[Row]:
             if want and len(dedup.accepted) >= int(want):
                 break
         ctx.stats.update(source="file", file=str(path))
+    elif settings.get("source") == "templates":
+        from genpi.tasks.generators import generate_examples
+
+        split, seed = settings.get("split") or "heldout", int(ctx.plan.settings.get("seed") or 0)
+        for example in generate_examples(task.name, int(want), seed=seed, split=split):
+            dedup.add(example["pseudo_input"])
+        ctx.stats.update(source="templates", split=split, seed=seed)
     else:
         want = int(want)
         budget = int(settings.get("max_attempts") or want)

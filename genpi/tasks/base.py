@@ -86,6 +86,16 @@ class Task:
         body = self.teacher_template.split("{input}")[0]
         return head, (f"{lead}\n{body}" if lead else body)
 
+    def env_messages(self, pseudo_input: str, turns: list[Message]) -> list[Message]:
+        """What the environment persona sees in role swapping, given the conversation so far (``turns`` start
+        with the agent, as ``assistant``): the persona as its system message (``{input}`` filled in, if used),
+        then the same turns with the roles swapped, so the agent's turns are its ``user`` messages."""
+        persona = self.env_persona.replace("{input}", pseudo_input)
+        swap = {"assistant": "user", "user": "assistant"}
+        return [{"role": "system", "content": persona}] + [
+            {"role": swap[t["role"]], "content": t["content"]} for t in turns
+        ]
+
     def student_messages(self, pseudo_input: str) -> list[Message]:
         """Chat messages the student sees: the input alone, no prompt."""
         return [{"role": "user", "content": self.student_template.format(input=pseudo_input)}]
@@ -141,6 +151,18 @@ def build_task(
         raise GenpiError(f"task {name!r} names no prompt: set task.prompt_path=FILE")
     demos = kwargs.pop("demonstrations", None) or []
     return Task(name=name, prompt_turns=turns, demonstrations=list(demos), **kwargs)
+
+
+def builtin_task(name: str) -> Task:
+    """A built-in task exactly as its config group ``conf/task/<name>.yaml`` defines it."""
+    from omegaconf import OmegaConf
+
+    from genpi.paths import repo_root
+
+    path = repo_root() / "conf" / "task" / f"{name}.yaml"
+    if not path.is_file():
+        raise GenpiError(f"no built-in task {name!r} ({path} not found): choose one of {list(TASK_NAMES)}")
+    return build_task(**OmegaConf.to_container(OmegaConf.load(path), resolve=True))
 
 
 def task_fingerprint(task: Task) -> str:

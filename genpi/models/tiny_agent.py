@@ -1,0 +1,311 @@
+"""``model=tiny_agent``: the built-in tiny Llama, pre-trained here once so that the tasks' prompts change what it does.
+
+A randomly initialized model proves that the machinery runs, not that a prompt gets internalized. This one is
+pre-trained (every weight, a few minutes on a CPU) on a corpus genpi makes from its four tasks
+(:mod:`genpi.tasks.generators`, the ``pretrain`` split of the template slots), in three views per input:
+
+- ``teacher``: the task's prompt and the input, then the agent's conversation in the task's format (OS:
+  Think/Act with one action; WebShop: search[...] / click[...]; Mind2Web: a choice letter and its action; KG:
+  a tool call), the environment's replies in between;
+- ``student``: the input alone, then a plain answer in another style (prose, no actions);
+- ``env``: the task's environment persona, then the agent's turns, answered as the environment would (so the
+  model can play both sides of role swapping).
+
+So with the prompt it follows the format and without it it rarely does; GenPI then has something to move into
+the adapter. Slot values belong to one split each, so pre-training, GenPI training (``heldout`` slots) and the
+sample data (``train`` slots) never share an input.
+
+The folder, ``cache_dir()/models/tiny_agent-<hash>``, is built on first use and reused after: the hash covers
+the tiny base model (architecture and tokenizer corpus), the pre-training settings, the tasks (prompts,
+templates, personas), the generators' source, :data:`BUILDER_VERSION` and the library versions. Pre-training is
+seeded and runs on a fixed number of threads (``pretrain.threads``), so the same versions on the same kind of CPU
+give the same bytes; ``genpi_tiny_agent.json`` in the folder records the weights' SHA-256, the training losses and
+the measured format rates with and without the prompt on held-out inputs.
+
+Training reads each long prompt once per batch: a batch holds sequences of one task and one view, whose common
+token prefix (the prompt, the persona) is run once and its keys/values expanded over the batch, gradients
+flowing back through the expansion. That makes a batch of 8 cost about one prompt plus 8 short tails.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from genpi.errors import GenpiError
+from genpi.models.tiny import _content_hash as _tiny_content_hash
+from genpi.models.tiny import _lib_version, arch_config, build_once, build_tiny, corpus, is_built
+from genpi.paths import cache_dir
+
+BUILDER_VERSION = "tiny-agent-v1"
+MARKER = "genpi_tiny_agent.json"
+VIEWS = ("teacher", "student", "env")
+
+DEFAULT_PRETRAIN: dict[str, Any] = {
+    "examples_per_task": 384,   # distinct pre-training inputs per task (template slots of the pretrain split)
+    "steps": 480,               # optimizer steps; each takes one batch of one (task, view)
+    "batch_size": 8,            # sequences per step
+    "lr": 3.0e-3,               # AdamW peak learning rate (cosine decay after warm-up)
+    "warmup_steps": 24,
+    "weight_decay": 0.0,
+    "max_tokens": 1536,         # longest training sequence (prompt included); longer ones are cut
+    "seed": 0,                  # data order and sampling seed
+    "threads": 2,               # torch threads while pre-training: fixed, so that builds are reproducible
+    "eval_inputs": 16,          # held-out inputs per task for the reported format rates
+    "eval_max_tokens": 96,      # greedy answer length for those rates
+}
+_FLOAT_KEYS = {"lr", "weight_decay"}
+
+
+def pretrain_config(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """:data:`DEFAULT_PRETRAIN` with ``overrides`` (``model.tiny_agent``; null values ignored)."""
+    out = dict(DEFAULT_PRETRAIN)
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(DEFAULT_PRETRAIN))
+    if unknown:
+        raise GenpiError(f"model.tiny_agent has unknown keys {unknown}; known keys: {sorted(DEFAULT_PRETRAIN)}")
+    for key, value in overrides.items():
+        if value is not None:
+            out[key] = float(value) if key in _FLOAT_KEYS else int(value)
+    if out["steps"] < 1 or out["batch_size"] < 1 or out["examples_per_task"] < out["batch_size"]:
+        raise GenpiError(f"model.tiny_agent needs steps >= 1 and examples_per_task >= batch_size >= 1, got {out}")
+    return out
+
+
+def _tasks() -> dict[str, Any]:
+    from genpi.tasks.base import TASK_NAMES, builtin_task
+
+    return {name: builtin_task(name) for name in TASK_NAMES}
+
+
+def agent_hash(arch: dict[str, Any], pretrain: dict[str, Any], tasks: dict[str, Any] | None = None) -> str:
+    """The 12-hex-digit content hash naming a tiny_agent build, computed without building anything."""
+    from genpi.tasks import generators
+
+    tasks = tasks if tasks is not None else _tasks()
+    task_parts = [[t.prompt_turns, t.student_template, t.teacher_template, t.env_persona, t.end_token]
+                  for _, t in sorted(tasks.items())]
+    versions = {lib: _lib_version(lib) for lib in ("torch", "transformers", "tokenizers", "safetensors")}
+    blob = json.dumps([BUILDER_VERSION, _tiny_content_hash(arch, corpus()), pretrain, task_parts,
+                       hashlib.sha256(Path(generators.__file__).read_bytes()).hexdigest(), versions], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def agent_folder(model_cfg: dict[str, Any] | None = None, cache: Path | None = None) -> Path:
+    """Where the tiny_agent of ``model_cfg`` (its ``tiny`` and ``tiny_agent`` keys) is or would be built."""
+    cfg = dict(model_cfg or {})
+    digest = agent_hash(arch_config(cfg.get("tiny")), pretrain_config(cfg.get("tiny_agent")))
+    return (Path(cache).expanduser() if cache else cache_dir()) / "models" / f"tiny_agent-{digest}"
+
+
+def build_tiny_agent(model_cfg: dict[str, Any] | None = None, cache: Path | None = None,
+                     log: Callable[[str], None] | None = print) -> Path:
+    """The tiny_agent folder (weights, tokenizer, generation config, ``genpi_tiny_agent.json``), pre-trained on
+    first use (a few minutes; a second process waits for the first instead of training too)."""
+    cfg = dict(model_cfg or {})
+    arch, pretrain = arch_config(cfg.get("tiny")), pretrain_config(cfg.get("tiny_agent"))
+    folder = agent_folder(cfg, cache)
+    if is_built(folder, MARKER):
+        return folder
+    base = build_tiny(cfg.get("tiny"), cache)
+    say = log or (lambda _msg: None)
+    say(f"genpi: pre-training the tiny_agent model once ({pretrain['steps']} steps, a few minutes); "
+        f"it is cached at {folder}")
+    return build_once(folder, lambda tmp: _pretrain_into(tmp, base, arch, pretrain, folder.name, say),
+                      marker=MARKER, lock=True)
+
+
+# -- the corpus ----------------------------------------------------------------------------------
+
+def view_messages(task, example: dict[str, Any], view: str) -> tuple[list[dict[str, str]], int]:
+    """The chat of one view of a generated example, and the index of its first trained (assistant) turn."""
+    x, conv = example["pseudo_input"], example["teacher_output_conv"]
+    if view == "teacher":
+        head = task.teacher_messages(x)
+        return head + conv, len(head)
+    if view == "student":
+        head = task.student_messages(x)
+        return head + [{"role": "assistant", "content": example["student_output_single"]}], len(head)
+    if view == "env":
+        return task.env_messages(x, conv), 1
+    raise ValueError(f"unknown view {view!r}; choose one of {VIEWS}")
+
+
+def encode_corpus(tokenizer, tasks: dict[str, Any], examples_per_task: int, seed: int, max_tokens: int
+                  ) -> dict[tuple[str, str], list[tuple[list[int], list[int]]]]:
+    """``(task, view) -> [(ids, labels)]`` over the pretrain split's examples."""
+    from genpi.data.tokenize import encode_chat
+    from genpi.tasks.generators import generate_examples
+
+    groups: dict[tuple[str, str], list[tuple[list[int], list[int]]]] = {}
+    for name, task in sorted(tasks.items()):
+        examples = generate_examples(name, examples_per_task, seed=seed, split="pretrain")
+        for view in VIEWS:
+            seqs = []
+            for ex in examples:
+                ids, labels = encode_chat(tokenizer, *view_messages(task, ex, view))
+                seqs.append((ids[:max_tokens], labels[:max_tokens]))
+            groups[(name, view)] = seqs
+    return groups
+
+
+def _common_prefix(seqs: list[list[int]], labels: list[list[int]]) -> int:
+    """Length of the token prefix shared by every sequence, stopping before the first labelled target (so the
+    prefix's own predictions are never trained on) and leaving each sequence at least one token after it."""
+    from genpi.data.tokenize import IGNORE
+
+    n = min(len(s) for s in seqs) - 1
+    for i in range(n):
+        if any(s[i] != seqs[0][i] for s in seqs) or any(lab[i + 1] != IGNORE for lab in labels):
+            return i
+    return max(n, 0)
+
+
+def shared_prefix_loss(model, batch: list[tuple[list[int], list[int]]], pad_id: int, min_prefix: int = 16):
+    """Mean token cross-entropy of a batch whose sequences share a prefix, the prefix run once.
+
+    The prefix (``P`` tokens, found by :func:`_common_prefix`) is run at batch size 1 with its key/value cache
+    kept; the cache is expanded over the batch and the tails (``[B, T - P]``, right padded) attend to it. Returns
+    ``(loss, n_label_tokens)``.
+    """
+    import torch
+    from transformers import DynamicCache
+
+    from genpi.data.tokenize import IGNORE
+
+    seqs, labels = [s for s, _ in batch], [lab for _, lab in batch]
+    p = _common_prefix(seqs, labels)
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+    # targets[t] is the token that logits[t] predicts
+    targets = torch.tensor([lab[1:] + [IGNORE] * (width - len(lab) + 1) for lab in labels])
+    decoder = model.get_decoder()
+    if p < min_prefix:
+        hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        targets_tail = targets
+    else:
+        out = decoder(input_ids=ids[:1, :p], use_cache=True)
+        b = ids.shape[0]
+        cache = DynamicCache(
+            ddp_cache_data=[(layer.keys.expand(b, -1, -1, -1), layer.values.expand(b, -1, -1, -1))
+                            for layer in out.past_key_values.layers],
+            config=model.config,
+        )
+        positions = torch.arange(p, width).expand(b, -1)
+        hidden = decoder(input_ids=ids[:, p:], attention_mask=mask, position_ids=positions, past_key_values=cache,
+                         use_cache=True).last_hidden_state
+        targets_tail = targets[:, p:]
+    keep = targets_tail != IGNORE
+    logits = model.get_output_embeddings()(hidden[keep])
+    return torch.nn.functional.cross_entropy(logits.float(), targets_tail[keep]), int(keep.sum())
+
+
+def _schedule(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def _pretrain_into(tmp: Path, base: Path, arch: dict[str, Any], pretrain: dict[str, Any], name: str,
+                   say: Callable[[str], None]) -> None:
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(pretrain["threads"]))
+    try:
+        torch.manual_seed(int(pretrain["seed"]))
+        tokenizer = AutoTokenizer.from_pretrained(str(base))
+        model = LlamaForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+        tasks = _tasks()
+        t0 = time.perf_counter()
+        groups = encode_corpus(tokenizer, tasks, int(pretrain["examples_per_task"]), int(pretrain["seed"]),
+                               int(pretrain["max_tokens"]))
+        losses = _train(model, groups, pretrain, tokenizer.pad_token_id, say)
+        seconds = time.perf_counter() - t0
+        model.eval()
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        rates = format_rates(model, tokenizer, tasks, int(pretrain["eval_inputs"]), int(pretrain["eval_max_tokens"]))
+    finally:
+        torch.set_num_threads(threads)
+    weights = hashlib.sha256((tmp / "model.safetensors").read_bytes()).hexdigest()
+    say("genpi: tiny_agent format rates on held-out inputs: " + ", ".join(
+        f"{t} {r['with_prompt']:.0%} with the prompt / {r['without_prompt']:.0%} without" for t, r in rates.items()))
+    (tmp / MARKER).write_text(json.dumps({
+        "builder": BUILDER_VERSION, "name": name, "arch": arch, "pretrain": pretrain, "base": base.name,
+        "weights_sha256": weights, "seconds": round(seconds, 1), "loss_first": losses[:12], "loss_last": losses[-12:],
+        "format_rates": rates, "parameters": sum(p.numel() for p in model.parameters()),
+    }, indent=2) + "\n")
+
+
+def _train(model, groups: dict[tuple[str, str], list[tuple[list[int], list[int]]]], pretrain: dict[str, Any],
+           pad_id: int, say: Callable[[str], None]) -> list[float]:
+    """Full-weight pre-training; step ``s`` takes the next batch of group ``s mod len(groups)``."""
+    import torch
+
+    rng = random.Random(int(pretrain["seed"]))
+    order = {key: [] for key in groups}
+    keys = sorted(groups)
+    bs, total = int(pretrain["batch_size"]), int(pretrain["steps"])
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=float(pretrain["lr"]), weight_decay=float(pretrain["weight_decay"]),
+                            betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, total, int(pretrain["warmup_steps"])))
+    model.train()
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    for step in range(total):
+        key = keys[step % len(keys)]
+        if len(order[key]) < bs:
+            more = list(range(len(groups[key])))
+            rng.shuffle(more)
+            order[key] += more
+        batch = [groups[key][i] for i in order[key][:bs]]
+        order[key] = order[key][bs:]
+        loss, _ = shared_prefix_loss(model, batch, pad_id)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(round(loss.item(), 4))
+        if (step + 1) % max(1, total // 8) == 0 or step + 1 == total:
+            recent = losses[-len(keys):]
+            say(f"genpi: tiny_agent step {step + 1}/{total}, loss {sum(recent) / len(recent):.3f}, "
+                f"{time.perf_counter() - t0:.0f} s")
+    return losses
+
+
+# -- what the prompt does -------------------------------------------------------------------------
+
+def format_rates(model, tokenizer, tasks: dict[str, Any], n_inputs: int, max_tokens: int,
+                 split: str = "heldout", seed: int = 1) -> dict[str, dict[str, float]]:
+    """Share of greedy answers that pass the task's format check, with and without the prompt, per task, on
+    ``n_inputs`` inputs of ``split`` (never the pretrain split's)."""
+    from genpi.synthesis.clients.base import Sampling
+    from genpi.synthesis.clients.hf import HFClient
+    from genpi.tasks.generators import generate_examples
+
+    client = HFClient(model, tokenizer, batch_size=16)
+    sampling = Sampling(temperature=0.0, max_tokens=max_tokens)
+    out: dict[str, dict[str, float]] = {}
+    for name, task in sorted(tasks.items()):
+        inputs = [e["pseudo_input"] for e in generate_examples(name, n_inputs, seed=seed, split=split)]
+        with_p = client.chat([task.teacher_messages(x) for x in inputs], sampling)
+        without = client.chat([task.student_messages(x) for x in inputs], sampling)
+        out[name] = {"with_prompt": sum(map(task.check_format, with_p)) / len(inputs),
+                     "without_prompt": sum(map(task.check_format, without)) / len(inputs), "inputs": len(inputs)}
+    return out
+
+
+def read_card(folder: Path) -> dict[str, Any]:
+    """The build record (``genpi_tiny_agent.json``) of a tiny_agent folder."""
+    return json.loads((Path(folder) / MARKER).read_text())
