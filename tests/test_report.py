@@ -97,3 +97,17 @@ def test_savings_arithmetic():
                                 "without_prompt": {"latency_s": 1.5, "prefill_latency_s": 0.25,
                                                    "throughput_tok_s": 20.0}})
     assert t["without_prompt"] == {"latency_reduction": 0.25, "prefill_latency_reduction": 0.75, "throughput_gain": 1.0}
+
+
+def test_aggregate_reference_rows_show_teacher_and_floor(tmp_path):
+    from genpi.aggregate import REFERENCES, pivot, reference_rows
+
+    rows = [{"loss": loss, "task": "os", "status": "ok", "eval/student/format_rate": s, "eval/teacher/format_rate": 0.9,
+             "eval/floor/format_rate": 0.1, "eval/gap_closed/format_rate": (s - 0.1) / 0.8}
+            for loss, s in (("genpi", 0.8), ("kl", 0.5))]
+    rows += reference_rows(rows, "loss")
+    labels, cols, cells = pivot(rows, "loss", "task", "eval/student/format_rate")
+    assert labels == ["genpi", "kl", REFERENCES["teacher"], REFERENCES["floor"]] and cols == ["os"]
+    assert cells[(REFERENCES["teacher"], "os")] == 0.9 and cells[(REFERENCES["floor"], "os")] == 0.1
+    _, _, gap = pivot(rows, "loss", "task", "eval/gap_closed/format_rate")
+    assert gap[(REFERENCES["teacher"], "os")] == 1.0 and gap[("genpi", "os")] == pytest.approx(0.875)

@@ -408,3 +408,32 @@ def test_killed_run_resumes_without_losing_or_duplicating(tmp_path, uninterrupte
         assert len(ids) == len(set(ids)), shard
 
     assert load_records(folder) == uninterrupted
+
+
+def test_pseudo_inputs_from_templates_are_held_out_and_extend_in_order(tmp_path, tiny_path):
+    from genpi.tasks.generators import generate_examples
+
+    out = synth(tmp_path, ["synth.stages=[pseudo_inputs]", "synth.pseudo_inputs.source=templates",
+                           *small(n=6)])
+    got = [r["pseudo_input"] for r in load_records(out / "data.jsonl", columns=("pseudo_input",))]
+    assert got == [e["pseudo_input"] for e in generate_examples("os", 6, seed=0, split="heldout")]
+    pretrain = {e["pseudo_input"] for e in generate_examples("os", 384, seed=0, split="pretrain")}
+    assert not set(got) & pretrain
+    assert card_of(out)["stages"]["pseudo_inputs"]["source"] == "templates"
+    with pytest.raises(GenpiError, match="split"):
+        synth(tmp_path / "bad", ["synth.pseudo_inputs.source=templates", "synth.pseudo_inputs.split=nope", *small()])
+
+
+def test_synth_reports_its_card_to_wandb_as_a_synth_job(tmp_path, tiny_path, monkeypatch):
+    from tests.helpers import read_wandb_records
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = synth(tmp_path, ["synth.stages=[pseudo_inputs,outputs]", "logger=wandb", "experiment_name=study",
+                           *small(n=3)])
+    (log,) = list((out / "wandb").glob("offline-run-*/*.wandb"))
+    records = read_wandb_records(log)
+    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    assert run.run_group == "study" and run.job_type == "synth"
+    logged = {i.key for r in records if r.WhichOneof("record_type") == "history" for i in r.history.item}
+    assert {"synth/records", "synth/outputs/computed"} <= logged
+    assert str(tmp_path) not in run.display_name  # run names say what, not where

@@ -49,12 +49,13 @@ VIEWS = ("teacher", "student", "env")
 
 DEFAULT_PRETRAIN: dict[str, Any] = {
     "examples_per_task": 384,   # distinct pre-training inputs per task (template slots of the pretrain split)
-    "steps": 480,               # optimizer steps; each takes one batch of one (task, view)
+    "steps": 2400,              # optimizer steps; each takes one batch of one (task, view)
     "batch_size": 8,            # sequences per step
     "lr": 3.0e-3,               # AdamW peak learning rate (cosine decay after warm-up)
-    "warmup_steps": 24,
+    "warmup_steps": 48,
     "weight_decay": 0.0,
     "max_tokens": 1536,         # longest training sequence (prompt included); longer ones are cut
+    "view_weights": "2,1,1",    # how often a step takes the teacher, student and env view (comma list)
     "seed": 0,                  # data order and sampling seed
     "threads": 2,               # torch threads while pre-training: fixed, so that builds are reproducible
     "eval_inputs": 16,          # held-out inputs per task for the reported format rates
@@ -71,8 +72,16 @@ def pretrain_config(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     if unknown:
         raise GenpiError(f"model.tiny_agent has unknown keys {unknown}; known keys: {sorted(DEFAULT_PRETRAIN)}")
     for key, value in overrides.items():
-        if value is not None:
+        if value is None:
+            continue
+        if key == "view_weights":
+            out[key] = ",".join(str(int(w)) for w in str(value).strip("[]() ").split(","))
+        else:
             out[key] = float(value) if key in _FLOAT_KEYS else int(value)
+    weights = [int(w) for w in out["view_weights"].split(",")]
+    if len(weights) != len(VIEWS) or min(weights) < 0 or not sum(weights):
+        raise GenpiError(f"model.tiny_agent.view_weights={out['view_weights']!r}: give {len(VIEWS)} non-negative "
+                         f"whole numbers for the views {list(VIEWS)}, e.g. 2,1,1")
     if out["steps"] < 1 or out["batch_size"] < 1 or out["examples_per_task"] < out["batch_size"]:
         raise GenpiError(f"model.tiny_agent needs steps >= 1 and examples_per_task >= batch_size >= 1, got {out}")
     return out
@@ -220,6 +229,8 @@ def _pretrain_into(tmp: Path, base: Path, arch: dict[str, Any], pretrain: dict[s
 
     threads = torch.get_num_threads()
     torch.set_num_threads(int(pretrain["threads"]))
+    # Tiny gradients late in training turn into denormal floats, which x86 CPUs process many times slower.
+    torch.set_flush_denormal(True)
     try:
         torch.manual_seed(int(pretrain["seed"]))
         tokenizer = AutoTokenizer.from_pretrained(str(base))
@@ -236,6 +247,7 @@ def _pretrain_into(tmp: Path, base: Path, arch: dict[str, Any], pretrain: dict[s
         rates = format_rates(model, tokenizer, tasks, int(pretrain["eval_inputs"]), int(pretrain["eval_max_tokens"]))
     finally:
         torch.set_num_threads(threads)
+        torch.set_flush_denormal(False)
     weights = hashlib.sha256((tmp / "model.safetensors").read_bytes()).hexdigest()
     say("genpi: tiny_agent format rates on held-out inputs: " + ", ".join(
         f"{t} {r['with_prompt']:.0%} with the prompt / {r['without_prompt']:.0%} without" for t, r in rates.items()))
@@ -252,8 +264,10 @@ def _train(model, groups: dict[tuple[str, str], list[tuple[list[int], list[int]]
     import torch
 
     rng = random.Random(int(pretrain["seed"]))
-    order = {key: [] for key in groups}
-    keys = sorted(groups)
+    order: dict[tuple[str, str], list[int]] = {key: [] for key in groups}
+    weights = dict(zip(VIEWS, (int(w) for w in pretrain["view_weights"].split(","))))
+    # One cycle: every task, each view as often as its weight.
+    keys = [(task, view) for task, view in sorted(groups) for _ in range(weights[view])]
     bs, total = int(pretrain["batch_size"]), int(pretrain["steps"])
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=float(pretrain["lr"]), weight_decay=float(pretrain["weight_decay"]),

@@ -1,0 +1,142 @@
+"""model=tiny_agent: the pre-trained prompt-following tiny model, its pre-training, and internalization on it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from genpi.models.tiny_agent import (
+    DEFAULT_PRETRAIN,
+    MARKER,
+    VIEWS,
+    agent_hash,
+    encode_corpus,
+    pretrain_config,
+    read_card,
+    shared_prefix_loss,
+    view_messages,
+)
+from genpi.tasks.base import TASK_NAMES, builtin_task
+from genpi.tasks.generators import generate_examples
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_agent_path():
+    """The cached tiny_agent (pre-trained on first use: a few minutes once per cache)."""
+    from genpi.models.factory import resolve_model_path
+
+    return Path(resolve_model_path({"name_or_path": "tiny_agent"}))
+
+
+def test_shared_prefix_loss_equals_the_plain_loss_and_its_gradients(tiny_path, tiny_tokenizer):
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(str(tiny_path))
+    groups = encode_corpus(tiny_tokenizer, {"os": builtin_task("os")}, 8, seed=0, max_tokens=1536)
+    batch = groups[("os", "teacher")][:4]
+    shared, n_shared = shared_prefix_loss(model, batch, tiny_tokenizer.pad_token_id)
+    shared.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    plain, n_plain = shared_prefix_loss(model, batch, tiny_tokenizer.pad_token_id, min_prefix=10**9)
+    plain.backward()
+    assert n_shared == n_plain > 0
+    assert float(shared) == pytest.approx(float(plain), abs=1e-5)
+    for n, p in model.named_parameters():
+        assert torch.allclose(grads[n], p.grad, atol=1e-5, rtol=1e-3), n
+
+
+def test_views_train_on_the_right_turns(tiny_tokenizer):
+    from genpi.data.tokenize import IGNORE, encode_chat
+
+    task = builtin_task("kg")
+    ex = generate_examples("kg", 1, seed=0, split="pretrain")[0]
+    for view in VIEWS:
+        messages, label_from = view_messages(task, ex, view)
+        ids, labels = encode_chat(tiny_tokenizer, messages, label_from)
+        trained = tiny_tokenizer.decode([t for t in labels if t != IGNORE])
+        if view == "teacher":
+            assert messages[0]["content"] == task.prompt_turns[0]["content"]
+            assert "get_relations(" in trained and task.prompt_turns[0]["content"][:40] not in trained
+        elif view == "student":
+            assert len(messages) == 2 and ex["student_output_single"] in trained and "Action:" not in trained
+        else:
+            assert messages[0] == {"role": "system", "content": task.env_persona}
+            assert "Observation:" in trained and "get_relations(" not in trained
+
+
+def test_pretrain_config_and_hash():
+    assert pretrain_config(None) == DEFAULT_PRETRAIN
+    with pytest.raises(Exception, match="unknown keys"):
+        pretrain_config({"stepz": 3})
+    base = agent_hash({**_arch()}, pretrain_config(None))
+    assert base == agent_hash({**_arch()}, pretrain_config(None))
+    assert base != agent_hash({**_arch()}, pretrain_config({"steps": 7}))
+
+
+def _arch():
+    from genpi.models.tiny import arch_config
+
+    return arch_config(None)
+
+
+def test_pretraining_inputs_never_meet_the_study_inputs():
+    for task in TASK_NAMES:
+        pre = {e["pseudo_input"] for e in generate_examples(task, 384, seed=0, split="pretrain")}
+        held = {e["pseudo_input"] for e in generate_examples(task, 160, seed=0, split="heldout")}
+        assert len(pre) >= 150 and len(held) >= 150 and not pre & held  # kg's slot pools allow ~150 per split
+
+
+def test_cached_tiny_agent_follows_the_prompt_format(tiny_agent_path):
+    """A handful of held-out inputs per task: the format with the prompt, plain answers without it."""
+    from genpi.models.factory import load_model_and_tokenizer
+    from genpi.synthesis.clients.base import Sampling
+    from genpi.synthesis.clients.hf import HFClient
+
+    card = read_card(tiny_agent_path)
+    assert card["weights_sha256"] and (tiny_agent_path / MARKER).is_file()
+    model, tok = load_model_and_tokenizer({"name_or_path": "tiny_agent"}, for_training=False)
+    client = HFClient(model, tok)
+    greedy = Sampling(temperature=0.0, max_tokens=96)
+    with_prompt = without = total = 0
+    for name in TASK_NAMES:
+        task = builtin_task(name)
+        inputs = [e["pseudo_input"] for e in generate_examples(name, 4, seed=7, split="heldout")]
+        with_prompt += sum(map(task.check_format, client.chat([task.teacher_messages(x) for x in inputs], greedy)))
+        without += sum(map(task.check_format, client.chat([task.student_messages(x) for x in inputs], greedy)))
+        total += len(inputs)
+    assert with_prompt / total >= 0.6, card["format_rates"]
+    assert without / total <= 0.2
+    for rates in card["format_rates"].values():
+        assert rates["with_prompt"] > rates["without_prompt"]
+
+
+@pytest.mark.slow
+def test_genpi_moves_the_format_into_the_adapter(tmp_path, tiny_agent_path):
+    """A reduced study: one task, GenPI, a few epochs; the student without the prompt must beat the floor."""
+    env = dict(os.environ, WANDB_MODE="offline", GENPI_OUTPUT_ROOT=str(tmp_path))
+    env.pop("GENPI_LAUNCH_ID", None)
+    synth = subprocess.run(
+        [sys.executable, "-m", "genpi.synth", "task=kg", "model=tiny_agent", "synth.name=internalization",
+         "synth.pseudo_inputs.source=templates", "synth.pseudo_inputs.num_inputs=48", "synth.progress=false",
+         "synth.conversations.sampling.max_tokens=96"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert synth.returncode == 0, synth.stderr[-3000:]
+    train = subprocess.run(
+        [sys.executable, "-m", "genpi.train", "experiment=internalization", "task=kg", "loss=genpi",
+         "trainer.max_epochs=3", "post_eval_overrides=[eval.engine=hf,eval.savings.measure=false,"
+         "eval.max_new_tokens=64]"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert train.returncode == 0, train.stderr[-3000:]
+    metrics = json.loads(next((tmp_path / "runs").glob("*/metrics.json")).read_text())
+    assert metrics["eval/teacher/format_rate"] >= 0.5
+    assert metrics["eval/student/format_rate"] >= metrics["eval/floor/format_rate"] + 0.4
+    assert metrics["eval/gap_closed/kl_forward"] > 0.5
