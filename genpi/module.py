@@ -14,8 +14,11 @@ from transformers import DynamicCache
 from genpi import losses
 from genpi.data.tokenize import IGNORE
 from genpi.errors import GenpiError
+from genpi.models.prefix import common_prefix_length, shared_prefix_hidden
 
 TERMS = ("kl", "sft", "pg")
+# A shared prefix shorter than this is not worth a separate pass (chat headers, the PG instruction's first line).
+MIN_SHARED_PREFIX = 64
 
 
 def loss_weights(loss_cfg: dict[str, Any]) -> dict[str, float]:
@@ -86,11 +89,20 @@ class GenPIModule(pl.LightningModule):
 
     # -- losses --------------------------------------------------------------------------
     def ce_loss(self, part: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Token cross-entropy on the labelled positions of an SFT or PG batch."""
-        h = self.hidden(part["input_ids"], part["attention_mask"])
-        keep = part["labels"] != IGNORE
+        """Token cross-entropy on the labelled positions of an SFT or PG batch.
+
+        When every sequence starts with the same long untrained prefix (the prompt, in the ``w_prompt`` baseline),
+        that prefix runs once for the batch, gradients included (:mod:`genpi.models.prefix`)."""
+        ids, mask, labels = part["input_ids"], part["attention_mask"], part["labels"]
+        p = common_prefix_length(ids, mask, labels) if self.prefix_cache else 0
+        if p >= MIN_SHARED_PREFIX:
+            h = shared_prefix_hidden(self.decoder(), self.causal_lm.config, ids, mask, p)
+            labels = labels[:, p:]
+        else:
+            h = self.hidden(ids, mask)
+        keep = labels != IGNORE
         weight, bias = self.lm_head()
-        loss = losses.chunked_token_cross_entropy(h[keep], weight, part["labels"][keep],
+        loss = losses.chunked_token_cross_entropy(h[keep], weight, labels[keep],
                                                   chunk_size=self.chunk_size, lm_head_bias=bias)
         return self._global_token_mean(loss, int(keep.sum()))
 

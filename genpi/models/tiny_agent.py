@@ -164,56 +164,28 @@ def encode_corpus(tokenizer, tasks: dict[str, Any], examples_per_task: int, seed
     return groups
 
 
-def _common_prefix(seqs: list[list[int]], labels: list[list[int]]) -> int:
-    """Length of the token prefix shared by every sequence, stopping before the first labelled target (so the
-    prefix's own predictions are never trained on) and leaving each sequence at least one token after it."""
-    from genpi.data.tokenize import IGNORE
-
-    n = min(len(s) for s in seqs) - 1
-    for i in range(n):
-        if any(s[i] != seqs[0][i] for s in seqs) or any(lab[i + 1] != IGNORE for lab in labels):
-            return i
-    return max(n, 0)
-
-
 def shared_prefix_loss(model, batch: list[tuple[list[int], list[int]]], pad_id: int, min_prefix: int = 16):
-    """Mean token cross-entropy of a batch whose sequences share a prefix, the prefix run once.
-
-    The prefix (``P`` tokens, found by :func:`_common_prefix`) is run at batch size 1 with its key/value cache
-    kept; the cache is expanded over the batch and the tails (``[B, T - P]``, right padded) attend to it. Returns
-    ``(loss, n_label_tokens)``.
-    """
+    """Mean token cross-entropy of a batch of ``(ids, labels)``, a prefix shared by every sequence run once
+    (:mod:`genpi.models.prefix`). Returns ``(loss, n_label_tokens)``."""
     import torch
-    from transformers import DynamicCache
 
-    from genpi.data.tokenize import IGNORE
+    from genpi.models.prefix import IGNORE, common_prefix_length, shared_prefix_hidden
 
     seqs, labels = [s for s, _ in batch], [lab for _, lab in batch]
-    p = _common_prefix(seqs, labels)
     width = max(len(s) for s in seqs)
     ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs])
     mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
-    # targets[t] is the token that logits[t] predicts
+    # targets[:, t] is the token that position t predicts
     targets = torch.tensor([lab[1:] + [IGNORE] * (width - len(lab) + 1) for lab in labels])
-    decoder = model.get_decoder()
+    p = common_prefix_length(ids, mask, targets)
     if p < min_prefix:
-        hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
-        targets_tail = targets
+        p = 0
+        hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
     else:
-        out = decoder(input_ids=ids[:1, :p], use_cache=True)
-        b = ids.shape[0]
-        cache = DynamicCache(
-            ddp_cache_data=[(layer.keys.expand(b, -1, -1, -1), layer.values.expand(b, -1, -1, -1))
-                            for layer in out.past_key_values.layers],
-            config=model.config,
-        )
-        positions = torch.arange(p, width).expand(b, -1)
-        hidden = decoder(input_ids=ids[:, p:], attention_mask=mask, position_ids=positions, past_key_values=cache,
-                         use_cache=True).last_hidden_state
-        targets_tail = targets[:, p:]
-    keep = targets_tail != IGNORE
+        hidden = shared_prefix_hidden(model.get_decoder(), model.config, ids, mask, p)
+    keep = targets[:, p:] != IGNORE
     logits = model.get_output_embeddings()(hidden[keep])
-    return torch.nn.functional.cross_entropy(logits.float(), targets_tail[keep]), int(keep.sum())
+    return torch.nn.functional.cross_entropy(logits.float(), targets[:, p:][keep]), int(keep.sum())
 
 
 def _schedule(step: int, total: int, warmup: int) -> float:

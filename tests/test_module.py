@@ -1,0 +1,79 @@
+"""The training module's passes: the teacher's cached prompt prefix and the shared prompt of w_prompt batches give
+exactly what the plain passes give; a term of weight 0 runs no pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from genpi.data.datamodule import Collator, GenPIDataModule
+from genpi.models.factory import load_model
+from genpi.module import GenPIModule
+from genpi.tasks.base import builtin_task
+
+LORA = {"name_or_path": "tiny", "lora": {"enabled": True, "r": 8, "alpha": 16, "dropout": 0.0}}
+
+
+def _module(tiny_tokenizer, loss: dict, prefix_cache: bool, seed: int = 0):
+    torch.manual_seed(seed)
+    model = load_model(LORA, for_training=True)
+    for name, p in model.named_parameters():  # a non-zero adapter, so that "adapter off" is a real switch
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    task = builtin_task("os")
+    loss = {**loss, "kl": {**loss.get("kl", {}), "prefix_cache": prefix_cache}}
+    from genpi.data.tokenize import teacher_prompt
+
+    return GenPIModule(model, loss, {}, teacher_prompt(tiny_tokenizer, task).ids), task
+
+
+def _batch(tiny_tokenizer, task, losses, drop_prob=None, n=4):
+    dm = GenPIDataModule(task, tiny_tokenizer, losses=losses, batch_size=n, val_size=1, test_size=1,
+                         w_prompt_drop_prob=drop_prob)
+    dm.setup()
+    return Collator(tiny_tokenizer.pad_token_id)([dm.datasets["train"][i] for i in range(n)])
+
+
+def test_prefix_cached_teacher_equals_the_uncached_teacher(tiny_tokenizer):
+    cached, task = _module(tiny_tokenizer, {"kl": {"weight": 1.0}}, prefix_cache=True)
+    plain, _ = _module(tiny_tokenizer, {"kl": {"weight": 1.0}}, prefix_cache=False)
+    plain.model.load_state_dict(cached.model.state_dict())
+    batch = _batch(tiny_tokenizer, task, ("kl",))
+    a, b = cached.teacher_hidden(batch["kl"]), plain.teacher_hidden(batch["kl"])
+    assert a.shape == b.shape and a.shape[0] == int(batch["kl"]["teacher_response_mask"].sum())
+    weight = cached.lm_head()[0]
+    assert torch.allclose(a @ weight.T, b @ weight.T, atol=1e-5)
+    # the teacher is the base: switching the adapter off matters, and the student differs from it
+    with torch.no_grad():
+        student = cached.hidden(batch["kl"]["student_input_ids"], batch["kl"]["student_attention_mask"])
+    assert student[batch["kl"]["student_response_mask"]].shape == a.shape
+    assert float(cached.kl_loss(batch["kl"])) > 0
+
+
+def test_shared_prompt_in_w_prompt_batches_gives_the_same_loss_and_gradients(tiny_tokenizer):
+    shared, task = _module(tiny_tokenizer, {"sft": {"weight": 1.0}}, prefix_cache=True)
+    plain, _ = _module(tiny_tokenizer, {"sft": {"weight": 1.0}}, prefix_cache=False)
+    plain.model.load_state_dict(shared.model.state_dict())
+    batch = _batch(tiny_tokenizer, task, ("sft",), drop_prob=0.0)
+    prompt_len = len(shared.teacher_prompt_ids)
+    assert (batch["sft"]["input_ids"][:, :prompt_len] == torch.tensor(shared.teacher_prompt_ids)).all()
+    losses = []
+    for module in (shared, plain):
+        loss = module.ce_loss(batch["sft"])
+        loss.backward()
+        losses.append((float(loss), {n: p.grad.clone() for n, p in module.model.named_parameters() if p.requires_grad}))
+    assert losses[0][0] == pytest.approx(losses[1][0], abs=1e-5)
+    for name, grad in losses[0][1].items():
+        assert torch.allclose(grad, losses[1][1][name], atol=1e-5, rtol=1e-3), name
+
+
+def test_a_term_of_weight_zero_runs_no_pass(tiny_tokenizer, monkeypatch):
+    module, task = _module(tiny_tokenizer, {"sft": {"weight": 1.0}, "pg": {"weight": 0.0}, "kl": {"weight": 0.0}},
+                           prefix_cache=True)
+    batch = _batch(tiny_tokenizer, task, ("sft", "pg", "kl"))
+    calls = []
+    monkeypatch.setattr(module, "kl_loss", lambda *a, **k: calls.append("kl") or torch.zeros(()))
+    real_ce = module.ce_loss
+    monkeypatch.setattr(module, "ce_loss", lambda part: calls.append("ce") or real_ce(part))
+    out = module.compute(batch)
+    assert calls == ["ce"] and set(out) == {"sft", "loss"}
