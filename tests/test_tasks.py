@@ -9,7 +9,7 @@ import pytest
 
 from genpi.errors import GenpiError
 from genpi.tasks import parsers
-from genpi.tasks.base import TASK_NAMES, builtin_task, build_task
+from genpi.tasks.base import TASK_NAMES, build_task, builtin_task
 from genpi.tasks.transcript import load_prompt_file, parse_transcript, render_transcript
 
 AGENTBENCH = Path(__file__).resolve().parents[2] / "shared" / "agentbench"
