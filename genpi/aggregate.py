@@ -112,6 +112,17 @@ def pivot(rows: list[dict[str, Any]], row_key: str, col_key: str, metric: str) -
     return row_labels, col_labels, {k: sum(v) / len(v) for k, v in cells.items()}
 
 
+def _portable(value: Any) -> Any:
+    """An absolute path under the current folder as a relative one: tables get committed and shared, and the
+    folder a study ran in is nobody else's business."""
+    if isinstance(value, str) and value.startswith("/"):
+        try:
+            return str(Path(value).relative_to(Path.cwd()))
+        except ValueError:
+            return value
+    return value
+
+
 def write_tables(rows: list[dict[str, Any]], out_dir: Path, row_key: str, col_key: str,
                  metrics: list[str]) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -120,7 +131,7 @@ def write_tables(rows: list[dict[str, Any]], out_dir: Path, row_key: str, col_ke
     with csv_path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
-        w.writerows(rows)
+        w.writerows({k: _portable(v) for k, v in r.items()} for r in rows)
     lines = []
     for metric in metrics:
         rl, cl, cells = pivot(rows, row_key, col_key, metric)
@@ -132,7 +143,7 @@ def write_tables(rows: list[dict[str, Any]], out_dir: Path, row_key: str, col_ke
         lines.append("")
     failed = [r for r in rows if r.get("status") == "failed"]
     if failed:
-        lines += ["### Failed jobs", ""] + [f"- {r['run_dir']}: {r.get('error', 'see error.txt')}" for r in failed]
+        lines += ["### Failed jobs", ""] + [f"- {_portable(r['run_dir'])}: {r.get('error', 'see error.txt')}" for r in failed]
     md_path = out_dir / "results.md"
     md_path.write_text("\n".join(lines) + "\n")
     return md_path, csv_path
@@ -146,14 +157,15 @@ def plot(rows: list[dict[str, Any]], out_path: Path, row_key: str, col_key: str,
     import matplotlib.pyplot as plt
 
     rl, cl, cells = pivot(rows, row_key, col_key, metric)
-    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(cl) + 2), 3.6))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cl) + 4), 3.6))
     width = 0.8 / max(1, len(rl))
     for i, r in enumerate(rl):
         xs = [j + i * width for j in range(len(cl))]
         ax.bar(xs, [cells.get((r, c), float("nan")) for c in cl], width, label=str(r))
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cl))], [str(c) for c in cl])
     ax.set_ylabel(metric)
-    ax.legend(fontsize=8, ncols=min(3, len(rl)) or 1)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title=row_key, title_fontsize=8)
+    ax.set_title(f"{metric} by {col_key} and {row_key}", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     out_path.parent.mkdir(parents=True, exist_ok=True)
