@@ -20,6 +20,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ def _timeit(fn, steps: int, warmup: int = 2) -> float:
 def build_bench_setup(prompt_tokens: int, input_tokens: int, response_tokens: int, n_records: int, batch_size: int):
     """The tiny model with LoRA, a task whose prompt is ``prompt_tokens`` long, and synthetic records."""
     from genpi.data.datamodule import Collator, GenPIDataModule
+    from genpi.data.records import write_jsonl
     from genpi.data.tokenize import teacher_prompt
     from genpi.models.factory import load_model_and_tokenizer
     from genpi.tasks.base import Task, build_task
@@ -72,10 +74,10 @@ def build_bench_setup(prompt_tokens: int, input_tokens: int, response_tokens: in
         recs.append({"context_id": "b", "context": task.prompt_text, "pseudo_input": f"{i} {x}",
                      "teacher_output_single": y, "student_output_single": y[::-1], "reason": "r",
                      "teacher_output_conv": [{"role": "assistant", "content": y}]})
-    dm = GenPIDataModule(task, tok, losses=("sft", "pg", "kl"), batch_size=batch_size, val_size=1, test_size=1,
-                         limits={"input_tokens": input_tokens, "response_tokens": response_tokens})
-    dm.load()
-    dm.splits = {"train": recs, "val": recs[:batch_size], "test": []}
+    path = Path(tempfile.mkdtemp(prefix="genpi-bench-")) / "records.jsonl"
+    write_jsonl(recs, path)
+    dm = GenPIDataModule(task, tok, path=str(path), losses=("sft", "pg", "kl"), batch_size=batch_size, val_size=1,
+                         test_size=1, limits={"input_tokens": input_tokens, "response_tokens": response_tokens})
     dm.setup()
     collate = Collator(tok.pad_token_id)
     batch = collate([dm.datasets["train"][i] for i in range(batch_size)])
@@ -173,28 +175,38 @@ def _loss_memory_child(mode: str, n_tokens: int, vocab: int, hidden: int, chunk:
 
 
 def bench_loss_memory(args) -> dict[str, Any]:
-    res = {}
-    for mode in ("unchunked", "chunked"):
-        cmd = [sys.executable, "-m", "genpi.bench", "--_loss-child", mode, "--mem-tokens", str(args.mem_tokens),
-               "--mem-vocab", str(args.mem_vocab), "--mem-hidden", str(args.mem_hidden), "--chunk", str(args.chunk)]
-        p = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        res[mode] = json.loads(p.stdout.strip().splitlines()[-1])
-    res["peak_ratio_unchunked_over_chunked"] = res["unchunked"]["delta_mb"] / max(1e-6, res["chunked"]["delta_mb"])
-    res["max_value_diff"] = max(abs(res["unchunked"][k] - res["chunked"][k]) for k in ("kl", "ce"))
+    """Peak memory of KL + cross-entropy, unchunked vs chunked, each in a fresh process, at ``mem_tokens / 8``
+    tokens (one sequence) and at ``mem_tokens`` (the whole batch). A variant the machine cannot hold is killed by
+    the kernel; that is reported as such, and the values are compared where both finish."""
+    res: dict[str, Any] = {"vocab": args.mem_vocab, "hidden": args.mem_hidden, "chunk": args.chunk, "tokens": {}}
+    for n in sorted({max(1, args.mem_tokens // 8), args.mem_tokens}):
+        row: dict[str, Any] = {}
+        for mode in ("unchunked", "chunked"):
+            cmd = [sys.executable, "-m", "genpi.bench", "--_loss-child", mode, "--mem-tokens", str(n),
+                   "--mem-vocab", str(args.mem_vocab), "--mem-hidden", str(args.mem_hidden), "--chunk", str(args.chunk)]
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            if p.returncode == 0:
+                row[mode] = json.loads(p.stdout.strip().splitlines()[-1])
+            else:
+                why = "killed by the kernel: out of memory" if p.returncode == -9 else f"exit {p.returncode}"
+                row[mode] = {"failed": why}
+        if "peak_mb" in row["unchunked"] and "peak_mb" in row["chunked"]:
+            row["peak_ratio_unchunked_over_chunked"] = row["unchunked"]["delta_mb"] / max(1e-6, row["chunked"]["delta_mb"])
+            row["max_value_diff"] = max(abs(row["unchunked"][k] - row["chunked"][k]) for k in ("kl", "ce"))
+        res["tokens"][str(n)] = row
     return res
 
 
 def bench_roleswap(args) -> dict[str, Any] | None:
+    """experiments/bench/bench_roleswap.py in its own process (it starts the vLLM engine), its figures read back."""
     script = REPO / "experiments" / "bench" / "bench_roleswap.py"
     if not script.is_file():
         return None
-    p = subprocess.run([sys.executable, str(script), "--json"], capture_output=True, text=True)
-    if p.returncode != 0:
-        return {"error": p.stderr.strip().splitlines()[-1] if p.stderr else "failed"}
-    try:
-        return json.loads(p.stdout.strip().splitlines()[-1])
-    except (json.JSONDecodeError, IndexError):
-        return {"output": p.stdout[-500:]}
+    out = Path(tempfile.mkdtemp(prefix="genpi-bench-")) / "roleswap.json"
+    p = subprocess.run([sys.executable, str(script), "--json", str(out)], capture_output=True, text=True)
+    if p.returncode != 0 or not out.is_file():
+        return {"error": (p.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(out.read_text())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,30 @@
+"""genpi-bench runs end to end on a small setting and reports consistent figures (no timing is asserted here:
+the speed targets are read from a full `make bench` run, see the README)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+@pytest.mark.slow
+def test_bench_small_setting_reports_every_figure(tmp_path, tiny_path):
+    from genpi.bench import main
+
+    out = tmp_path / "bench.json"
+    main(["--prompt-tokens", "160", "--input-tokens", "24", "--response-tokens", "12", "--records", "12",
+          "--batch-size", "4", "--steps", "1", "--mem-tokens", "512", "--mem-vocab", "4096", "--chunk", "128",
+          "--skip", "roleswap", "--out", str(out)])
+    report = json.loads(out.read_text())
+    training = report["training"]
+    assert training["teacher_pass"]["max_abs_diff"] < 1e-5  # the cached prompt gives the same teacher
+    assert set(training["step_s"]) >= {"genpi_kl_naive", "genpi_kl_prefix_cached", "genpi_kl_cached_logits",
+                                       "genpi_no_kl", "sft_only"}
+    assert all(v > 0 for v in training["step_s"].values())
+    assert 0 <= training["padding_ratio"]["length_grouped"] <= training["padding_ratio"]["plain"] < 1
+    memory = report["loss_memory"]["tokens"]
+    assert set(memory) == {"64", "512"}
+    assert memory["512"]["max_value_diff"] < 1e-4  # chunked and unchunked losses agree
+    assert memory["512"]["unchunked"]["delta_mb"] > memory["512"]["chunked"]["delta_mb"]
+    assert report["versions"]["torch"]
