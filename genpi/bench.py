@@ -7,6 +7,7 @@ Prints, for one machine and one set of versions:
 - a whole GenPI+KL training step with the naive teacher, the prefix-cached teacher and cached top-k
   teacher logits, next to plain SFT (the reference);
 - the padding ratio of length-grouped vs plain batches;
+- how much of the full KL the cached top-k teacher log-probs recover (k = 5, 20, 50), on model=tiny_agent;
 - peak memory of the chunked vs unchunked KL + cross-entropy at 8 x 1,024 tokens and a 128,256 vocabulary
   (each in a fresh process, so one's peak cannot hide the other's);
 - the synthesis throughput of batched vs one-at-a-time role swapping (experiments/bench/bench_roleswap.py).
@@ -124,7 +125,9 @@ def bench_training(args) -> dict[str, Any]:
         batch["kl"]["student_attention_mask"].sum() + batch["kl"]["teacher_attention_mask"].sum())
     steps = {}
     for name, kw in (("genpi_kl_naive", dict(kl_w=1, sft_w=0.7, pg_w=0.3, prefix_cache=False)),
-                     ("genpi_kl_prefix_cached", dict(kl_w=1, sft_w=0.7, pg_w=0.3, prefix_cache=True))):
+                     ("genpi_kl_prefix_cached", dict(kl_w=1, sft_w=0.7, pg_w=0.3, prefix_cache=True)),
+                     ("sft_kl_naive", dict(kl_w=1, sft_w=1, pg_w=0, prefix_cache=False)),
+                     ("sft_kl_prefix_cached", dict(kl_w=1, sft_w=1, pg_w=0, prefix_cache=True))):
         _, step = make(**kw)
         steps[name] = _timeit(step, args.steps)
     _add_topk(cached, batch, args.topk)
@@ -141,6 +144,8 @@ def bench_training(args) -> dict[str, Any]:
     out["ratios"] = {
         "teacher_pass naive / prefix-cached (target >= 3)": t_naive / t_cached,
         "GenPI+KL step naive / prefix-cached (target >= 1.5)": steps["genpi_kl_naive"] / steps["genpi_kl_prefix_cached"],
+        "SFT+KL step naive / prefix-cached": steps["sft_kl_naive"] / steps["sft_kl_prefix_cached"],
+        "PG share of the GenPI+KL step": 1 - (steps["sft_kl_prefix_cached"] / steps["genpi_kl_prefix_cached"]),
         "GenPI+KL cached-logits step / GenPI (SFT+PG) step (target <= 1.2)":
             steps["genpi_kl_cached_logits"] / steps["genpi_no_kl"],
         "KL cached-logits step / SFT step": steps["kl_cached_logits_only"] / steps["sft_only"],
@@ -197,6 +202,40 @@ def bench_loss_memory(args) -> dict[str, Any]:
     return res
 
 
+def bench_topk(args) -> dict[str, Any]:
+    """How much of the full KL(teacher || student) the stored top-k teacher log-probs recover, for several k, on
+    the task's sample records (teacher: the base model with the prompt; student: the same model without it)."""
+    from genpi import losses
+    from genpi.data.datamodule import Collator, GenPIDataModule
+    from genpi.data.tokenize import teacher_prompt
+    from genpi.models.factory import load_model_and_tokenizer
+    from genpi.module import GenPIModule
+    from genpi.tasks.base import builtin_task
+
+    model, tok = load_model_and_tokenizer({"name_or_path": args.topk_model, "lora": {"dropout": 0.0}},
+                                          for_training=True)
+    task = builtin_task(args.topk_task)
+    dm = GenPIDataModule(task, tok, losses=("kl",), batch_size=8, val_size=1, test_size=1)
+    dm.setup()
+    batch = Collator(tok.pad_token_id)([dm.datasets["train"][i] for i in range(16)])["kl"]
+    module = GenPIModule(model, {"kl": {"weight": 1.0}}, {}, teacher_prompt(tok, task).ids).eval()
+    with torch.no_grad():
+        weight, bias = module.lm_head()
+        t_logits = torch.nn.functional.linear(module.teacher_hidden(batch), weight, bias).float()
+        s_hidden = module.hidden(batch["student_input_ids"], batch["student_attention_mask"])
+        s_logits = torch.nn.functional.linear(s_hidden[batch["student_response_mask"]], weight, bias).float()
+        full = float(losses.distill_loss(s_logits, t_logits, torch.ones(len(s_logits))))
+        out: dict[str, Any] = {"model": args.topk_model, "task": args.topk_task, "tokens": len(s_logits),
+                               "full_forward_kl": full, "k": {}}
+        t_logp = t_logits.log_softmax(-1)
+        for k in (5, 20, 50):
+            lps, ids = t_logp.topk(k, dim=-1)
+            value = float(losses.topk_forward_kl(s_logits, ids, lps))
+            out["k"][str(k)] = {"topk_forward_kl": value, "share_of_full": value / full if full else None,
+                                "teacher_mass_in_topk": float(lps.exp().sum(-1).mean())}
+    return out
+
+
 def bench_roleswap(args) -> dict[str, Any] | None:
     """experiments/bench/bench_roleswap.py in its own process (it starts the vLLM engine), its figures read back."""
     script = REPO / "experiments" / "bench" / "bench_roleswap.py"
@@ -222,7 +261,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--mem-vocab", type=int, default=128_256)
     ap.add_argument("--mem-hidden", type=int, default=256)
     ap.add_argument("--chunk", type=int, default=1024)
-    ap.add_argument("--skip", nargs="*", default=[], choices=["training", "memory", "roleswap"])
+    ap.add_argument("--topk-model", default="tiny_agent", help="model of the top-k comparison (a peaked one)")
+    ap.add_argument("--topk-task", default="os")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["training", "memory", "topk", "roleswap"])
     ap.add_argument("--out", default="outputs/bench/bench.json")
     ap.add_argument("--_loss-child", dest="loss_child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -235,6 +276,8 @@ def main(argv: list[str] | None = None) -> None:
         report["training"] = bench_training(args)
     if "memory" not in args.skip:
         report["loss_memory"] = bench_loss_memory(args)
+    if "topk" not in args.skip:
+        report["topk"] = bench_topk(args)
     if "roleswap" not in args.skip:
         report["roleswap"] = bench_roleswap(args)
     out = Path(args.out)
