@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from genpi.hydra_utils import to_dict
 
@@ -53,7 +53,9 @@ def report_to_loggers(cfg: DictConfig, job_type: str, metrics: dict[str, float],
                 lcfg.job_type = job_type
                 lcfg.id = None  # a new W&B run per job; the group ties it to its study
         logger = hydra.utils.instantiate(lcfg, _convert_="partial")
-        logger.log_hyperparams({k: v for k, v in to_dict(cfg).items() if k != "hydra"})
+        # Hydra's own node is left out before resolving: it is not the job's config, and parts of it resolve
+        # only inside a sweep.
+        logger.log_hyperparams(to_dict(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])))
         logger.log_metrics(metrics, step=0)
         if name == "wandb":
             for key, (columns, rows) in (tables or {}).items():

@@ -14,7 +14,7 @@ def test_bench_small_setting_reports_every_figure(tmp_path, tiny_path):
 
     out = tmp_path / "bench.json"
     main(["--prompt-tokens", "160", "--input-tokens", "24", "--response-tokens", "12", "--records", "12",
-          "--batch-size", "4", "--steps", "1", "--mem-tokens", "512", "--mem-vocab", "4096", "--chunk", "128",
+          "--batch-size", "4", "--steps", "1", "--mem-tokens", "2048", "--mem-vocab", "32000", "--chunk", "128",
           "--topk-model", "tiny", "--skip", "roleswap", "--out", str(out)])
     report = json.loads(out.read_text())
     training = report["training"]
@@ -24,9 +24,9 @@ def test_bench_small_setting_reports_every_figure(tmp_path, tiny_path):
     assert all(v > 0 for v in training["step_s"].values())
     assert 0 <= training["padding_ratio"]["length_grouped"] <= training["padding_ratio"]["plain"] < 1
     memory = report["loss_memory"]["tokens"]
-    assert set(memory) == {"64", "512"}
-    assert memory["512"]["max_value_diff"] < 1e-4  # chunked and unchunked losses agree
-    assert memory["512"]["unchunked"]["delta_mb"] > memory["512"]["chunked"]["delta_mb"]
+    assert set(memory) == {"256", "2048"}
+    assert memory["2048"]["max_value_diff"] < 1e-4  # chunked and unchunked losses agree
+    assert memory["2048"]["unchunked"]["delta_mb"] > memory["2048"]["chunked"]["delta_mb"]
     topk = report["topk"]["k"]
     assert topk["5"]["topk_forward_kl"] <= topk["20"]["topk_forward_kl"] + 1e-6 <= report["topk"]["full_forward_kl"] + 2e-6
     assert 0 < topk["50"]["teacher_mass_in_topk"] <= 1

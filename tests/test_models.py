@@ -283,9 +283,9 @@ def test_load_model_and_tokenizer_agree(tiny_path):
 
 def test_model_configs_share_keys_and_comment_every_key():
     files = sorted(CONF_MODEL.glob("*.yaml"))
-    assert {f.stem for f in files} >= {"tiny", "llama3_8b", "qwen2_5_7b", "hf"}
+    assert {f.stem for f in files} >= {"tiny", "tiny_agent", "llama3_8b", "qwen2_5_7b", "hf"}
     keys = {"name_or_path", "dtype", "attn_implementation", "trust_remote_code", "load_in_4bit", "chat_template",
-            "tiny", "lora"}
+            "tiny", "tiny_agent", "lora"}
     for f in files:
         cfg = OmegaConf.load(f)
         assert set(cfg.keys()) == keys, f.name

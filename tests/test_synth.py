@@ -434,6 +434,7 @@ def test_synth_reports_its_card_to_wandb_as_a_synth_job(tmp_path, tiny_path, mon
     records = read_wandb_records(log)
     run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
     assert run.run_group == "study" and run.job_type == "synth"
-    logged = {i.key for r in records if r.WhichOneof("record_type") == "history" for i in r.history.item}
+    logged = {i.key or "/".join(i.nested_key) for r in records if r.WhichOneof("record_type") == "history"
+              for i in r.history.item}
     assert {"synth/records", "synth/outputs/computed"} <= logged
     assert str(tmp_path) not in run.display_name  # run names say what, not where
