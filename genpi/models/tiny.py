@@ -151,17 +151,29 @@ def corpus() -> list[tuple[str, list[str]]]:
     return sources
 
 
+def with_overrides(defaults: dict[str, Any], overrides: dict[str, Any] | None, where: str, float_keys: set[str],
+                   normalize: dict[str, Callable[[Any], Any]] | None = None) -> dict[str, Any]:
+    """``defaults`` with the non-null ``overrides`` of config node ``where``; unknown keys are an error. Values are
+    normalized (ints; floats for ``float_keys``; ``normalize[key]`` for others) so that 128, 128.0 and "128" from
+    a command line name the same model and hash."""
+    out = dict(defaults)
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise GenpiError(f"{where} has unknown keys {unknown}; known keys: {sorted(defaults)}")
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if normalize and key in normalize:
+            out[key] = normalize[key](value)
+        else:
+            out[key] = float(value) if key in float_keys else int(value)
+    return out
+
+
 def arch_config(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """The tiny architecture: :data:`DEFAULT_ARCH` with ``overrides`` (``model.tiny``; null values ignored)."""
-    arch = dict(DEFAULT_ARCH)
-    overrides = dict(overrides or {})
-    unknown = sorted(set(overrides) - set(DEFAULT_ARCH))
-    if unknown:
-        raise GenpiError(f"model.tiny has unknown keys {unknown}; known keys: {sorted(DEFAULT_ARCH)}")
-    for key, value in overrides.items():
-        if value is not None:
-            # Normalized types: 128 and 128.0 (or "128" from a command line) name the same model and hash.
-            arch[key] = float(value) if key in _FLOAT_KEYS else int(value)
+    arch = with_overrides(DEFAULT_ARCH, overrides, "model.tiny", _FLOAT_KEYS)
     if arch["hidden_size"] % arch["num_attention_heads"]:
         raise GenpiError(f"model.tiny.hidden_size={arch['hidden_size']} is not a multiple of "
                          f"num_attention_heads={arch['num_attention_heads']}")

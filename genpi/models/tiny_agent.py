@@ -40,7 +40,7 @@ from typing import Any
 
 from genpi.errors import GenpiError
 from genpi.models.tiny import _content_hash as _tiny_content_hash
-from genpi.models.tiny import _lib_version, arch_config, build_once, build_tiny, corpus, is_built
+from genpi.models.tiny import _lib_version, arch_config, build_once, build_tiny, corpus, is_built, with_overrides
 from genpi.paths import cache_dir
 
 BUILDER_VERSION = "tiny-agent-v1"
@@ -66,18 +66,10 @@ _FLOAT_KEYS = {"lr", "weight_decay"}
 
 def pretrain_config(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """:data:`DEFAULT_PRETRAIN` with ``overrides`` (``model.tiny_agent``; null values ignored)."""
-    out = dict(DEFAULT_PRETRAIN)
-    overrides = dict(overrides or {})
-    unknown = sorted(set(overrides) - set(DEFAULT_PRETRAIN))
-    if unknown:
-        raise GenpiError(f"model.tiny_agent has unknown keys {unknown}; known keys: {sorted(DEFAULT_PRETRAIN)}")
-    for key, value in overrides.items():
-        if value is None:
-            continue
-        if key == "view_weights":
-            out[key] = ",".join(str(int(w)) for w in str(value).strip("[]() ").split(","))
-        else:
-            out[key] = float(value) if key in _FLOAT_KEYS else int(value)
+    def weights(value: Any) -> str:
+        return ",".join(str(int(w)) for w in str(value).strip("[]() ").split(","))
+
+    out = with_overrides(DEFAULT_PRETRAIN, overrides, "model.tiny_agent", _FLOAT_KEYS, {"view_weights": weights})
     weights = [int(w) for w in out["view_weights"].split(",")]
     if len(weights) != len(VIEWS) or min(weights) < 0 or not sum(weights):
         raise GenpiError(f"model.tiny_agent.view_weights={out['view_weights']!r}: give {len(VIEWS)} non-negative "
