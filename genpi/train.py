@@ -180,12 +180,14 @@ def post_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     import subprocess
     import sys
 
-    args = [sys.executable, "-m", "genpi.evaluate", f"run_dir={run_dir}", f"paths.output_root={cfg.paths.output_root}",
-            f"task={cfg.task.name}", *_model_overrides(), *(cfg.get("post_eval_overrides") or [])]
+    args = [sys.executable, "-m", "genpi.evaluate", f"run_dir={_quoted(run_dir)}",
+            f"paths.output_root={_quoted(cfg.paths.output_root)}", f"task={cfg.task.name}", *_model_overrides(),
+            *(cfg.get("post_eval_overrides") or [])]
     proc = subprocess.run(args, capture_output=True, text=True)
     if proc.returncode != 0:
+        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip() and "HYDRA_FULL_ERROR" not in ln]
         raise GenpiError(f"post-training evaluation failed (exit {proc.returncode}): "
-                         f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
+                         f"{(lines or ['no output'])[-1]} (command: python -m genpi.evaluate {' '.join(args[3:])})")
     report = next((ln.split(":", 1)[1].strip() for ln in proc.stdout.splitlines() if ln.startswith("report:")), None)
     if not report:
         raise GenpiError("post-training evaluation printed no 'report:' line")
@@ -200,6 +202,12 @@ def post_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     walk("eval", json.loads((Path(report).parent / "metrics.json").read_text()))
     return flat
+
+
+def _quoted(value: Any) -> str:
+    """A value as a Hydra override literal: sweep folder names hold '=' and ',' that would split it."""
+    text = str(value).replace("'", "\\'")
+    return f"'{text}'"
 
 
 def _model_overrides() -> list[str]:

@@ -83,3 +83,14 @@ def test_bad_input_gives_one_clear_line(tmp_path, tiny_path):
     assert "dataset not found" in missing.stderr and "Traceback" not in missing.stderr
     nomodel = _cli([root, "debug=fdr", "model.name_or_path=./no/such/model"], REPO)
     assert nomodel.returncode == 2 and "no/such/model" in nomodel.stderr and "Traceback" not in nomodel.stderr
+
+
+@pytest.mark.parametrize("value", ["outputs/multirun/x/os-sft-tiny-s0__data.max_records=48,trainer.max_epochs=1",
+                                   "/tmp/it's here/a\\b", "plain"])
+def test_post_eval_quotes_run_folders_for_hydra(value):
+    """Sweep folder names hold '=' and ',': the evaluation after training must get the folder back unchanged."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from genpi.train import _quoted
+
+    assert OverridesParser.create().parse_override(f"run_dir={_quoted(value)}").value() == value
