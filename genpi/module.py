@@ -9,12 +9,11 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from transformers import DynamicCache
 
 from genpi import losses
 from genpi.data.tokenize import IGNORE
 from genpi.errors import GenpiError
-from genpi.models.prefix import common_prefix_length, shared_prefix_hidden
+from genpi.models.prefix import common_prefix_length, hidden_after_prefix, prefix_kv, shared_prefix_hidden
 
 TERMS = ("kl", "sft", "pg")
 # A shared prefix shorter than this is not worth a separate pass (chat headers, the PG instruction's first line).
@@ -123,26 +122,17 @@ class GenPIModule(pl.LightningModule):
         with self.adapter_off():
             n_prompt = len(self.teacher_prompt_ids)
             if self.prefix_cache and n_prompt and self.has_adapter:
-                cache = self._expanded_prompt_cache(ids.shape[0], ids.device)
-                rest = ids[:, n_prompt:]
-                pos = torch.arange(n_prompt, ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
-                h = self.decoder()(input_ids=rest, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                                   use_cache=True).last_hidden_state
+                h = hidden_after_prefix(self.decoder(), self.causal_lm.config, self._prompt_cache(ids.device), ids,
+                                        mask)
                 return h[resp[:, n_prompt:]]
             return self.hidden(ids, mask)[resp]
 
-    def _expanded_prompt_cache(self, batch: int, device: torch.device) -> DynamicCache:
-        """The prompt's key/value cache, computed once per device (the teacher is frozen), expanded over the batch."""
+    def _prompt_cache(self, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The prompt's keys and values, computed once per device (the teacher is frozen)."""
         key = (device, len(self.teacher_prompt_ids))
         if self._prompt_kv is None or self._prompt_kv[0] != key:
-            ids = torch.tensor([self.teacher_prompt_ids], device=device)
-            out = self.decoder()(input_ids=ids, use_cache=True)
-            self._prompt_kv = (key, [(layer.keys, layer.values) for layer in out.past_key_values.layers])
-        kv = self._prompt_kv[1]
-        return DynamicCache(
-            ddp_cache_data=[(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in kv],
-            config=self.causal_lm.config,
-        )
+            self._prompt_kv = (key, prefix_kv(self.decoder(), torch.tensor([self.teacher_prompt_ids], device=device)))
+        return self._prompt_kv[1]
 
     def kl_loss(self, kl: dict[str, torch.Tensor], teacher: str | None = None) -> torch.Tensor:
         """Distillation on the teacher's answer tokens: teacher after (prompt + input), student after (input)."""

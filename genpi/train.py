@@ -21,6 +21,7 @@ from genpi.module import GenPIModule, active_terms
 from genpi.runs import last_checkpoint, read_json, update_json, wandb_run_id, write_json
 from genpi.tasks import build_task
 from genpi.tasks.base import task_fingerprint
+from genpi.tracking import numeric_leaves
 from genpi.wrappers import run_dir_of, task_wrapper
 
 log = logging.getLogger("genpi.train")
@@ -191,17 +192,8 @@ def post_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     report = next((ln.split(":", 1)[1].strip() for ln in proc.stdout.splitlines() if ln.startswith("report:")), None)
     if not report:
         raise GenpiError("post-training evaluation printed no 'report:' line")
-    flat: dict[str, Any] = {"eval/report": report}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}/{k}", v)
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            flat[prefix] = value
-
-    walk("eval", json.loads((Path(report).parent / "metrics.json").read_text()))
-    return flat
+    return {"eval/report": report, **numeric_leaves(json.loads((Path(report).parent / "metrics.json").read_text()),
+                                                    "eval")}
 
 
 def _quoted(value: Any) -> str:

@@ -17,7 +17,7 @@ from genpi.data.records import COLUMNS, load_records, save_hf, write_jsonl
 from genpi.data.tokenize import IGNORE, Limits, RecordEncoder, teacher_prompt
 from genpi.errors import GenpiError
 from genpi.tasks import TASK_NAMES
-from tests.test_train import task_from_conf
+from genpi.tasks.base import builtin_task
 
 
 def label_spans(tok, ids, labels):
@@ -38,7 +38,7 @@ EOT = "<|eot_id|>"
 
 @pytest.fixture(scope="module", params=TASK_NAMES)
 def task_and_records(request):
-    task = task_from_conf(request.param)
+    task = builtin_task(request.param)
     return task, load_records(task.sample_data_path())
 
 
@@ -141,7 +141,7 @@ def test_length_grouped_sampler_covers_everything_and_shards():
 
 
 def test_grouping_lowers_padding(tiny_tokenizer):
-    task = task_from_conf("os")
+    task = builtin_task("os")
     common = dict(losses=("sft", "pg", "kl"), batch_size=8, seed=0)
     grouped = GenPIDataModule(task, tiny_tokenizer, group_by_length=True, **common)
     plain = GenPIDataModule(task, tiny_tokenizer, group_by_length=False, **common)
@@ -151,7 +151,7 @@ def test_grouping_lowers_padding(tiny_tokenizer):
 
 
 def test_weight_zero_terms_are_not_built(tiny_tokenizer):
-    dm = GenPIDataModule(task_from_conf("os"), tiny_tokenizer, losses=("sft",))
+    dm = GenPIDataModule(builtin_task("os"), tiny_tokenizer, losses=("sft",))
     dm.setup()
     assert set(dm.datasets["train"][0]) == {"sft"}
     assert set(dm.datasets["val"][0]) == {"sft", "kl"}  # val/kl is always measured

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 
 from genpi.data.records import COLUMNS, load_records
 from genpi.errors import GenpiError
@@ -20,7 +19,7 @@ from genpi.synthesis.clients import ChatClient, Sampling
 from genpi.synthesis.roleswap import role_swap
 from genpi.synthesis.store import Shard, Store
 from genpi.tasks import build_task
-from genpi.tasks.base import Task
+from genpi.tasks.base import Task, builtin_task
 from tests.helpers import CONF, compose_cfg
 
 REPO = CONF.parent
@@ -37,9 +36,6 @@ def small(n: int = 4, chunk: int = 4, turns: int = 2, tokens: int = 8) -> list[s
         "synth.progress=false", "synth.teacher_logits.top_k=5",
     ]
 
-
-def task_from_conf(name: str = "os") -> Task:
-    return build_task(**OmegaConf.to_container(OmegaConf.load(CONF / "task" / f"{name}.yaml"), resolve=True))
 
 
 def synth(tmp_path: Path, overrides: list[str]) -> Path:
@@ -135,7 +131,7 @@ def hf_client(tiny_model, tiny_tokenizer):
 
 
 def test_hf_batched_equals_one_at_a_time(hf_client):
-    task = task_from_conf("os")
+    task = builtin_task("os")
     inputs = ["list the files in /etc", "how much disk does /var use?", "count users", "x"]
     convs = [task.teacher_messages(x) for x in inputs] + [task.student_messages(x) for x in inputs]
     batched = hf_client.chat(convs, GREEDY)
@@ -150,7 +146,7 @@ def test_hf_batched_equals_one_at_a_time(hf_client):
 
 
 def test_role_swap_batched_equals_sequential_greedy(hf_client):
-    task = task_from_conf("os")
+    task = builtin_task("os")
     inputs = [f"find the largest file under /home/user{i}" for i in range(5)]
     s = Sampling(temperature=0.0, max_tokens=10)
     batched = role_swap(task, inputs, hf_client, hf_client, s, s, max_turns=3)
@@ -271,7 +267,7 @@ def test_every_stage_writes_a_trainable_dataset_and_reruns_from_the_store(tmp_pa
     out = synth(tmp_path, [ALL_STAGES, *small(n=5, chunk=2)])
     records = load_records(out)
     assert len(records) == 5 and set(COLUMNS) <= set(records[0])
-    task = task_from_conf("os")
+    task = builtin_task("os")
     for r in records:
         assert r["context_id"] == task.prompt_id and r["context"] == task.prompt_text
         turns = r["teacher_output_conv"]

@@ -8,17 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 
-from genpi.tasks import build_task
 from tests.helpers import CONF, compose_cfg
 
 LOSSES = sorted(p.stem for p in (CONF / "loss").glob("*.yaml"))
 REPO = CONF.parent
 
-
-def task_from_conf(name: str):
-    return build_task(**OmegaConf.to_container(OmegaConf.load(CONF / "task" / f"{name}.yaml"), resolve=True))
 
 
 def run_train(tmp_path: Path, overrides: list[str]):

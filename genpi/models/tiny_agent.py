@@ -70,8 +70,8 @@ def pretrain_config(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         return ",".join(str(int(w)) for w in str(value).strip("[]() ").split(","))
 
     out = with_overrides(DEFAULT_PRETRAIN, overrides, "model.tiny_agent", _FLOAT_KEYS, {"view_weights": weights})
-    weights = [int(w) for w in out["view_weights"].split(",")]
-    if len(weights) != len(VIEWS) or min(weights) < 0 or not sum(weights):
+    per_view = [int(w) for w in out["view_weights"].split(",")]
+    if len(per_view) != len(VIEWS) or min(per_view) < 0 or not sum(per_view):
         raise GenpiError(f"model.tiny_agent.view_weights={out['view_weights']!r}: give {len(VIEWS)} non-negative "
                          f"whole numbers for the views {list(VIEWS)}, e.g. 2,1,1")
     if out["steps"] < 1 or out["batch_size"] < 1 or out["examples_per_task"] < out["batch_size"]:
@@ -224,7 +224,7 @@ def _pretrain_into(tmp: Path, base: Path, arch: dict[str, Any], pretrain: dict[s
 
 def _train(model, groups: dict[tuple[str, str], list[tuple[list[int], list[int]]]], pretrain: dict[str, Any],
            pad_id: int, say: Callable[[str], None]) -> list[float]:
-    """Full-weight pre-training; step ``s`` takes the next batch of group ``s mod len(groups)``."""
+    """Full-weight pre-training; steps cycle over (task, view) groups, each view as often as its weight."""
     import torch
 
     rng = random.Random(int(pretrain["seed"]))
