@@ -163,7 +163,7 @@ def run_evaluation(cfg: DictConfig) -> Path:
     return path
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 @task_wrapper
 def _hydra_main(cfg: DictConfig) -> float | None:
     path = run_evaluation(cfg)

@@ -107,7 +107,7 @@ def export(cfg: DictConfig) -> dict[str, Path | None]:
     return paths
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+@hydra.main(version_base="1.3", config_path="conf", config_name="export")
 @task_wrapper
 def _hydra_main(cfg: DictConfig) -> None:
     paths = export(cfg)

@@ -106,7 +106,7 @@ def report_card(cfg: DictConfig, card: dict[str, Any]) -> None:
     report_to_loggers(cfg, "synth", numbers, tables={"synth/stages": (columns, rows)})
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="synth")
+@hydra.main(version_base="1.3", config_path="conf", config_name="synth")
 @task_wrapper
 def _hydra_main(cfg: DictConfig) -> None:
     out = run_synthesis(cfg)

@@ -228,7 +228,7 @@ def save_adapter(module: GenPIModule, tokenizer, folder: Path, cfg: DictConfig) 
                                        "config": OmegaConf.to_container(cfg.model, resolve=True)})
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
 @task_wrapper
 def _hydra_main(cfg: DictConfig) -> float | None:
     out = train(cfg)

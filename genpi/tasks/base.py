@@ -157,9 +157,7 @@ def builtin_task(name: str) -> Task:
     """A built-in task exactly as its config group ``conf/task/<name>.yaml`` defines it."""
     from omegaconf import OmegaConf
 
-    from genpi.paths import repo_root
-
-    path = repo_root() / "conf" / "task" / f"{name}.yaml"
+    path = Path(__file__).resolve().parents[1] / "conf" / "task" / f"{name}.yaml"
     if not path.is_file():
         raise GenpiError(f"no built-in task {name!r} ({path} not found): choose one of {list(TASK_NAMES)}")
     return build_task(**OmegaConf.to_container(OmegaConf.load(path), resolve=True))

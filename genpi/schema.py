@@ -1,0 +1,161 @@
+"""The typed config schema: every key genpi reads, with its type, allowed values, range and default, in one place.
+
+Hydra composes the YAML files of ``genpi/conf/`` (where every key is documented for users); :func:`check` then reads
+the composed config into the dataclasses below, before any model loads. Each violation is one line that names the
+key, the value given and what is allowed (:class:`genpi.errors.GenpiError`, exit 2). Code downstream reads typed
+fields (``schema.Loss.kl.kind``) instead of ``cfg.get(key, default)``: a default lives here and in the YAML beside
+the key, and a test checks that the two agree.
+
+How to declare a key: a dataclass field with a type (``int``, ``float``, ``bool``, ``str``, ``X | None``, ``list[X]``,
+``Literal[...]`` for an enum, another dataclass for a nested block) and, where a range applies, ``metadata`` made by
+:func:`rng` (``ge``/``gt``/``le``/``lt``). A check across keys goes in the dataclass's ``validate(self, at)``
+method, which raises :func:`bad` for the first problem.
+
+Groups added by later features (environments, serving, on-policy sampling, shards) declare their dataclass here too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union, get_args, get_origin
+
+from genpi.errors import GenpiError
+
+T = typing.TypeVar("T")
+
+
+def rng(*, ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None,
+        **extra: Any) -> dict[str, Any]:
+    """Field metadata for a numeric range: ``field(default=1.0, metadata=rng(gt=0))``."""
+    return {"ge": ge, "gt": gt, "le": le, "lt": lt, **extra}
+
+
+def bad(key: str, value: Any, allowed: str) -> GenpiError:
+    """The one-line error for a bad value: ``loss.kl.kind='foo' is not allowed: one of forward_kl, ...``."""
+    return GenpiError(f"{key}={_show(value)} is not allowed: {allowed}")
+
+
+def _show(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _range_text(meta: dict[str, Any]) -> str:
+    parts = []
+    for op, sym in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+        if meta.get(op) is not None:
+            parts.append(f"{sym} {meta[op]}")
+    return " and ".join(parts)
+
+
+def _in_range(value: float, meta: dict[str, Any]) -> bool:
+    checks = (("gt", lambda a, b: a > b), ("ge", lambda a, b: a >= b), ("lt", lambda a, b: a < b),
+              ("le", lambda a, b: a <= b))
+    return all(meta.get(op) is None or fn(value, meta[op]) for op, fn in checks)
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(str(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(get_args(tp)[0])}" if get_args(tp) else "a list"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "a block of keys"
+    return {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """``value`` read as type ``tp`` (YAML gives ints for floats, strings for Literals), or a GenpiError."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arg, key)
+            except GenpiError:
+                continue
+        raise bad(key, value, _type_name(tp))
+    if origin is Literal:
+        if value in get_args(tp) and not isinstance(value, bool):
+            return value
+        raise bad(key, value, _type_name(tp))
+    if origin is list:
+        if isinstance(value, (list, tuple)):
+            (item,) = get_args(tp) or (Any,)
+            return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        raise bad(key, value, _type_name(tp))
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, dict):
+            return read(value, tp, key)
+        raise bad(key, value, _type_name(tp))
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad(key, value, "true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad(key, value, "a whole number")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad(key, value, "a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad(key, value, "a string")
+    if tp is dict or get_origin(tp) is dict:
+        if isinstance(value, dict):
+            return value
+        raise bad(key, value, "a block of keys")
+    return value
+
+
+def read(section: Any, cls: type[T], at: str) -> T:
+    """``section`` (a plain dict, a DictConfig or None) as the dataclass ``cls``; ``at`` is its key path for errors.
+
+    Missing keys take the dataclass defaults; keys the dataclass does not declare are kept out (Hydra refuses
+    unknown keys at composition already, the YAML being the list of keys).
+    """
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(section, DictConfig):
+        section = OmegaConf.to_container(section, resolve=True)
+    section = dict(section or {})
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        key = f"{at}.{f.name}" if at else f.name
+        if f.name not in section:
+            continue
+        value = _convert(section[f.name], hints[f.name], key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and f.metadata:
+            if not _in_range(value, f.metadata):
+                raise bad(key, value, _range_text(f.metadata))
+        values[f.name] = value
+    obj = cls(**values)
+    check_fn = getattr(obj, "validate", None)
+    if callable(check_fn):
+        check_fn(at)
+    return obj
+
+
+def defaults(cls: type) -> dict[str, Any]:
+    """The defaults of a dataclass as a plain dict (nested blocks included), for the YAML agreement test."""
+    return dataclasses.asdict(cls())
+
+
+__all__ = ["Any", "GenpiError", "Literal", "bad", "dataclass", "defaults", "field", "read", "rng"]
