@@ -4,30 +4,32 @@ with the prompt), weighted into KL + SFT + PG."""
 from __future__ import annotations
 
 import contextlib
-import math
+import dataclasses
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 
-from genpi import losses
+from genpi import losses, schema
 from genpi.data.tokenize import IGNORE
 from genpi.errors import GenpiError
 from genpi.models.prefix import common_prefix_length, hidden_after_prefix, prefix_kv, shared_prefix_hidden
 
-TERMS = ("kl", "sft", "pg")
 # A shared prefix shorter than this is not worth a separate pass (chat headers, the PG instruction's first line).
 MIN_SHARED_PREFIX = 64
 
 
-def loss_weights(loss_cfg: dict[str, Any]) -> dict[str, float]:
-    return {t: float((loss_cfg.get(t) or {}).get("weight", 0.0)) for t in TERMS}
+def _typed_loss(loss: schema.Loss | dict[str, Any]) -> schema.Loss:
+    return loss if isinstance(loss, schema.Loss) else schema.Loss.partial(loss)
 
 
-def active_terms(loss_cfg: dict[str, Any]) -> tuple[str, ...]:
+def _typed_optim(optim: schema.Optim | dict[str, Any]) -> schema.Optim:
+    return optim if isinstance(optim, schema.Optim) else schema.read(optim, schema.Optim, "optim")
+
+
+def active_terms(loss: schema.Loss | dict[str, Any]) -> tuple[str, ...]:
     """The sequences the data module must build for training: a term of weight 0 is not built."""
-    w = loss_weights(loss_cfg)
-    return tuple(t for t in TERMS if w[t] > 0)
+    return _typed_loss(loss).active_terms
 
 
 class GenPIModule(pl.LightningModule):
@@ -35,27 +37,27 @@ class GenPIModule(pl.LightningModule):
 
     Args:
         model: a causal LM, usually a ``peft.PeftModel`` (the teacher is the base with the adapter off).
-        loss: the ``conf/loss`` group as a dict: ``{kl: {weight, kind, beta, temperature, teacher,
-            prefix_cache}, sft: {weight}, pg: {weight, reason}, chunk_size}``.
-        optim: ``{lr, weight_decay, betas, warmup_ratio, scheduler: cosine|linear|constant}``.
+        loss: the ``loss`` group, typed (:class:`genpi.schema.Loss`) or as a partial dict in which a term not
+            named is off (``{"kl": {"weight": 1.0}}``).
+        optim: the ``optim`` group (:class:`genpi.schema.Optim`, or a dict read into it).
         teacher_prompt_ids: the prompt's token ids, a common prefix of every teacher sequence.
     """
 
-    def __init__(self, model: torch.nn.Module, loss: dict[str, Any], optim: dict[str, Any],
-                 teacher_prompt_ids: list[int]):
+    def __init__(self, model: torch.nn.Module, loss: schema.Loss | dict[str, Any],
+                 optim: schema.Optim | dict[str, Any], teacher_prompt_ids: list[int]):
         super().__init__()
         self.model = model
-        self.loss_cfg = loss
-        self.optim_cfg = optim
-        self.weights = loss_weights(loss)
+        self.loss_cfg = _typed_loss(loss)
+        self.optim_cfg = _typed_optim(optim)
+        self.weights = self.loss_cfg.weights
         self.teacher_prompt_ids = list(teacher_prompt_ids)
-        self.chunk_size = int(loss.get("chunk_size", 1024))
-        kl = loss.get("kl") or {}
-        self.kl_kind = kl.get("kind", "forward_kl")
-        self.kl_beta = float(kl.get("beta", 0.5))
-        self.kl_temperature = float(kl.get("temperature", 1.0))
-        self.teacher_source = kl.get("teacher", "online")
-        self.prefix_cache = bool(kl.get("prefix_cache", True))
+        self.chunk_size = self.loss_cfg.chunk_size
+        kl = self.loss_cfg.kl
+        self.kl_kind = kl.kind
+        self.kl_beta = kl.beta
+        self.kl_temperature = kl.temperature
+        self.teacher_source = kl.teacher
+        self.prefix_cache = kl.prefix_cache
         self.has_adapter = hasattr(model, "disable_adapter")
         if self.weights["kl"] > 0 and self.teacher_source == "online" and not self.has_adapter:
             raise GenpiError(
@@ -65,7 +67,8 @@ class GenPIModule(pl.LightningModule):
         self._prompt_kv: tuple[tuple[Any, ...], list[tuple[torch.Tensor, torch.Tensor]]] | None = None
         # Checkpoints hold only trainable weights (the adapter), so loading one must not demand the base.
         self.strict_loading = False
-        self.save_hyperparameters({"loss": loss, "optim": optim})
+        self.save_hyperparameters({"loss": dataclasses.asdict(self.loss_cfg),
+                                   "optim": dataclasses.asdict(self.optim_cfg)})
 
     # -- model pieces -------------------------------------------------------------------
     @property
@@ -160,7 +163,14 @@ class GenPIModule(pl.LightningModule):
             if self.weights[term] > 0 and term in batch:
                 out[term] = self.ce_loss(batch[term])
         if "kl" in batch and (self.weights["kl"] > 0 or val):
-            out["kl"] = self.kl_loss(batch["kl"], teacher="online" if val and self.has_adapter else None)
+            if not val:
+                out["kl"] = self.kl_loss(batch["kl"])
+            elif self.has_adapter:
+                out["kl"] = self.kl_loss(batch["kl"], teacher="online")
+            elif "teacher_topk_ids" in batch["kl"]:
+                # full fine-tuning: the model with its adapter "off" is the trained model itself, so the only
+                # teacher left to compare with is the one stored at synthesis
+                out["kl"] = self.kl_loss(batch["kl"], teacher="cached")
         total = sum(self.weights[t] * v for t, v in out.items() if self.weights[t] > 0)
         out["loss"] = total if torch.is_tensor(total) else torch.zeros((), device=self.device)
         return out
@@ -182,27 +192,17 @@ class GenPIModule(pl.LightningModule):
                      sync_dist=True)
 
     def configure_optimizers(self):
+        from transformers import get_scheduler
+
         cfg = self.optim_cfg
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise GenpiError("no trainable parameters: enable model.lora or full fine-tuning")
-        opt = torch.optim.AdamW(params, lr=float(cfg.get("lr", 1e-4)), weight_decay=float(cfg.get("weight_decay", 0.0)),
-                                betas=tuple(cfg.get("betas", (0.9, 0.999))))
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(float(cfg.get("warmup_ratio", 0.03)) * total)
-        kind = cfg.get("scheduler", "cosine")
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            progress = (step - warmup) / max(1, total - warmup)
-            if kind == "cosine":
-                return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-            if kind == "linear":
-                return max(0.0, 1 - progress)
-            return 1.0
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        # transformers' schedules: linear warm-up from 0, then cosine / linear decay to 0, or constant
+        name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.scheduler]
+        sched = get_scheduler(name, opt, num_warmup_steps=int(cfg.warmup_ratio * total), num_training_steps=total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

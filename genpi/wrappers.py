@@ -31,6 +31,13 @@ def _is_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def launch_id() -> str | None:
+    """The multirun's launch token (in its sweep folder's name), or None for a single run."""
+    import os
+
+    return os.environ.get("GENPI_LAUNCH_ID") if _is_multirun() else None
+
+
 def task_wrapper(fn):
     """Bad input prints one line and exits 2; any failure in a multirun job is written to the job's
     ``error.txt`` and the sweep goes on with the other jobs; W&B is always closed at the end."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import random
 from collections.abc import Iterator
@@ -13,12 +14,37 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from genpi.data.records import load_records
+from genpi.data.records import duplicate_inputs, load_records
 from genpi.data.tokenize import IGNORE, Limits, RecordEncoder, keep_prompt
 from genpi.errors import GenpiError
 from genpi.tasks.base import Task
 
 SPLITS = ("train", "val", "test")
+log = logging.getLogger(__name__)
+
+
+def check_prompt(records: list[dict[str, Any]], task: Task, source: str) -> None:
+    """A dataset trains the prompt it was made for: records whose ``context`` (or, without one, ``context_id``)
+    names another prompt than the task's are refused; records with neither are trained as the task's, said in the
+    log."""
+    want = " ".join(task.prompt_text.split())
+    where = getattr(records, "where", None) or [f"{source}[{i}]" for i in range(len(records))]
+    unlabelled = 0
+    for rec, at in zip(records, where):
+        context, context_id = rec.get("context"), rec.get("context_id")
+        if context:
+            if " ".join(str(context).split()) != want:
+                raise GenpiError(f"{at}: the record was made for another prompt than task {task.name}'s "
+                                 f"(context_id {context_id!r}, task prompt_id {task.prompt_id!r}): pick the task the "
+                                 f"dataset was synthesized for (task=...), or a dataset of this task (data.path=...)")
+        elif context_id not in (None, "") and str(context_id) != task.prompt_id:
+            raise GenpiError(f"{at}: context_id {context_id!r} is not task {task.name}'s prompt ({task.prompt_id!r}): "
+                             "pick the task the dataset was synthesized for, or a dataset of this task")
+        else:
+            unlabelled += 1
+    if unlabelled:
+        log.warning("%s: %d records name no prompt (no context, no context_id); they are trained as task %s's",
+                    source, unlabelled, task.name)
 
 
 def input_key(pseudo_input: str) -> str:
@@ -204,7 +230,8 @@ class GenPIDataModule(pl.LightningDataModule):
                  batch_size: int = 8, eval_batch_size: int | None = None, val_size: float | int = 0.1,
                  test_size: float | int = 0.1, seed: int = 0, limits: dict | None = None, pg_reason: bool = True,
                  w_prompt_drop_prob: float | None = None, group_by_length: bool = True, max_records: int | None = None,
-                 num_workers: int = 0, overfit: bool = False, sft_source: str = "conversation"):
+                 num_workers: int = 0, overfit: bool = False, sft_source: str = "conversation",
+                 drop_duplicates: bool = False):
         super().__init__()
         self.task = task
         self.tokenizer = tokenizer
@@ -223,6 +250,8 @@ class GenPIDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.overfit = overfit
         self.sft_source = sft_source
+        self.drop_duplicates = drop_duplicates
+        self.duplicates = 0
         self.splits: dict[str, list[dict[str, Any]]] = {}
         self.datasets: dict[str, EncodedDataset] = {}
         self.encoder: RecordEncoder | None = None
@@ -236,10 +265,28 @@ class GenPIDataModule(pl.LightningDataModule):
             raise GenpiError(f"task {self.task.name!r} has no built-in sample data: set data.path to a dataset")
         return sample
 
+    def required_texts(self) -> tuple[str, ...]:
+        """The columns whose text every record must have for the losses this run trains (and val/kl measures)."""
+        need = {"pseudo_input", "teacher_output_single"}  # the input, and the answer val/kl is measured on
+        if "sft" in self.losses:
+            need.add("teacher_output_conv" if self.sft_source == "conversation" else "teacher_output_single")
+        if "pg" in self.losses:
+            need.update(("student_output_single", "teacher_output_single") + (("reason",) if self.pg_reason else ()))
+        return tuple(sorted(need))
+
     def load(self) -> None:
         if self.splits:
             return
-        records = load_records(self.source)
+        records = load_records(self.source, nonempty=self.required_texts())
+        check_prompt(records, self.task, str(self.source))
+        dups = duplicate_inputs(records, input_key)
+        self.duplicates = len(dups)
+        if dups:
+            log.info("%s: %d of %d records repeat an earlier record's input%s", self.source, len(dups), len(records),
+                     " (dropped: data.drop_duplicates=true)" if self.drop_duplicates else "")
+        if self.drop_duplicates and dups:
+            gone = set(dups)
+            records = [r for i, r in enumerate(records) if i not in gone]
         if self.max_records:
             records = records[: self.max_records]
         if self.overfit:
@@ -272,6 +319,12 @@ class GenPIDataModule(pl.LightningDataModule):
             self.datasets["train"] = self.encode(self.splits["train"], self.losses)
             self.datasets["val"] = self.encode(self.splits["val"], tuple(sorted(set(self.losses) | {"kl"})))
             self.encoder.report.log(f"data from {self.source}")
+
+    def data_report(self) -> dict[str, Any]:
+        """What metrics.json records about the data: its source, duplicates and whether they were dropped."""
+        self.load()
+        return {"data/source": str(self.source), "data/duplicates": self.duplicates,
+                "data/duplicates_dropped": self.duplicates if self.drop_duplicates else 0}
 
     def truncation_counts(self) -> dict[str, int]:
         return self.encoder.report.as_dict() if self.encoder else {}
