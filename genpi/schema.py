@@ -454,8 +454,6 @@ class SynthOpenAI:
     max_concurrency: int = field(default=8, metadata=rng(gt=0))
     timeout: float = field(default=120, metadata=rng(gt=0))
     max_retries: int = field(default=5, metadata=rng(ge=0))
-    backoff: float = field(default=1.0, metadata=rng(ge=0))
-    backoff_max: float = field(default=30, metadata=rng(ge=0))
 
     def validate(self, at: str) -> None:
         if not self.base_url.startswith(("http://", "https://")):
@@ -532,9 +530,17 @@ class Train:
             raise GenpiError("loss.kl.weight > 0 with an online teacher needs model.lora.enabled=true (the teacher is "
                              "the base with the adapter off; full fine-tuning has no frozen teacher): enable LoRA, "
                              "set loss.kl.teacher=cached, or loss.kl.weight=0")
-        if self.optimized_metric and self.optimized_metric.split("/")[0] in ("test",):
-            raise bad("optimized_metric", self.optimized_metric, "a train/ val/ or eval/ metric: a sweeper must not "
-                                                                 "tune on the test split")
+        metric = self.optimized_metric or ""
+        if metric.startswith("test/"):
+            raise bad("optimized_metric", metric, "a train/, val/ or eval/ metric: a sweeper must not tune on the "
+                                                  "test split")
+        if metric.startswith("eval/"):
+            split = next((o.split("=", 1)[1] for o in reversed(self.post_eval_overrides)
+                          if o.split("=", 1)[0].lstrip("+") == "eval.split"), "test")
+            if not self.post_eval or split != "val":
+                raise GenpiError(f"optimized_metric={metric} would be measured on the {split} split: a sweeper "
+                                 "must not tune on the test split; set post_eval=true and add eval.split=val to "
+                                 "post_eval_overrides (report the test split from a separate genpi-eval)")
 
 
 @dataclass

@@ -16,8 +16,10 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+from genpi import schema
 from genpi.data.records import write_jsonl
 from genpi.hydra_utils import to_dict
+from genpi.redact import mask_tree
 from genpi.synthesis.card import build_card, print_summary, token_counter, write_card
 from genpi.synthesis.clients import ClientPool
 from genpi.synthesis.plan import Plan, make_plan
@@ -68,6 +70,8 @@ def run_synthesis(cfg: DictConfig | dict[str, Any]) -> Path:
     A rerun with the same config resumes from the store; a :class:`GenpiError` is raised at load time for
     bad settings and at the end of a stage that yields nothing.
     """
+    if isinstance(cfg, DictConfig):
+        schema.check(cfg, "synth")  # every key typed and in range before any model loads
     plan = plan_from_cfg(cfg)
     out = plan.out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -81,7 +85,7 @@ def run_synthesis(cfg: DictConfig | dict[str, Any]) -> Path:
         records = assemble(plan.task, rows)
         write_jsonl(records, out / "data.jsonl")
         count, unit = token_counter(plan.run_model)
-        config = {"task": plan.task.describe(), "model": plan.run_model, "synth": to_dict(cfg["synth"])}
+        config = {"task": plan.task.describe(), "model": plan.run_model, "synth": mask_tree(to_dict(cfg["synth"]))}
         card = build_card(plan.task.describe(), records, reports, count, unit, out, config)
         write_card(out, card)
     for col in card["empty_columns"]:

@@ -13,15 +13,23 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from genpi import schema
 from genpi.data.datamodule import GenPIDataModule
 from genpi.data.tokenize import teacher_prompt
 from genpi.errors import GenpiError
 from genpi.hydra_utils import to_dict
 from genpi.models.factory import load_model_and_tokenizer, model_fingerprint
-from genpi import schema
 from genpi.module import GenPIModule
-from genpi.runs import (config_hash, differing_keys, identity_keys, last_checkpoint, read_json, update_json,
-                        wandb_run_id, write_json)
+from genpi.runs import (
+    config_hash,
+    differing_keys,
+    identity_keys,
+    last_checkpoint,
+    read_json,
+    update_json,
+    wandb_run_id,
+    write_json,
+)
 from genpi.tasks import build_task
 from genpi.tasks.base import task_fingerprint
 from genpi.tracking import numeric_leaves

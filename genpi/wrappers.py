@@ -44,6 +44,7 @@ def task_wrapper(fn):
 
     @functools.wraps(fn)
     def wrapper(cfg: DictConfig):
+        _mask_saved_config()
         try:
             return fn(cfg)
         except GenpiError as err:
@@ -61,6 +62,26 @@ def task_wrapper(fn):
             _finish_wandb()
 
     return wrapper
+
+
+def _mask_saved_config() -> None:
+    """Hydra saves the config and the command line under ``<run folder>/.hydra/`` before genpi runs: credentials in
+    URLs (``base_url=http://user:secret@host/v1``) are masked there too."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from genpi.redact import mask_url
+
+    if not HydraConfig.initialized():
+        return
+    hc = HydraConfig.get()
+    folder = Path(hc.runtime.output_dir) / (hc.output_subdir or ".hydra") if hc.output_subdir else None
+    if folder is None or not folder.is_dir():
+        return
+    for path in folder.glob("*.yaml"):
+        text = path.read_text()
+        masked = mask_url(text)
+        if masked != text:
+            path.write_text(masked)
 
 
 def _record_failure(cfg: DictConfig, text: str) -> None:
