@@ -79,6 +79,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         for arg in (a for a in args if a is not type(None)):
+            if dataclasses.is_dataclass(arg) and isinstance(value, dict):
+                return _convert(value, arg, key)  # a block: its own key's error is the useful one
             try:
                 return _convert(value, arg, key)
             except GenpiError:

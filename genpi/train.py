@@ -146,8 +146,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     fdr = bool(cfg.trainer.get("fast_dev_run", False))
     ckpt = resume_point(spec, run_dir, identity, fdr)  # a folder of another config is refused before loading
     task = build_task(**to_dict(cfg.task))
+    datamodule = build_datamodule(spec, task, tokenizer=None)
+    datamodule.load()  # every record read and checked before any model loads
     model, tokenizer = load_model_and_tokenizer(cfg.model, for_training=True)
-    datamodule = build_datamodule(spec, task, tokenizer)
+    datamodule.tokenizer = tokenizer
     datamodule.setup("fit")
     prompt = teacher_prompt(tokenizer, task)
     module = GenPIModule(model, spec.loss, spec.optim, prompt.ids)

@@ -294,8 +294,6 @@ class GenPIDataModule(pl.LightningDataModule):
             self.splits = {"train": records, "val": records, "test": []}
         else:
             self.splits = split_records(records, self.val_size, self.test_size, self.seed)
-        self.encoder = RecordEncoder(self.tokenizer, self.task, self.limits, pg_reason=self.pg_reason,
-                                     sft_source=self.sft_source)
 
     def encode(self, records: list[dict[str, Any]], losses: tuple[str, ...]) -> EncodedDataset:
         assert self.encoder is not None
@@ -315,6 +313,9 @@ class GenPIDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self.load()
+        if self.encoder is None:
+            self.encoder = RecordEncoder(self.tokenizer, self.task, self.limits, pg_reason=self.pg_reason,
+                                         sft_source=self.sft_source)
         if "train" not in self.datasets:
             self.datasets["train"] = self.encode(self.splits["train"], self.losses)
             self.datasets["val"] = self.encode(self.splits["val"], tuple(sorted(set(self.losses) | {"kl"})))
