@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 
 from genpi import losses, schema
-from genpi.data.tokenize import IGNORE
+from genpi.constants import IGNORE
 from genpi.errors import GenpiError
 from genpi.models.prefix import common_prefix_length, hidden_after_prefix, prefix_kv, shared_prefix_hidden
 
@@ -90,7 +90,8 @@ class GenPIModule(pl.LightningModule):
         return self.model.disable_adapter() if self.has_adapter else contextlib.nullcontext()
 
     # -- losses --------------------------------------------------------------------------
-    def ce_loss(self, part: dict[str, torch.Tensor]) -> torch.Tensor:
+    def ce_loss(self, part: dict[str, torch.Tensor], window_tokens: int | None = None,
+                accumulate: int = 1) -> torch.Tensor:
         """Token cross-entropy on the labelled positions of an SFT or PG batch.
 
         When every sequence starts with the same long untrained prefix (the prompt, in the ``w_prompt`` baseline),
@@ -106,17 +107,26 @@ class GenPIModule(pl.LightningModule):
         weight, bias = self.lm_head()
         loss = losses.chunked_token_cross_entropy(h[keep], weight, labels[keep],
                                                   chunk_size=self.chunk_size, lm_head_bias=bias)
-        return self._global_token_mean(loss, int(keep.sum()))
+        return self._global_token_mean(loss, int(keep.sum()), window_tokens, accumulate)
 
-    def _global_token_mean(self, loss: torch.Tensor, n_tokens: int) -> torch.Tensor:
-        """Rescale a rank's token mean so that DDP's gradient average is the mean over all ranks' tokens
-        (the same as one process on the global batch), not a mean of per-rank means."""
+    def _global_token_mean(self, loss: torch.Tensor, n_tokens: int, window_tokens: int | None = None,
+                           accumulate: int = 1) -> torch.Tensor:
+        """Rescale a micro-batch's token mean so that the optimizer step's gradient is the mean over every token
+        of its accumulation window and of all DDP ranks (as one process on the whole step's batch would compute),
+        not a mean of per-batch or per-rank means.
+
+        ``window_tokens`` is this rank's token total over the window's ``accumulate`` micro-batches (Lightning
+        divides each micro-batch's loss by ``accumulate``); None outside training, where the batch is the unit.
+        """
+        local = window_tokens if window_tokens is not None else n_tokens
+        scale = torch.tensor(float(n_tokens * (accumulate if window_tokens is not None else 1)) / max(local, 1),
+                             device=loss.device)
         trainer = self._trainer
-        if trainer is None or trainer.world_size <= 1:
-            return loss
-        n = torch.tensor(float(n_tokens), device=loss.device)
-        total = self.trainer.strategy.reduce(n.clone(), reduce_op="sum")
-        return loss * (n * trainer.world_size / total.clamp_min(1.0))
+        if trainer is not None and trainer.world_size > 1:
+            mine = torch.tensor(float(local), device=loss.device)
+            total = self.trainer.strategy.reduce(mine.clone(), reduce_op="sum")
+            scale = scale * mine * trainer.world_size / total.clamp_min(1.0)
+        return loss * scale
 
     @torch.no_grad()
     def teacher_hidden(self, kl: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -137,7 +147,8 @@ class GenPIModule(pl.LightningModule):
             self._prompt_kv = (key, prefix_kv(self.decoder(), torch.tensor([self.teacher_prompt_ids], device=device)))
         return self._prompt_kv[1]
 
-    def kl_loss(self, kl: dict[str, torch.Tensor], teacher: str | None = None) -> torch.Tensor:
+    def kl_loss(self, kl: dict[str, torch.Tensor], teacher: str | None = None, window_tokens: int | None = None,
+                accumulate: int = 1) -> torch.Tensor:
         """Distillation on the teacher's answer tokens: teacher after (prompt + input), student after (input)."""
         teacher = teacher or self.teacher_source
         student_h = self.hidden(kl["student_input_ids"], kl["student_attention_mask"])[kl["student_response_mask"]]
@@ -154,17 +165,19 @@ class GenPIModule(pl.LightningModule):
             loss = losses.chunked_distill_loss(student_h, teacher_h, weight, kind=self.kl_kind, beta=self.kl_beta,
                                                temperature=self.kl_temperature, chunk_size=self.chunk_size,
                                                lm_head_bias=bias)
-        return self._global_token_mean(loss, student_h.shape[0])
+        return self._global_token_mean(loss, student_h.shape[0], window_tokens, accumulate)
 
     def compute(self, batch: dict[str, Any], val: bool = False) -> dict[str, torch.Tensor]:
         """Each active term on its own sequences; in validation ``kl`` (online) is measured whatever its weight."""
         out: dict[str, torch.Tensor] = {}
+        window = {} if val else (batch.get("window") or {})
+        k = int(window.get("accumulate", 1))
         for term in ("sft", "pg"):
             if self.weights[term] > 0 and term in batch:
-                out[term] = self.ce_loss(batch[term])
+                out[term] = self.ce_loss(batch[term], window.get(term), k)
         if "kl" in batch and (self.weights["kl"] > 0 or val):
             if not val:
-                out["kl"] = self.kl_loss(batch["kl"])
+                out["kl"] = self.kl_loss(batch["kl"], window_tokens=window.get("kl"), accumulate=k)
             elif self.has_adapter:
                 out["kl"] = self.kl_loss(batch["kl"], teacher="online")
             elif "teacher_topk_ids" in batch["kl"]:
@@ -205,6 +218,26 @@ class GenPIModule(pl.LightningModule):
         sched = get_scheduler(name, opt, num_warmup_steps=int(cfg.warmup_ratio * total), num_training_steps=total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_checkpoint(checkpoint)
+
+    def check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint holds only the trainable weights, loaded non-strictly: check by name that they are this
+        run's (another LoRA rank, target set or full fine-tuning would otherwise load partly and silently)."""
+        stored = checkpoint.get("genpi_trainable_keys")
+        if stored is None:
+            return
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        missing, unexpected = sorted(trainable - set(stored)), sorted(set(stored) - trainable)
+        shapes = {n: tuple(p.shape) for n, p in self.named_parameters() if p.requires_grad}
+        reshaped = sorted(k for k, v in (checkpoint.get("state_dict") or {}).items()
+                          if k in shapes and tuple(v.shape) != shapes[k])
+        if missing or unexpected or reshaped:
+            example = (missing or unexpected or reshaped)[0]
+            raise GenpiError(f"the checkpoint holds the trainable weights of another setup ({len(missing)} of this "
+                             f"run's missing, {len(unexpected)} unknown, {len(reshaped)} of another shape, e.g. {example}): resume it with the model and "
+                             "model.lora settings it was trained with, or start a new run (another run_name)")
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The frozen base weights are rebuilt from the model config; only what trains is saved.
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
@@ -213,7 +246,9 @@ class GenPIModule(pl.LightningModule):
 
 
 def _batch_size(batch: dict[str, Any]) -> int:
-    for part in batch.values():
+    for key, part in batch.items():
+        if key == "window":
+            continue
         for v in part.values():
             return int(v.shape[0])
     return 0
@@ -222,6 +257,8 @@ def _batch_size(batch: dict[str, Any]) -> int:
 def _tokens(batch: dict[str, Any]) -> int:
     n = 0
     for key, part in batch.items():
+        if key == "window":
+            continue
         if key == "kl":
             n += int(part["student_attention_mask"].sum()) + int(part["teacher_attention_mask"].sum())
         else:

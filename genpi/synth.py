@@ -87,6 +87,7 @@ def run_synthesis(cfg: DictConfig | dict[str, Any]) -> Path:
         count, unit = token_counter(plan.run_model)
         config = {"task": plan.task.describe(), "model": plan.run_model, "synth": mask_tree(to_dict(cfg["synth"]))}
         card = build_card(plan.task.describe(), records, reports, count, unit, out, config)
+        card.update(data_contract_facts(plan, records))
         write_card(out, card)
     for col in card["empty_columns"]:
         log.warning("column %s is empty in %s: run its stage to fill it", col, out / "data.jsonl")
@@ -95,6 +96,21 @@ def run_synthesis(cfg: DictConfig | dict[str, Any]) -> Path:
     if isinstance(cfg, DictConfig) and cfg.get("logger"):
         report_card(cfg, card)
     return out
+
+
+def data_contract_facts(plan: Plan, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """What training checks a dataset against: repeated inputs, and the tokenizer the stored top-k ids belong to."""
+    from genpi.data.datamodule import input_key
+    from genpi.data.records import duplicate_inputs
+
+    facts: dict[str, Any] = {"duplicate_inputs": len(duplicate_inputs(records, input_key))}
+    stage = plan.stages.get("teacher_logits")
+    if stage is not None and records and all("teacher_topk_ids" in r for r in records):
+        from genpi.data.tokenize import tokenizer_fingerprint
+        from genpi.models.factory import load_tokenizer
+
+        facts["teacher_topk_tokenizer"] = tokenizer_fingerprint(load_tokenizer(stage.model))
+    return facts
 
 
 def report_card(cfg: DictConfig, card: dict[str, Any]) -> None:

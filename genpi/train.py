@@ -150,9 +150,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.load()  # every record read and checked before any model loads
     model, tokenizer = load_model_and_tokenizer(cfg.model, for_training=True)
     datamodule.tokenizer = tokenizer
+    if spec.loss.kl.teacher == "cached" and spec.loss.kl.weight > 0:
+        datamodule.check_topk_tokenizer()
     datamodule.setup("fit")
     prompt = teacher_prompt(tokenizer, task)
     module = GenPIModule(model, spec.loss, spec.optim, prompt.ids)
+    if ckpt:  # before anything is written: a checkpoint of another setup is refused in one line
+        module.check_checkpoint(torch.load(ckpt, map_location="cpu", weights_only=True))
 
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [] if fdr else _loggers(cfg, run_dir, identity_hash)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import random
@@ -85,8 +86,11 @@ class EncodedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.examples[i]
+    def __getitem__(self, key: int | tuple[int, dict[str, int]]) -> dict[str, Any]:
+        if isinstance(key, tuple):  # (index, token totals of its accumulation window), from TokenWindowSampler
+            i, window = key
+            return {**self.examples[i], "window": window}
+        return self.examples[key]
 
     def lengths(self) -> list[int]:
         return [example_length(e) for e in self.examples]
@@ -163,6 +167,47 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         return math.ceil(len(self.lengths) / size)
 
 
+def target_tokens(example: dict[str, Any]) -> dict[str, int]:
+    """The tokens each loss term of one example averages over: labelled positions (sft, pg), answer tokens (kl)."""
+    out = {}
+    for part in ("sft", "pg"):
+        if part in example:
+            out[part] = sum(1 for t in example[part]["labels"][1:] if t != IGNORE)
+    if "kl" in example:
+        out["kl"] = int(example["kl"]["response_len"])
+    return out
+
+
+class TokenWindowSampler(Sampler[list[tuple[int, dict[str, int]]]]):
+    """The batches of ``batch_sampler``, each index paired with the token totals of its accumulation window (the
+    ``accumulate`` consecutive batches of one optimizer step), so that the training module can weight every
+    micro-batch by its share of the window's tokens: the step's gradient is then the token mean over the whole
+    window, as one batch of ``accumulate`` times the size would give, not a mean of per-batch means."""
+
+    def __init__(self, batch_sampler: LengthGroupedBatchSampler, dataset: EncodedDataset, accumulate: int):
+        self.batch_sampler = batch_sampler
+        self.dataset = dataset
+        self.accumulate = max(1, int(accumulate))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batch_sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self):
+        batches = list(self.batch_sampler)
+        for start in range(0, len(batches), self.accumulate):
+            group = batches[start : start + self.accumulate]
+            totals: dict[str, int] = {"accumulate": self.accumulate}
+            for batch in group:
+                for i in batch:
+                    for term, n in target_tokens(self.dataset[i]).items():
+                        totals[term] = totals.get(term, 0) + n
+            for batch in group:
+                yield [(i, totals) for i in batch]
+
+
 def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
     width = max(len(s) for s in seqs)
     return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
@@ -211,6 +256,8 @@ class Collator:
                 kl["teacher_topk_ids"] = torch.tensor([row for r in rows for row in r["teacher_topk_ids"]])
                 kl["teacher_topk_logprobs"] = torch.tensor([row for r in rows for row in r["teacher_topk_logprobs"]])
             batch["kl"] = kl
+        if "window" in examples[0]:
+            batch["window"] = dict(examples[0]["window"])
         return batch
 
 
@@ -321,6 +368,26 @@ class GenPIDataModule(pl.LightningDataModule):
             self.datasets["val"] = self.encode(self.splits["val"], tuple(sorted(set(self.losses) | {"kl"})))
             self.encoder.report.log(f"data from {self.source}")
 
+    def check_topk_tokenizer(self) -> None:
+        """Stored top-k ids index the vocabulary of the tokenizer that made them: the data card's tokenizer must
+        be this model's. A dataset without a card (or an older card) cannot be checked: said in the log."""
+        from genpi.data.tokenize import tokenizer_fingerprint
+
+        src = self.source
+        card_path = (src if src.is_dir() else src.parent) / "card.json"
+        made_with = None
+        if card_path.is_file():
+            made_with = json.loads(card_path.read_text()).get("teacher_topk_tokenizer")
+        if made_with is None:
+            log.warning("%s: no data card names the tokenizer of the stored top-k ids; trusting they are this "
+                        "model's", src)
+            return
+        mine = tokenizer_fingerprint(self.tokenizer)
+        if made_with != mine:
+            raise GenpiError(f"the teacher top-k ids in {src} come from another tokenizer (card {made_with}, this "
+                             f"model's {mine}): rerun the synth teacher_logits stage with this model, or set "
+                             "loss.kl.teacher=online")
+
     def data_report(self) -> dict[str, Any]:
         """What metrics.json records about the data: its source, duplicates and whether they were dropped."""
         self.load()
@@ -336,17 +403,21 @@ class GenPIDataModule(pl.LightningDataModule):
             return trainer.world_size, trainer.global_rank
         return 1, 0
 
-    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, batch_size: int, shuffle: bool, accumulate: int | None = None) -> DataLoader:
         ds = self.datasets[split]
         world, rank = self._world()
         sampler = LengthGroupedBatchSampler(ds.lengths(), batch_size, seed=self.seed, shuffle=shuffle,
                                             group_by_length=self.group_by_length, num_replicas=world, rank=rank,
                                             pad_last=not shuffle)
+        if accumulate is not None:
+            sampler = TokenWindowSampler(sampler, ds, accumulate)
         return DataLoader(ds, batch_sampler=sampler, collate_fn=Collator(self.tokenizer.pad_token_id),
                           num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, shuffle=True)
+        trainer = getattr(self, "trainer", None)
+        accumulate = int(trainer.accumulate_grad_batches) if trainer is not None else 1
+        return self._loader("train", self.batch_size, shuffle=True, accumulate=accumulate)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", self.eval_batch_size, shuffle=False)
