@@ -47,6 +47,7 @@ def _compose(config_name: str, overrides: list[str]) -> DictConfig:
     from hydra.core.global_hydra import GlobalHydra
 
     import genpi.hydra_utils  # noqa: F401  (registers genpi's resolvers)
+    import genpi.runs  # noqa: F401  (the config-hash resolver of run folders)
 
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module="genpi.conf", version_base="1.3"):

@@ -36,6 +36,13 @@ def test_an_experiment_reaches_every_stage():
     assert plan["train"] == ["experiment=paper_os"]
 
 
+def test_an_experiment_file_sets_synthesis_and_evaluation_too():
+    plan = plan_stages(["experiment=demo"])
+    assert _value(plan["synth"], "synth.name") == "'demo'"
+    assert _value(plan["synth"], "model") == "tiny_agent"
+    assert _value(plan["eval"], "eval.max_new_tokens") == "96"
+
+
 def test_model_and_task_keys_changed_on_the_command_line_reach_every_stage():
     plan = plan_stages(["model=tiny_agent", "task=kg", "model.dtype=bfloat16", "task.end_token=DONE", "seed=3",
                         "synth.client=vllm", "eval.engine=hf"])
@@ -72,7 +79,7 @@ def test_the_pipeline_runs_an_experiment_on_one_model_and_task(tmp_path):
             "validate_before_fit=false", "eval.engine=hf", "eval.savings.measure=false", "eval.max_examples=4",
             "eval.max_new_tokens=16"]
     env = {**os.environ, "GENPI_OUTPUT_ROOT": str(tmp_path / "out")}
-    first = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    first = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=2400)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     lines = dict(ln.split(": ", 1) for ln in first.stdout.splitlines()[-3:])
     dataset, run_dir, report = Path(lines["dataset"]), Path(lines["run folder"]), Path(lines["report"])
@@ -87,7 +94,7 @@ def test_the_pipeline_runs_an_experiment_on_one_model_and_task(tmp_path):
     assert card["task"]["name"] == run["task"] == evaluation["task"] == "kg"
     assert "## In one table" in report.read_text()
 
-    again = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    again = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=2400)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "reusing the finished run" in again.stdout and "reusing the evaluation" in again.stdout
     assert again.stdout.splitlines()[-2:] == first.stdout.splitlines()[-2:]
