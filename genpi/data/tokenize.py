@@ -66,7 +66,11 @@ def chat_segments(tokenizer, messages: list[Message], label_from: int = 0) -> li
             _check_prefix(tokenizer, header_end, full, messages[: k + 1])
             if len(header_end) > len(done):
                 segments.append((header_end[len(done) :], False))
-            segments.append((full[len(header_end) :], True))
+            turn = full[len(header_end) :]
+            cut = _end_of_turn(tokenizer, turn, msg["content"])
+            segments.append((turn[:cut], True))
+            if cut < len(turn):
+                segments.append((turn[cut:], False))
             done = full
         else:
             full = render(tokenizer, messages[: k + 1])
@@ -74,6 +78,25 @@ def chat_segments(tokenizer, messages: list[Message], label_from: int = 0) -> li
             segments.append((full[len(done) :], False))
             done = full
     return segments
+
+
+def _end_of_turn(tokenizer, turn: str, content: str) -> int:
+    """Where an assistant turn's label ends in its rendered text ``turn``: just after the first special token that
+    follows the content (``<|eot_id|>``, ``<|im_end|>``, ``</s>``), so that what a template writes after it (ChatML's
+    newline) is context, not something the model learns to generate after it stopped; the whole turn when no
+    special token follows."""
+    start = 0
+    for needle in (content, content.strip()):  # templates may trim the content
+        at = turn.rfind(needle) if needle else -1
+        if at >= 0:
+            start = at + len(needle)
+            break
+    ends = [(turn.find(t, start), t) for t in getattr(tokenizer, "all_special_tokens", []) if t]
+    ends = [(i, t) for i, t in ends if i >= 0]
+    if not ends:
+        return len(turn)
+    i, token = min(ends, key=lambda e: (e[0], -len(e[1])))
+    return i + len(token)
 
 
 def template_name(tokenizer) -> str:
