@@ -27,6 +27,7 @@ the tokenizer file's bytes and the library versions.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -38,25 +39,17 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
+from genpi import schema
 from genpi.errors import GenpiError
 from genpi.paths import cache_dir
+from genpi.schema import RealVocabArch
 
 BUILDER_VERSION = "real-vocab-v1"
 MARKER = "genpi_real_vocab.json"
 
-# The architecture: tiny layers, the vocabulary is what the tokenizer has. Embeddings are tied (one V x H matrix).
-DEFAULT_ARCH: dict[str, Any] = {
-    "hidden_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "intermediate_size": 176,
-    "max_position_embeddings": 4096,
-    "rope_theta": 500000.0,
-    "initializer_range": 0.02,
-    "seed": 0,
-}
-_FLOAT_KEYS = {"rope_theta", "initializer_range"}
+# The architecture (defaults and ranges in genpi.schema.RealVocabArch): tiny layers; the vocabulary is the
+# tokenizer's. Embeddings are tied (one V x H matrix).
+DEFAULT_ARCH: dict[str, Any] = dataclasses.asdict(RealVocabArch())
 
 # Llama 3's documented layout (llama_models/llama3_1/prompt_format.md): each turn is a header, two newlines, the
 # trimmed content and <|eot_id|>. {% generation %} marks the assistant's content and <|eot_id|> (not its header).
@@ -185,17 +178,14 @@ def _lib_version(name: str) -> str:
 
 
 def arch_config(overrides: dict[str, Any] | None = None, where: str = "model.tiny") -> dict[str, Any]:
-    """:data:`DEFAULT_ARCH` with the non-null ``overrides`` (``model.tiny``)."""
-    from genpi.models.tiny import with_overrides
-
-    arch = with_overrides(DEFAULT_ARCH, overrides, where, _FLOAT_KEYS)
-    if arch["hidden_size"] % arch["num_attention_heads"]:
-        raise GenpiError(f"{where}.hidden_size={arch['hidden_size']} is not a multiple of "
-                         f"num_attention_heads={arch['num_attention_heads']}")
-    if arch["num_attention_heads"] % arch["num_key_value_heads"]:
-        raise GenpiError(f"{where}.num_attention_heads={arch['num_attention_heads']} is not a multiple of "
-                         f"num_key_value_heads={arch['num_key_value_heads']}")
-    return arch
+    """:data:`DEFAULT_ARCH` with the non-null ``overrides`` (``model.tiny``): unknown keys, wrong types, values out
+    of range and head counts that do not divide are one-line errors."""
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    unknown = sorted(set(given) - set(DEFAULT_ARCH))
+    if unknown:
+        raise GenpiError(f"{where} has unknown keys {unknown} for a real-vocabulary model (its vocabulary is the "
+                         f"tokenizer's); known keys: {sorted(DEFAULT_ARCH)}")
+    return dataclasses.asdict(schema.read(given, RealVocabArch, where))
 
 
 def content_hash(name: str, overrides: dict[str, Any] | None = None) -> str:
@@ -381,3 +371,67 @@ def vocab_sizes() -> dict[str, int]:
 
             sizes[name] = int(sentencepiece.SentencePieceProcessor(model_file=str(path)).get_piece_size())
     return sizes
+
+
+def loss_memory_child(name: str, mode: str, n_tokens: int, chunk: int) -> dict[str, Any]:
+    """One KL + cross-entropy forward and backward at the real vocabulary of model ``name``, in this process: the
+    model's own output head (``[V, hidden]``) and its final hidden states over ``n_tokens`` tokens of a task prompt
+    in its own tokenizer; the teacher's are those of the same text (the KL is about memory here, not its value).
+    ``mode`` is ``chunked`` or ``unchunked``. Returns the values, the gradient norm and this process's peak RSS
+    (MB) and its rise over the loaded model's."""
+    import resource
+
+    import torch
+
+    from genpi import losses
+    from genpi.models.factory import load_model, load_tokenizer
+    from genpi.tasks.base import builtin_task
+
+    cfg = {"name_or_path": name}
+    tok, model = load_tokenizer(cfg), load_model(cfg, for_training=False).eval()
+    text = builtin_task("os").prompt_text
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    ids = (ids * (n_tokens // len(ids) + 1))[: n_tokens + 1]
+    with torch.no_grad():
+        hidden = model.model(input_ids=torch.tensor([ids[:-1]])).last_hidden_state[0]
+    weight = model.lm_head.weight.detach()
+    student = (hidden + 0.01 * torch.randn_like(hidden)).requires_grad_(True)
+    targets = torch.tensor(ids[1:])
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if mode == "chunked":
+        kl = losses.chunked_distill_loss(student, hidden, weight, kind="forward_kl", chunk_size=chunk)
+        ce = losses.chunked_token_cross_entropy(student, weight, targets, chunk_size=chunk)
+    else:
+        s_logits, t_logits = student @ weight.T, hidden @ weight.T
+        kl = losses.distill_loss(s_logits, t_logits, torch.ones(len(targets), dtype=torch.bool), kind="forward_kl")
+        ce = losses.token_cross_entropy(s_logits, targets)
+    (kl + ce).backward()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"vocab": int(weight.shape[0]), "hidden": int(weight.shape[1]), "kl": kl.item(), "ce": ce.item(),
+            "grad_norm": student.grad.norm().item(), "peak_mb": peak / 1024, "delta_mb": (peak - base) / 1024}
+
+
+def bench_memory(models: list[str], n_tokens: int, chunk: int) -> dict[str, Any]:
+    """``genpi-bench``'s memory at the real vocabularies: for each model, unchunked vs chunked KL + cross-entropy,
+    each in a fresh process (so one's peak cannot hide the other's). A variant the kernel kills is reported so."""
+    import subprocess
+    import sys
+
+    out: dict[str, Any] = {"tokens": n_tokens, "chunk": chunk, "models": {}}
+    for name in models:
+        build_real_vocab(name)  # once, here: the children only load it
+        row: dict[str, Any] = {}
+        for mode in ("unchunked", "chunked"):
+            cmd = [sys.executable, "-m", "genpi.bench", "--_real-vocab-child", name, mode, "--mem-tokens",
+                   str(n_tokens), "--chunk", str(chunk)]
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            if p.returncode == 0:
+                row[mode] = json.loads(p.stdout.strip().splitlines()[-1])
+            else:
+                row[mode] = {"failed": "killed by the kernel: out of memory" if p.returncode == -9
+                             else f"exit {p.returncode}: {p.stderr.strip().splitlines()[-1:]}"}
+        if "delta_mb" in row["unchunked"] and "delta_mb" in row["chunked"]:
+            row["peak_ratio_unchunked_over_chunked"] = row["unchunked"]["delta_mb"] / max(1e-6, row["chunked"]["delta_mb"])
+            row["max_value_diff"] = max(abs(row["unchunked"][k] - row["chunked"][k]) for k in ("kl", "ce"))
+        out["models"][name] = row
+    return out
