@@ -10,7 +10,9 @@ Prints, for one machine and one set of versions:
 - how much of the full KL the cached top-k teacher log-probs recover (k = 5, 20, 50), on model=tiny_agent;
 - peak memory of the chunked vs unchunked KL + cross-entropy at 8 x 1,024 tokens and a 128,256 vocabulary
   (each in a fresh process, so one's peak cannot hide the other's);
-- the synthesis throughput of batched vs one-at-a-time role swapping (experiments/bench/bench_roleswap.py).
+- the synthesis throughput of batched vs one-at-a-time role swapping (experiments/bench/bench_roleswap.py);
+- the same memory at the real vocabularies (Llama 3's 128,256, Llama 4's 202,048) from the models with those
+  tokenizers (genpi/models/real_vocab.py): their output heads and hidden states, not a synthetic head.
 """
 
 from __future__ import annotations
@@ -263,10 +265,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--chunk", type=int, default=1024)
     ap.add_argument("--topk-model", default="tiny_agent", help="model of the top-k comparison (a peaked one)")
     ap.add_argument("--topk-task", default="os")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["training", "memory", "topk", "roleswap"])
+    ap.add_argument("--real-vocab-models", nargs="*", default=["tiny_llama3_vocab", "tiny_llama4_vocab"],
+                    help="models whose real vocabulary the loss memory is measured at")
+    ap.add_argument("--real-vocab-tokens", type=int, default=1024, help="tokens of the real-vocabulary memory runs")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["training", "memory", "topk", "roleswap", "real_vocab"])
     ap.add_argument("--out", default="outputs/bench/bench.json")
     ap.add_argument("--_loss-child", dest="loss_child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--_real-vocab-child", dest="real_vocab_child", nargs=2, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.real_vocab_child:
+        from genpi.models.real_vocab import loss_memory_child
+
+        print(json.dumps(loss_memory_child(*args.real_vocab_child, args.mem_tokens, args.chunk)))
+        return
     if args.loss_child:
         _loss_memory_child(args.loss_child, args.mem_tokens, args.mem_vocab, args.mem_hidden, args.chunk)
         return
@@ -276,6 +287,10 @@ def main(argv: list[str] | None = None) -> None:
         report["training"] = bench_training(args)
     if "memory" not in args.skip:
         report["loss_memory"] = bench_loss_memory(args)
+    if "real_vocab" not in args.skip:
+        from genpi.models.real_vocab import bench_memory
+
+        report["real_vocab_memory"] = bench_memory(args.real_vocab_models, args.real_vocab_tokens, args.chunk)
     if "topk" not in args.skip:
         report["topk"] = bench_topk(args)
     if "roleswap" not in args.skip:

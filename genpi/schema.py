@@ -620,3 +620,28 @@ def _config_error_line(err: Exception) -> str:
     if "Missing mandatory value" in first and key:
         return f"{key} is required: set it on the command line ({key}=...)"
     return f"{key}: {first}" if key else first
+
+
+# --- model: tiny models with a real tokenizer (issue 18) ---
+@dataclass
+class RealVocabArch:
+    """``model.tiny`` when ``model.name_or_path`` is ``tiny_llama3_vocab``, ``tiny_chatml``, ``tiny_mistral_vocab`` or
+    ``tiny_llama4_vocab`` (genpi/models/real_vocab.py). The vocabulary is the tokenizer's, so there is no vocab_size."""
+
+    hidden_size: int = field(default=64, metadata=rng(gt=0))
+    num_hidden_layers: int = field(default=2, metadata=rng(gt=0))
+    num_attention_heads: int = field(default=4, metadata=rng(gt=0))
+    num_key_value_heads: int = field(default=2, metadata=rng(gt=0))
+    intermediate_size: int = field(default=176, metadata=rng(gt=0))
+    max_position_embeddings: int = field(default=4096, metadata=rng(gt=0))
+    rope_theta: float = field(default=500000.0, metadata=rng(gt=0))
+    initializer_range: float = field(default=0.02, metadata=rng(gt=0))
+    seed: int = 0
+
+    def validate(self, at: str) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise bad(f"{at}.hidden_size", self.hidden_size,
+                      f"a multiple of num_attention_heads={self.num_attention_heads}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise bad(f"{at}.num_attention_heads", self.num_attention_heads,
+                      f"a multiple of num_key_value_heads={self.num_key_value_heads}")

@@ -1,13 +1,20 @@
 """Records -> token ids and label masks for each loss, with the model's own chat template.
 
-Every sequence is built from text *segments* rendered by the chat template and tokenized one by
-one (``add_special_tokens=False``), so that
+Every sequence is built from text *segments* rendered by the chat template. The whole text is tokenized at once
+(``add_special_tokens=False``), as ``apply_chat_template`` and vLLM tokenize it at inference, and each token's
+characters (its offsets) say which segment, hence which label, it belongs to; so that
 
-- label spans are exact: a segment is either trained on or not, never "roughly";
-- the teacher's prompt is one segment whose ids are the same in every example (the prefix cache
-  of the training module relies on this);
+- label spans are exact: a segment is either trained on or not, never "roughly", and a token that would be half label,
+  half not is an error naming the template, not a silent shift;
+- the ids are those the model meets at inference: tokenizing segment by segment would not be (a SentencePiece
+  tokenizer adds a word-start piece at the start of every piece of text, a BPE merges across the cut);
+- the teacher's prompt is a token prefix whose ids are the same in every example (the prefix cache of the training
+  module relies on this), checked per example;
 - a response has the same ids after the teacher's prompt+input as after the student's input, so the
   KL positions align one to one.
+
+:func:`check_chat_template` refuses, in one line naming the template and what differs, a template whose rendering of
+earlier turns changes when turns are added (a system prompt moved to the last user turn, a date that changes).
 """
 
 from __future__ import annotations
@@ -15,7 +22,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from bisect import bisect_right
 from collections import Counter
+from itertools import accumulate
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,25 +72,63 @@ def chat_segments(tokenizer, messages: list[Message], label_from: int = 0) -> li
         if msg["role"] == "assistant" and k >= label_from:
             header_end = render(tokenizer, messages[:k], add_generation_prompt=True)
             full = render(tokenizer, messages[: k + 1])
-            _check_prefix(done, header_end, messages[:k])
-            _check_prefix(header_end, full, messages[: k + 1])
+            _check_prefix(tokenizer, done, header_end, messages[:k])
+            _check_prefix(tokenizer, header_end, full, messages[: k + 1])
             if len(header_end) > len(done):
                 segments.append((header_end[len(done) :], False))
-            segments.append((full[len(header_end) :], True))
+            turn = full[len(header_end) :]
+            cut = _end_of_turn(tokenizer, turn, msg["content"])
+            segments.append((turn[:cut], True))
+            if cut < len(turn):
+                segments.append((turn[cut:], False))
             done = full
         else:
             full = render(tokenizer, messages[: k + 1])
-            _check_prefix(done, full, messages[: k + 1])
+            _check_prefix(tokenizer, done, full, messages[: k + 1])
             segments.append((full[len(done) :], False))
             done = full
     return segments
 
 
-def _check_prefix(prefix: str, text: str, messages: list[Message]) -> None:
+def _end_of_turn(tokenizer, turn: str, content: str) -> int:
+    """Where an assistant turn's label ends in its rendered text ``turn``: just after the first special token that
+    follows the content (``<|eot_id|>``, ``<|im_end|>``, ``</s>``), so that what a template writes after it (ChatML's
+    newline) is context, not something the model learns to generate after it stopped; the whole turn when no
+    special token follows."""
+    start = 0
+    for needle in (content, content.strip()):  # templates may trim the content
+        at = turn.rfind(needle) if needle else -1
+        if at >= 0:
+            start = at + len(needle)
+            break
+    ends = [(turn.find(t, start), t) for t in getattr(tokenizer, "all_special_tokens", []) if t]
+    ends = [(i, t) for i, t in ends if i >= 0]
+    if not ends:
+        return len(turn)
+    i, token = min(ends, key=lambda e: (e[0], -len(e[1])))
+    return i + len(token)
+
+
+def template_name(tokenizer) -> str:
+    """How errors name a tokenizer's chat template: the model folder's (or hub repo's) last name."""
+    name = str(getattr(tokenizer, "name_or_path", "") or "").rstrip("/")
+    return f"the chat template of {name.rsplit('/', 1)[-1]}" if name else "the model's chat template"
+
+
+def _difference(shorter: str, longer: str, width: int = 40) -> tuple[str, str]:
+    """The two texts around their first differing character (for one-line errors)."""
+    i = next((k for k, (a, b) in enumerate(zip(shorter, longer)) if a != b), min(len(shorter), len(longer)))
+    start = max(0, i - width // 4)
+    return shorter[start : i + width], longer[start : i + width]
+
+
+def _check_prefix(tokenizer, prefix: str, text: str, messages: list[Message]) -> None:
     if not text.startswith(prefix):
+        was, now = _difference(prefix, text)
         raise GenpiError(
-            f"the model's chat template is not prefix-stable at turn {len(messages)} "
-            "(rendering fewer turns is not a prefix of rendering more): set model.chat_template to a template that is"
+            f"{template_name(tokenizer)} is not prefix-stable: with {len(messages)} turns it renders {now!r} where "
+            f"fewer turns rendered {was!r} (a system prompt or date that moves or changes as turns are added); set "
+            "model.chat_template to a template that keeps earlier turns as they were"
         )
 
 
@@ -89,14 +136,62 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
 
+def encode_with_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]] | None]:
+    """Ids of ``text`` (no added BOS/EOS) and each token's ``(start, end)`` characters; ``None`` offsets for a
+    tokenizer that cannot give them (a slow, Python-only tokenizer)."""
+    if not text:
+        return [], []
+    if not getattr(tokenizer, "is_fast", False):
+        return encode(tokenizer, text), None
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
+
 def encode_segments(tokenizer, segments: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
-    """Token ids of ``(text, is_label)`` segments and their labels (the ids, or ``IGNORE`` off the labels)."""
+    """Token ids of the joined ``(text, is_label)`` segments, tokenized as one text, and their labels (the ids on
+    tokens whose characters lie in a label segment, ``IGNORE`` elsewhere).
+
+    A token whose characters reach into a segment of the other kind is a :class:`GenpiError`: its label would be
+    neither right nor wrong, and the template should end a turn where the tokenizer cannot merge across it.
+    """
+    segments = [(t, lab) for t, lab in segments if t]
+    text = "".join(t for t, _ in segments)
+    ids, offsets = encode_with_offsets(tokenizer, text)
+    if not ids:
+        return [], []
+    if offsets is None:
+        return _encode_segments_one_by_one(tokenizer, segments, ids)
+    ends = list(accumulate(len(t) for t, _ in segments))
+    labels: list[int] = []
+    for tid, (start, end) in zip(ids, offsets):
+        first = min(bisect_right(ends, start), len(segments) - 1)  # the segment holding the token's first character
+        last = min(bisect_right(ends, max(start, end - 1)), len(segments) - 1)
+        is_label = segments[first][1]
+        if any(segments[k][1] != is_label for k in range(first + 1, last + 1)):
+            cut = ends[first]
+            raise GenpiError(
+                f"{template_name(tokenizer)}: the token {text[start:end]!r} spans the end of a "
+                f"{'label' if is_label else 'context'} part ({text[max(0, cut - 20):cut]!r}) and the start of the next "
+                f"({text[cut:cut + 20]!r}), so its label cannot be exact; set model.chat_template so that a special "
+                "token or a separator the tokenizer cannot merge across ends each turn"
+            )
+        labels.append(tid if is_label else IGNORE)
+    return ids, labels
+
+
+def _encode_segments_one_by_one(tokenizer, segments: list[tuple[str, bool]],
+                                 whole: list[int]) -> tuple[list[int], list[int]]:
+    """For tokenizers without offsets: segment by segment, accepted only when that equals the whole text's ids."""
     ids: list[int] = []
     labels: list[int] = []
     for text, is_label in segments:
         seg = encode(tokenizer, text)
         ids += seg
         labels += seg if is_label else [IGNORE] * len(seg)
+    if ids != whole:
+        raise GenpiError(f"{template_name(tokenizer)}: tokenizing turn by turn gives other ids than tokenizing the "
+                         "whole chat, and this (slow) tokenizer gives no offsets to split it exactly; load the model's "
+                         "fast tokenizer (tokenizer.json)")
     return ids, labels
 
 
@@ -124,23 +219,70 @@ class TeacherPrompt:
     text: str
 
 
+# Inputs whose first characters a tokenizer may merge with the prompt's last ones (spaces, newlines, digits,
+# punctuation, letters, non-ASCII): the shared prompt prefix ends on a token boundary that none of them moves.
+_PROBE_INPUTS = ("x", "Hello world", " x", "  x", "\nx", "\n\nx", "\tx", "1", "42", ".", ":", "-", "(", "'s",
+                 "\u00e9t\u00e9", "\u65e5\u672c", "`ls`")
+
+
+def _common_prefix_len(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def teacher_prompt(tokenizer, task: Task) -> TeacherPrompt:
-    """Render the teacher's messages around a sentinel input and keep the text before it."""
+    """The teacher's shared prompt: the rendered text before the input and its ids, cut back to the last token
+    boundary that no input can move (a BPE may merge the prompt's closing newline with an input's first one).
+
+    Each teacher sequence is checked to start with these ids (:func:`teacher_prefix_ids`).
+    """
     text = render(tokenizer, task.teacher_messages(_SENTINEL), add_generation_prompt=True)
     cut = text.find(_SENTINEL)
     if cut < 0:
         raise GenpiError("the chat template dropped the task input; check task.teacher_template and the model's template")
-    prefix = text[:cut]
-    return TeacherPrompt(ids=encode(tokenizer, prefix), text=prefix)
+    ids, offsets = encode_with_offsets(tokenizer, text[:cut])
+    keep = len(ids)
+    for probe in _PROBE_INPUTS:
+        view = render(tokenizer, task.teacher_messages(probe), add_generation_prompt=True)
+        if not view.startswith(text[:cut]):
+            raise GenpiError(f"{template_name(tokenizer)} renders the teacher's prompt differently for input {probe!r}: "
+                             "the prompt is not a text prefix of the teacher's view; check task.teacher_template")
+        keep = min(keep, _common_prefix_len(ids, encode(tokenizer, view)))
+    if keep == 0:
+        raise GenpiError(f"{template_name(tokenizer)}: no token of the teacher's prompt is a prefix of every teacher "
+                         "view, so the prompt cannot be shared; check task.teacher_template and model.chat_template")
+    if keep < len(ids):
+        dropped = tokenizer.decode(ids[keep:])
+        log.info("the teacher's prompt stops %d token(s) early (%r): inputs may merge with them", len(ids) - keep,
+                 dropped)
+    end = offsets[keep - 1][1] if offsets else len(tokenizer.decode(ids[:keep]))
+    return TeacherPrompt(ids=ids[:keep], text=text[:end])
 
 
 def teacher_prefix_ids(tokenizer, task: Task, pseudo_input: str, prompt: TeacherPrompt | None = None) -> list[int]:
-    """Ids of the teacher's view up to its answer: the shared prompt ids, then the input part."""
+    """Ids of the teacher's view up to its answer, tokenized as one text; they start with the shared prompt ids."""
     prompt = prompt or teacher_prompt(tokenizer, task)
     text = render(tokenizer, task.teacher_messages(pseudo_input), add_generation_prompt=True)
     if not text.startswith(prompt.text):
         raise GenpiError("the teacher prompt is not a text prefix of the teacher input; check task.teacher_template")
-    return prompt.ids + encode(tokenizer, text[len(prompt.text) :])
+    ids = encode(tokenizer, text)
+    _check_prompt_ids(tokenizer, prompt, ids, pseudo_input)
+    return ids
+
+
+def _check_prompt_ids(tokenizer, prompt: TeacherPrompt, ids: list[int], pseudo_input: str) -> None:
+    if ids[: len(prompt.ids)] != prompt.ids:
+        n = _common_prefix_len(prompt.ids, ids)
+        raise GenpiError(
+            f"{template_name(tokenizer)}: the teacher's prompt is not a token prefix of its view of input "
+            f"{pseudo_input[:40]!r} (the tokenizer merges the prompt's {tokenizer.decode(prompt.ids[n:])!r} with the "
+            "input's start); start the input with other characters or end task.teacher_template's text before "
+            "{input} with a separator"
+        )
 
 
 def student_prefix_ids(tokenizer, task: Task, pseudo_input: str) -> list[int]:
@@ -148,9 +290,57 @@ def student_prefix_ids(tokenizer, task: Task, pseudo_input: str) -> list[int]:
 
 
 def response_ids(tokenizer, answer: str) -> list[int]:
-    """Ids of an agent answer as the chat template closes it (content + end-of-turn text)."""
-    segs = chat_segments(tokenizer, [{"role": "user", "content": "x"}, {"role": "assistant", "content": answer}])
-    return encode(tokenizer, "".join(t for t, is_label in segs if is_label))
+    """Ids of an agent answer as the chat template closes it (content + end-of-turn text), as they follow the
+    generation prompt in the whole chat's ids."""
+    ids, labels = encode_chat(tokenizer, [{"role": "user", "content": "x"}, {"role": "assistant", "content": answer}])
+    return [i for i, lab in zip(ids, labels) if lab != IGNORE]
+
+
+def _dated_renders(tokenizer, messages: list[Message]) -> tuple[str, str] | None:
+    """The chat rendered as on two different days, when the template reads the clock (``strftime_now``)."""
+    from datetime import datetime
+
+    from transformers.utils import chat_template_utils
+
+    renders = []
+    real = chat_template_utils.datetime
+    for day in (datetime(2001, 2, 3, 4, 5, 6), datetime(2011, 12, 13, 14, 15, 16)):
+        class _Frozen(datetime):  # the template's strftime_now calls datetime.now() from that module
+            @classmethod
+            def now(cls, tz=None, _day=day):
+                return _day
+
+        chat_template_utils.datetime = _Frozen
+        try:
+            renders.append(render(tokenizer, messages, add_generation_prompt=True))
+        finally:
+            chat_template_utils.datetime = real
+    return (renders[0], renders[1]) if renders[0] != renders[1] else None
+
+
+def check_chat_template(tokenizer, task: Task) -> None:
+    """Refuse, in one line naming the template and what differs, a chat template genpi cannot train on exactly:
+
+    - one that reads today's date (``strftime_now``): the teacher's prompt and every sequence would change from one
+      day to the next, between synthesis, training and serving;
+    - one that is not prefix-stable on the conversations genpi builds (the teacher's and the student's views, then
+      assistant and user turns): earlier turns rendered differently once later turns are added (a system prompt
+      moved to the last user turn, a default system prompt that depends on what follows).
+
+    A default system prompt that every view gets alike is accepted: it is part of both views.
+    """
+    probe = "How many files are in /tmp?"
+    turns: list[Message] = [{"role": "assistant", "content": "Think: I count them.\nAct: bash"},
+                            {"role": "user", "content": "The output of the OS:\n3"},
+                            {"role": "assistant", "content": "Act: answer(3)"}]
+    dated = _dated_renders(tokenizer, task.student_messages(probe)) or _dated_renders(
+        tokenizer, task.teacher_messages(probe))
+    if dated:
+        one, other = _difference(*dated)
+        raise GenpiError(f"{template_name(tokenizer)} inserts today's date (strftime_now): it renders {one!r} on one day "
+                         f"and {other!r} on another; set model.chat_template to the template with a fixed date")
+    for head in (task.teacher_messages(probe), task.student_messages(probe)):
+        chat_segments(tokenizer, head + turns, label_from=len(head))
 
 
 @dataclass
@@ -194,6 +384,7 @@ class RecordEncoder:
         self.task = task
         self.limits = limits or Limits()
         self.pg_reason = pg_reason
+        check_chat_template(tokenizer, task)
         self.prompt = teacher_prompt(tokenizer, task)
         self.report = TruncationReport()
 
@@ -262,24 +453,16 @@ class RecordEncoder:
         return x, cut
 
     def _join(self, segs: list[tuple[str, bool]], skip_text: str | None = None) -> tuple[list[int], list[int]]:
-        ids: list[int] = []
-        labels: list[int] = []
+        """Ids and labels of the segments; with ``skip_text`` (the teacher's prompt), checked to start with the
+        shared prompt ids, which the training module's prefix cache relies on."""
+        ids, labels = encode_segments(self.tok, segs)
         if skip_text:
-            # The prompt is its own segment so that its ids match the teacher prompt ids exactly.
             text = "".join(t for t, _ in segs)
-            assert text.startswith(skip_text)
-            ids = list(self.prompt.ids)
-            labels = [IGNORE] * len(ids)
-            rest, consumed = [], len(skip_text)
-            for t, lab in segs:
-                if consumed >= len(t):
-                    consumed -= len(t)
-                    continue
-                rest.append((t[consumed:], lab))
-                consumed = 0
-            segs = rest
-        more_ids, more_labels = encode_segments(self.tok, segs)
-        return ids + more_ids, labels + more_labels
+            if not text.startswith(skip_text):
+                raise GenpiError(f"{template_name(self.tok)} renders the teacher's prompt differently inside a "
+                                 "conversation: it is not a text prefix of it")
+            _check_prompt_ids(self.tok, self.prompt, ids, text[len(skip_text) : len(skip_text) + 40])
+        return ids, labels
 
 
 def keep_prompt(seed: int, index: int, drop_prob: float) -> bool:

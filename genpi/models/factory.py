@@ -46,6 +46,13 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def _real_vocab_names() -> tuple[str, ...]:
+    """The built-in tiny models with a real tokenizer (``model=tiny_llama3_vocab`` ...), see real_vocab.py."""
+    from genpi.models.real_vocab import FAMILIES
+
+    return tuple(FAMILIES)
+
+
 def resolve_model_path(model_cfg: Any) -> str:
     """What transformers and vLLM load for ``model.name_or_path``.
 
@@ -58,6 +65,10 @@ def resolve_model_path(model_cfg: Any) -> str:
         from genpi.models.tiny import build_tiny
 
         return str(build_tiny(_plain(_get(model_cfg, "tiny", {}))))
+    if name in _real_vocab_names():
+        from genpi.models.real_vocab import build_real_vocab
+
+        return str(build_real_vocab(name, _plain(_get(model_cfg, "tiny", {}))))
     if name == "tiny_agent":
         from genpi.models.tiny_agent import build_tiny_agent
 
@@ -86,6 +97,10 @@ def model_fingerprint(model_cfg: Any) -> str:
         from genpi.models.tiny import tiny_hash
 
         return f"tiny-{tiny_hash(_plain(_get(model_cfg, 'tiny', {})))}"
+    if name in _real_vocab_names():
+        from genpi.models.real_vocab import folder_name
+
+        return folder_name(name, _plain(_get(model_cfg, "tiny", {})))
     if name == "tiny_agent":
         from genpi.models.tiny_agent import agent_folder
 
@@ -93,9 +108,9 @@ def model_fingerprint(model_cfg: Any) -> str:
                              "tiny_agent": _plain(_get(model_cfg, "tiny_agent", {}))}).name
     path = Path(name).expanduser()
     if path.is_dir():
-        from genpi.models import tiny, tiny_agent
+        from genpi.models import real_vocab, tiny, tiny_agent
 
-        built = tiny.is_built(path) or tiny.is_built(path, tiny_agent.MARKER)
+        built = tiny.is_built(path) or tiny.is_built(path, tiny_agent.MARKER) or real_vocab.is_built(path)
         return path.resolve().name if built else str(path.resolve())
     return name.rstrip("/")
 

@@ -1,0 +1,499 @@
+"""The pipeline on real tokenizers and chat templates: Llama 3 (tiktoken, 128,256 ids), Qwen's ChatML layout and
+Mistral's v3 SentencePiece (32,768 ids), each paired with a tiny random Llama (``model=tiny_llama3_vocab``,
+``tiny_chatml``, ``tiny_mistral_vocab``); Llama 4's 202,048-id vocabulary for the chunked losses.
+
+The tokenizers are checked against their publishers' own encoders (``llama_models``' tiktoken tokenizer and chat
+format, ``mistral_common``); the training sequences against what ``apply_chat_template`` gives at inference; the
+label spans by decoding. Each model is built once per session (the user's genpi cache, like ``tiny``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from genpi.data.tokenize import IGNORE, RecordEncoder, check_chat_template, render
+from genpi.errors import GenpiError
+from genpi.tasks.base import Task, builtin_task
+from tests.helpers import CONF, compose_cfg
+
+pytest.importorskip("llama_models")
+pytest.importorskip("mistral_common")
+
+REPO = CONF.parent
+FAMILIES = ["tiny_llama3_vocab", "tiny_chatml", "tiny_mistral_vocab"]
+# The layout each template writes around an assistant answer: what its label must decode to, given the content.
+END_OF_TURN = {"tiny_llama3_vocab": "<|eot_id|>", "tiny_chatml": "<|im_end|>", "tiny_mistral_vocab": "</s>"}
+
+TEXTS = ["Hello world!", "  two leading spaces\n\n\ttabs and\r\nCRLF", "ls -la /var/log | wc -l && echo $HOME",
+         "naïve café, 日本語, emoji 🤖", "1234567 3.14159 -42", "<html><div id=\"x\">a</div></html>", "'s 're 'll"]
+
+
+@pytest.fixture(scope="session")
+def real_tokenizers():
+    """``{family: tokenizer}`` through the factory (the model folder is built on first use, then cached)."""
+    from genpi.models.factory import load_tokenizer
+
+    return {name: load_tokenizer({"name_or_path": name}) for name in FAMILIES}
+
+
+def _label_spans(tok, ids: list[int], labels: list[int]) -> list[str]:
+    """The text of each run of labelled tokens, decoded in context (the decoded prefix before it cut off), so
+    SentencePiece's word-start spaces come out as they are in the whole text."""
+    spans, i = [], 0
+    while i < len(ids):
+        if labels[i] == IGNORE:
+            i += 1
+            continue
+        j = i
+        while j < len(ids) and labels[j] != IGNORE:
+            j += 1
+        before = tok.decode(ids[:i])
+        spans.append(tok.decode(ids[:j])[len(before):])
+        i = j
+    return spans
+
+
+def _chat_ids(tok, messages, add_generation_prompt=False) -> list[int]:
+    out = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+# -- the tokenizers equal their publishers' ------------------------------------------------------------------
+def test_llama3_ids_and_chat_equal_metas_own_tokenizer(real_tokenizers):
+    from llama_models.datatypes import RawMessage, StopReason
+    from llama_models.llama3.chat_format import ChatFormat
+    from llama_models.llama3.tokenizer import Tokenizer
+
+    tok, meta = real_tokenizers["tiny_llama3_vocab"], Tokenizer.get_instance()
+    assert len(tok) == meta.n_words == 128_256
+    for text in TEXTS:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert ids == meta.encode(text, bos=False, eos=False), text
+        assert tok.decode(ids) == text
+    # Special tokens written in text are single ids, as in Meta's encoder with all specials allowed.
+    assert tok("<|eot_id|>x", add_special_tokens=False)["input_ids"] == [meta.special_tokens["<|eot_id|>"], 87]
+    chat = [("system", "You operate a shell."), ("user", "List the files"), ("assistant", "Think: ok\nAct: bash"),
+            ("user", "total 0")]
+    want = ChatFormat(meta).encode_dialog_prompt(
+        [RawMessage(role=r, content=c, stop_reason=StopReason.end_of_turn) for r, c in chat]).tokens
+    assert _chat_ids(tok, [{"role": r, "content": c} for r, c in chat], add_generation_prompt=True) == want
+
+
+def test_mistral_chat_ids_equal_mistral_commons(real_tokenizers):
+    from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    from genpi.models.real_vocab import FAMILIES as SPECS
+    from genpi.models.real_vocab import tokenizer_file
+
+    tok = real_tokenizers["tiny_mistral_vocab"]
+    ref = MistralTokenizer.from_file(str(tokenizer_file(SPECS["tiny_mistral_vocab"])))
+    assert len(tok) == 32_768
+    kinds = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
+    for chat in ([("user", "How many files are in /etc?")],
+                 [("user", "Hello there"), ("assistant", "Hi! How can I help?"), ("user", "List files\nnow, ok?")],
+                 [("system", "Answer briefly."), ("user", "a"), ("assistant", "b 🤖"), ("user", "c")]):
+        want = ref.encode_chat_completion(ChatCompletionRequest(messages=[kinds[r](content=c) for r, c in chat])).tokens
+        assert _chat_ids(tok, [{"role": r, "content": c} for r, c in chat]) == want, chat
+
+
+def test_chatml_renders_qwens_layout_with_single_token_markers(real_tokenizers):
+    tok = real_tokenizers["tiny_chatml"]
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    assert render(tok, msgs) == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+                                 "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n")
+    ids = tok("<|im_start|>assistant\n<|im_end|>", add_special_tokens=False)["input_ids"]
+    assert tok.convert_ids_to_tokens(ids) == ["<|im_start|>", "assistant", "Ċ", "<|im_end|>"]
+    assert len(tok) == 128_256 + 3 and tok.eos_token == "<|im_end|>"
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_model_folder_loads_as_a_plain_transformers_model(name, real_tokenizers):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from genpi.models.factory import model_fingerprint, resolve_model_path
+
+    folder = Path(resolve_model_path({"name_or_path": name}))
+    assert folder.name == model_fingerprint({"name_or_path": name})
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert model.config.vocab_size == len(tok) == len(real_tokenizers[name])
+    assert model.config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
+    stops = set(model.generation_config.eos_token_id)
+    assert tok.convert_tokens_to_ids(END_OF_TURN[name]) in stops
+    # Rebuilding names the same folder: the cache is hit, not rebuilt.
+    assert resolve_model_path({"name_or_path": name}) == str(folder)
+
+
+@pytest.mark.parametrize("tiny, message", [
+    ({"vocab_size": 4096}, "model.tiny has unknown keys ['vocab_size'] for a real-vocabulary model"),
+    ({"hidden_size": 66}, "model.tiny.hidden_size=66 is not allowed: a multiple of num_attention_heads=4"),
+    ({"seed": "x"}, "model.tiny.seed='x' is not allowed: a whole number"),
+    ({"num_hidden_layers": 0}, "model.tiny.num_hidden_layers=0 is not allowed: > 0"),
+])
+def test_bad_architecture_is_one_line_before_any_build(tiny, message, tmp_path, monkeypatch):
+    from genpi.models.factory import resolve_model_path
+
+    monkeypatch.setenv("GENPI_CACHE", str(tmp_path))
+    with pytest.raises(GenpiError) as err:
+        resolve_model_path({"name_or_path": "tiny_llama3_vocab", "tiny": tiny})
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+    assert not (tmp_path / "models").exists()  # nothing built
+
+
+def test_yaml_architecture_agrees_with_the_schema():
+    from omegaconf import OmegaConf
+
+    from genpi.schema import RealVocabArch, defaults
+
+    for name in FAMILIES + ["tiny_llama4_vocab"]:
+        yaml = OmegaConf.to_container(OmegaConf.load(CONF / "model" / f"{name}.yaml"))
+        assert yaml["name_or_path"] == name
+        assert yaml["tiny"] == defaults(RealVocabArch), name
+
+
+# -- training sequences: ids as at inference, exact labels, shared prompt ---------------------------------------
+@pytest.fixture(scope="module", params=["os", "kg"])
+def task_and_records(request):
+    from genpi.data.records import load_records
+
+    task = builtin_task(request.param)
+    return task, load_records(task.sample_data_path())[:6]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_sft_ids_are_the_chat_templates_and_labels_decode_to_the_agent_turns(name, real_tokenizers, task_and_records):
+    tok, (task, records) = real_tokenizers[name], task_and_records
+    enc = RecordEncoder(tok, task)
+    for rec in records:
+        x = rec["pseudo_input"]
+        conv = list(rec["teacher_output_conv"])
+        for with_prompt in (False, True):
+            sft = enc.sft(rec, with_prompt=with_prompt)
+            head = task.teacher_messages(x) if with_prompt else task.student_messages(x)
+            assert sft["input_ids"] == _chat_ids(tok, head + conv)  # what the model meets at inference
+            spans = _label_spans(tok, sft["input_ids"], sft["labels"])
+            # Each agent turn exactly as the template writes it: content (trimmed where the template trims) and the
+            # end-of-turn marker; no header, nothing of the next turn.
+            contents = [m["content"] for m in conv if m["role"] == "assistant"]
+            assert len(spans) == len(contents)
+            for span, content in zip(spans, contents):
+                body = content.strip() if name == "tiny_llama3_vocab" else content
+                lead = " " if name == "tiny_mistral_vocab" else ""
+                assert span == lead + body + END_OF_TURN[name]
+            if with_prompt:
+                assert sft["input_ids"][: len(enc.prompt.ids)] == enc.prompt.ids
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_kl_views_share_the_prompt_prefix_and_align_the_response(name, real_tokenizers, task_and_records):
+    tok, (task, records) = real_tokenizers[name], task_and_records
+    enc = RecordEncoder(tok, task)
+    assert enc.prompt.text and tok.decode(enc.prompt.ids) == enc.prompt.text
+    for rec in records:
+        kl = enc.kl(rec)
+        n = kl["response_len"]
+        teacher, student = kl["teacher_input_ids"], kl["student_input_ids"]
+        assert teacher[: len(enc.prompt.ids)] == enc.prompt.ids
+        assert teacher[-n:] == student[-n:]
+        answer = [{"role": "assistant", "content": rec["teacher_output_single"]}]
+        x = rec["pseudo_input"]
+        # The teacher's view + answer decodes to the rendered chat up to the end-of-turn token (ChatML's newline
+        # after it is not generated), and is the template's own tokenization.
+        eot = END_OF_TURN[name]
+        rendered = render(tok, task.teacher_messages(x) + answer)
+        assert tok.decode(teacher) == rendered[: rendered.rindex(eot) + len(eot)]
+        assert teacher == _chat_ids(tok, task.teacher_messages(x) + answer)[: len(teacher)]
+        assert student == _chat_ids(tok, task.student_messages(x) + answer)[: len(student)]
+        assert tok.decode(teacher[-1:]) == eot and tok.decode(student[-1:]) == eot
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_pg_target_decodes_to_the_prompt_and_reason(name, real_tokenizers, task_and_records):
+    tok, (task, records) = real_tokenizers[name], task_and_records
+    pg = RecordEncoder(tok, task).pg(records[0])
+    (span,) = _label_spans(tok, pg["input_ids"], pg["labels"])
+    target = span.removesuffix(END_OF_TURN[name])
+    assert target.strip().startswith(task.prompt_text.strip()[:200])
+    assert pg["input_ids"] == _chat_ids(tok, [{"role": "user", "content": "x"}])[:0] + pg["input_ids"]
+
+
+def test_inputs_that_merge_with_the_prompts_end_keep_one_shared_prefix(real_tokenizers):
+    """Llama 3's BPE writes ':\\n' as one token and '\\n\\n' as another: an input starting with a newline would change
+    the prompt's last token, so the shared prefix stops before it, and every input still starts with it."""
+    tok = real_tokenizers["tiny_llama3_vocab"]
+    task = builtin_task("os")
+    enc = RecordEncoder(tok, task)
+    full = render(tok, task.teacher_messages("\u2063"), add_generation_prompt=True).split("\u2063")[0]
+    assert full.startswith(enc.prompt.text) and len(enc.prompt.text) < len(full)
+    for x in ["\n\nstarts with blank lines", " leading space", "plain", "42 files", ":colon"]:
+        rec = {"pseudo_input": x, "teacher_output_single": "Act: finish", "teacher_output_conv": []}
+        kl = enc.kl(rec)
+        assert kl["teacher_input_ids"][: len(enc.prompt.ids)] == enc.prompt.ids
+
+
+# -- templates genpi cannot train on exactly: one line naming the template and what differs -------------------
+def _task_with_system_turn() -> Task:
+    return Task(name="unit", prompt_turns=[{"role": "system", "content": "You operate a shell."},
+                                          {"role": "user", "content": "My problem is:"}], parser=None)
+
+
+def test_template_that_moves_the_system_prompt_is_refused_in_one_line(real_tokenizers):
+    """Mistral's format puts the system prompt in front of the LAST user turn: a teacher view with a system turn
+    renders differently once the conversation goes on."""
+    with pytest.raises(GenpiError) as err:
+        RecordEncoder(real_tokenizers["tiny_mistral_vocab"], _task_with_system_turn())
+    msg = str(err.value)
+    assert "\n" not in msg and "tiny_mistral_vocab" in msg and "not prefix-stable" in msg
+    assert "You operate a shell." in msg  # what differs: where the system prompt went
+    # The same task is fine where the system turn stays first (Llama 3, ChatML).
+    for name in ("tiny_llama3_vocab", "tiny_chatml"):
+        RecordEncoder(real_tokenizers[name], _task_with_system_turn())
+
+
+def test_template_that_inserts_todays_date_is_refused_in_one_line(real_tokenizers):
+    """A Llama 3.1-style default system turn with today's date (the template calls strftime_now)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(real_tokenizers["tiny_llama3_vocab"].name_or_path)
+    tok.chat_template = ("{{ bos_token }}<|start_header_id|>system<|end_header_id|>\n\nToday Date: "
+                         "{{ strftime_now('%d %b %Y') }}<|eot_id|>" + tok.chat_template.split("{{ bos_token }}", 1)[1])
+    with pytest.raises(GenpiError) as err:
+        check_chat_template(tok, builtin_task("os"))
+    msg = str(err.value)
+    assert "\n" not in msg and "today's date" in msg and "tiny_llama3_vocab" in msg
+    assert "03 Feb 2001" in msg and "13 Dec 2011" in msg  # the two renderings that differ
+    # A default system prompt that every view gets alike (ChatML's) is accepted.
+    check_chat_template(real_tokenizers["tiny_chatml"], builtin_task("os"))
+
+
+def test_label_boundary_inside_a_token_is_refused(real_tokenizers):
+    """A template that glues the answer to the header text with no separator: Llama 3's BPE merges them into one
+    token, which would be half label, half not."""
+    from transformers import AutoTokenizer
+
+    from genpi.data.tokenize import encode_chat
+
+    tok = AutoTokenizer.from_pretrained(real_tokenizers["tiny_llama3_vocab"].name_or_path)
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] + ':' }}{% if m['role'] == 'assistant' %}"
+                         "{% generation %}{{ m['content'] + '<|eot_id|>' }}{% endgeneration %}"
+                         "{% else %}{{ m['content'] + '<|eot_id|>' }}{% endif %}{% endfor %}"
+                         "{% if add_generation_prompt %}assistant:{% endif %}")
+    with pytest.raises(GenpiError, match="spans the end of a context part"):
+        encode_chat(tok, [{"role": "user", "content": "x"}, {"role": "assistant", "content": "::done"}])
+
+
+# -- the pipeline on each model: synthesis, every loss, evaluation, export, vLLM -------------------------------
+SMALL_SYNTH = ["synth.pseudo_inputs.num_inputs=3", "synth.chunk_size=3", "synth.conversations.max_turns=2",
+               "synth.outputs.sampling.max_tokens=8", "synth.reasons.sampling.max_tokens=8",
+               "synth.conversations.sampling.max_tokens=8", "synth.conversations.env_sampling.max_tokens=8",
+               "synth.progress=false", "synth.teacher_logits.top_k=5",
+               "synth.stages=[pseudo_inputs,outputs,reasons,conversations,teacher_logits]"]
+
+
+@pytest.fixture(scope="module")
+def hf_datasets(tmp_path_factory, real_tokenizers) -> dict[str, Path]:
+    """One small dataset per model, synthesized through the hf client with every stage (top-k logits included)."""
+    from genpi.synth import run_synthesis
+
+    out = {}
+    for name in FAMILIES:
+        root = tmp_path_factory.mktemp(f"synth-{name}")
+        out[name] = Path(run_synthesis(compose_cfg("synth", [f"model={name}", *SMALL_SYNTH], root)))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FAMILIES)
+def test_hf_synthesis_writes_records_whose_top_k_rows_match_the_response_tokens(name, hf_datasets, real_tokenizers):
+    from genpi.data.records import load_records
+    from genpi.data.tokenize import response_ids
+
+    records = load_records(hf_datasets[name])
+    assert len(records) == 3
+    tok = real_tokenizers[name]
+    for rec in records:
+        assert rec["teacher_output_conv"] and rec["teacher_output_conv"][0]["role"] == "assistant"
+        # One top-k row per response token of this tokenizer, end-of-turn included.
+        assert len(rec["teacher_topk_ids"]) == len(response_ids(tok, rec["teacher_output_single"]))
+        assert max(max(row) for row in rec["teacher_topk_ids"]) < len(tok)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("loss", ["genpi", "w_prompt"])
+def test_fast_dev_run_on_synthesized_data(name, loss, hf_datasets, tmp_path):
+    """``genpi`` trains the KL (from the stored top-k logits), SFT and PG terms at once; ``w_prompt`` the SFT with
+    the prompt kept as a shared token prefix."""
+    from genpi.train import train
+
+    out = train(compose_cfg("train", [f"model={name}", f"loss={loss}", "debug=fdr",
+                                      f"data.path={hf_datasets[name]}", "data.val_size=1", "data.test_size=0"],
+                            tmp_path))
+    assert out["trainer"].global_step == 1
+    logged = out["trainer"].logged_metrics
+    assert all(float(v) == float(v) for v in logged.values())  # no NaN at a real vocabulary
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", sorted(p.stem for p in (CONF / "loss").glob("*.yaml")))
+def test_every_loss_option_fast_dev_run_on_the_sentencepiece_model(loss, tmp_path):
+    """Every ``loss=`` option once, on the cheapest real tokenizer (the terms all run at 128k in the test above)."""
+    from genpi.train import train
+
+    out = train(compose_cfg("train", ["model=tiny_mistral_vocab", f"loss={loss}", "debug=fdr", "data.max_records=8"],
+                            tmp_path))
+    assert out["trainer"].global_step == 1
+
+
+def vllm_env() -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
+            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": path}
+
+
+@pytest.fixture(scope="module")
+def trained_runs(tmp_path_factory) -> dict[str, Path]:
+    """A 2-step KL run per model, whose adapter moved (a high learning rate), for evaluation and export."""
+    from genpi.train import train
+
+    runs = {}
+    for name in FAMILIES:
+        out = train(compose_cfg("train", [f"model={name}", "loss=kl", "trainer.max_steps=2", "trainer.max_epochs=1",
+                                          "data.max_records=24", "data.batch_size=4", "optim.lr=5e-2",
+                                          "validate_before_fit=false", "logger=csv"],
+                                tmp_path_factory.mktemp(f"train-{name}")))
+        runs[name] = Path(out["run_dir"])
+    return runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FAMILIES)
+def test_evaluation_runs_on_the_real_vocabulary(name, trained_runs, tmp_path):
+    from genpi.evaluate import run_evaluation
+
+    cfg = compose_cfg("eval", [f"model={name}", f"run_dir={trained_runs[name]}", "eval.engine=hf",
+                               "eval.max_new_tokens=8", "eval.savings.new_tokens=4", "eval.savings.requests=1",
+                               "eval.savings.repeats=1"], tmp_path)
+    metrics = json.loads((Path(run_evaluation(cfg)).parent / "metrics.json").read_text())
+    # The prompt the student no longer needs is counted in this tokenizer's tokens.
+    assert metrics["savings"]["prompt_tokens_saved"] > 500
+
+
+VLLM_SCRIPT = """
+import json, sys
+if __name__ == "__main__":
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+    base, merged, adapter, prompts_file, out = sys.argv[1:6]
+    prompts = [{"prompt_token_ids": p} for p in json.load(open(prompts_file))]
+    greedy = SamplingParams(temperature=0.0, max_tokens=12)
+    res = {}
+    llm = LLM(model=merged, enforce_eager=True, dtype="float32", max_model_len=2048, seed=0)
+    res["merged"] = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
+    del llm
+    llm = LLM(model=base, enforce_eager=True, dtype="float32", max_model_len=2048, seed=0, enable_lora=True,
+              max_lora_rank=16)
+    lora = LoRARequest("student", 1, adapter)
+    res["lora"] = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, lora_request=lora, use_tqdm=False)]
+    res["chat"] = llm.chat([{"role": "user", "content": "List the files"}], greedy, use_tqdm=False)[0].prompt_token_ids
+    json.dump(res, open(out, "w"))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@pytest.mark.parametrize("name", FAMILIES)
+def test_export_loads_in_vllm_and_answers_like_transformers(name, trained_runs, real_tokenizers, tmp_path):
+    """The merged export and the base + adapter in vLLM give the trained model's greedy answers; vLLM's chat
+    tokenization equals the template's."""
+    pytest.importorskip("vllm")
+    import torch
+    from peft import PeftModel
+
+    from genpi.data.tokenize import student_prefix_ids
+    from genpi.evaluation.generation import hf_generate
+    from genpi.export import export
+    from genpi.models.factory import load_model, resolve_model_path
+    from genpi.synthesis.clients.base import end_of_turn_ids
+
+    import genpi.export  # noqa: F401,I001  (registers the export config's resolvers)
+
+    tok = real_tokenizers[name]
+    folders = export(compose_cfg("export", [f"model={name}", f"run_dir={trained_runs[name]}", "export.merged=true"],
+                                 tmp_path))
+    task = builtin_task("os")
+    prompts = [student_prefix_ids(tok, task, x) for x in ["How many files are in /etc?", "Who is logged in?"]]
+    torch.manual_seed(0)
+    model = PeftModel.from_pretrained(load_model({"name_or_path": name}, for_training=False),
+                                      str(trained_runs[name] / "adapter")).eval()
+    want = hf_generate(model, prompts, 12, end_of_turn_ids(tok), tok.pad_token_id)
+    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+    script = tmp_path / "run_vllm.py"
+    script.write_text(VLLM_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), resolve_model_path({"name_or_path": name}),
+                           str(folders["merged"]), str(folders["adapter"]), str(tmp_path / "prompts.json"),
+                           str(tmp_path / "out.json")], cwd=REPO, env=vllm_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads((tmp_path / "out.json").read_text())
+    assert got["merged"] == want and got["lora"] == want
+    assert got["chat"] == _chat_ids(tok, [{"role": "user", "content": "List the files"}], add_generation_prompt=True)
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_genpi_synth_with_vllm_on_each_real_tokenizer(tmp_path):
+    """``genpi-synth synth.client=vllm`` (one engine per model, in one command each) writes a dataset that trains."""
+    pytest.importorskip("vllm")
+    from genpi.data.records import load_records
+
+    for name in FAMILIES:
+        args = [f"paths.output_root={tmp_path / name}", f"model={name}", "synth.client=vllm",
+                "synth.teacher_logits.client=vllm", *SMALL_SYNTH]
+        proc = subprocess.run([sys.executable, "-m", "genpi.synth", *args], cwd=REPO, env=vllm_env(),
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        folder = Path(proc.stdout.strip().splitlines()[-1].split("dataset: ", 1)[1])
+        records = load_records(folder)
+        assert len(records) == 3 and all(r["teacher_topk_ids"] for r in records), name
+
+
+# -- chunked losses at real vocabularies -----------------------------------------------------------------------
+@pytest.mark.parametrize("vocab", [128_256, 202_048])
+def test_chunked_losses_equal_the_full_ones_at_real_vocabularies(vocab):
+    import torch
+
+    from genpi.losses import chunked_distill_loss, chunked_token_cross_entropy, distill_loss, token_cross_entropy
+
+    torch.manual_seed(0)
+    n, hidden = 12, 16
+    weight = torch.randn(vocab, hidden) / hidden**0.5
+    student = torch.randn(n, hidden, requires_grad=True)
+    teacher = torch.randn(n, hidden)
+    targets = torch.randint(0, vocab, (n,))
+    targets[3] = vocab - 1  # the last ids (special tokens) are reachable
+    for kind in ("forward_kl", "reverse_kl"):
+        full = distill_loss((student @ weight.T)[None], (teacher @ weight.T)[None], torch.ones(1, n, dtype=torch.bool),
+                            kind=kind)
+        (g_full,) = torch.autograd.grad(full, student)
+        chunked = chunked_distill_loss(student, teacher, weight, kind=kind, chunk_size=5)
+        (g_chunk,) = torch.autograd.grad(chunked, student)
+        assert torch.allclose(full, chunked, atol=1e-5) and torch.allclose(g_full, g_chunk, atol=1e-6)
+    ce = token_cross_entropy((student @ weight.T)[None], targets[None])
+    assert torch.allclose(ce, chunked_token_cross_entropy(student, weight, targets, chunk_size=5), atol=1e-5)
+
+
+def test_real_vocabulary_sizes_come_from_the_packages_files():
+    from genpi.models.real_vocab import vocab_sizes
+
+    sizes = vocab_sizes()
+    assert sizes["tiny_llama3_vocab"] == 128_256 and sizes["tiny_llama4_vocab"] == 202_048
+    assert sizes["tiny_mistral_vocab"] == 32_768
