@@ -20,7 +20,7 @@ from tests.helpers import CONF, compose_cfg
 REPO = CONF.parent
 # the command, with a short real training instead of debug=fdr (which writes no metrics to compare)
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.devices=2"]
-SHORT = ["experiment_name=ddpprobe", "trainer.max_steps=2", "data.max_records=32"]
+SHORT = ["experiment_name=ddpprobe", "trainer.max_steps=2", "data.max_records=24", "data.batch_size=2"]
 COMPARED = ("val/kl", "val/loss", "val/kl_start", "train/steps")
 
 
