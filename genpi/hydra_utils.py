@@ -34,8 +34,16 @@ def _short(name: Any) -> str:
     return str(name).rstrip("/").split("/")[-1].lower()
 
 
+def _rank_suffix() -> str:
+    """'' on rank 0, '_rank<r>' on the other ranks of a data-parallel job: each rank logs to its own file."""
+    from genpi.launching import rank_suffix
+
+    return rank_suffix()
+
+
 def register_resolvers() -> None:
-    for name, fn in (("genpi_unique", _unique), ("genpi_slug", _slug), ("genpi_short", _short)):
+    for name, fn in (("genpi_unique", _unique), ("genpi_slug", _slug), ("genpi_short", _short),
+                     ("genpi_rank_suffix", _rank_suffix)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn, use_cache=name == "genpi_unique")
 

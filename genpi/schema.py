@@ -645,3 +645,21 @@ class RealVocabArch:
         if self.num_attention_heads % self.num_key_value_heads:
             raise bad(f"{at}.num_attention_heads", self.num_attention_heads,
                       f"a multiple of num_key_value_heads={self.num_key_value_heads}")
+
+
+# --- trainer: how the ranks of a job are launched (issue 16) ---
+
+
+@dataclass
+class TrainerLaunch:
+    """The keys of the ``trainer`` group that decide where and how many ranks run (the group holds any other
+    ``pytorch_lightning.Trainer`` argument too; those are Lightning's to check)."""
+
+    accelerator: Literal["cpu", "gpu", "cuda", "mps", "tpu", "auto"] = "cpu"
+    devices: int | str | list[int] = 1
+    num_nodes: int = field(default=1, metadata=rng(ge=1))
+    strategy: str | dict = "auto"
+
+    def validate(self, at: str) -> None:
+        if isinstance(self.devices, int) and self.devices == 0 or self.devices == []:
+            raise bad(f"{at}.devices", self.devices, "a count >= 1, -1 (all), 'auto', or a list of device ids")

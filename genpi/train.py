@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from genpi import schema
+from genpi import launching, schema
 from genpi.data.datamodule import GenPIDataModule
 from genpi.data.tokenize import teacher_prompt
 from genpi.errors import GenpiError
@@ -93,14 +94,6 @@ def _loggers(cfg: DictConfig, run_dir: Path, identity_hash: str) -> list:
     return out
 
 
-def _plugins() -> list | None:
-    """Under Slurm, submitit owns requeueing (USR2, see conf/hydra/launcher/slurm.yaml): Lightning's own
-    SIGUSR1 requeue is switched off so that a preempted job is requeued exactly once."""
-    from pytorch_lightning.plugins.environments import SLURMEnvironment
-
-    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None
-
-
 def _override_tags() -> list[str]:
     """The command-line overrides as W&B tags: what distinguishes runs of one sweep at a glance.
 
@@ -138,9 +131,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     Returns a dict with ``metrics`` and the objects built (for tests).
     """
     spec = schema.check(cfg, "train")  # every key typed and in range before any model loads
+    launching.check_launch(cfg.trainer, _choice("trainer"))  # a GPU trainer on a CPU machine: one line, no model
     pl.seed_everything(spec.seed, workers=True)
     torch.set_float32_matmul_precision("high")
     run_dir = run_dir_of(cfg)
+    rank_zero = launching.process_rank() == 0  # the other ranks of a DDP job write no records and no W&B run
     identity = identity_keys(cfg)
     identity_hash = config_hash(identity)
     fdr = bool(cfg.trainer.get("fast_dev_run", False))
@@ -159,9 +154,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         module.check_checkpoint(torch.load(ckpt, map_location="cpu", weights_only=True))
 
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    loggers = [] if fdr else _loggers(cfg, run_dir, identity_hash)
-    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                                  plugins=_plugins())
+    loggers = [] if fdr or not rank_zero else _loggers(cfg, run_dir, identity_hash)
+    trainer: pl.Trainer = launching.build_trainer(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     metrics_path = run_dir / "metrics.json"
     state = read_json(metrics_path) if ckpt else {}  # a fresh start never keeps an earlier run's numbers
@@ -172,7 +166,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         else:
             start = _validate(trainer, module, datamodule)
             metrics.update({f"{k}_start": float(v) for k, v in start.items()})
-    if not fdr:
+    if not fdr and rank_zero:
         write_json(run_dir / "splits.json", datamodule.split_keys())
         write_json(run_dir / "run.json", {
             "task": task.name, "task_fingerprint": task_fingerprint(task), "prompt_id": task.prompt_id,
@@ -198,7 +192,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "data/truncated": datamodule.truncation_counts(),
             "data/train_records": len(datamodule.datasets["train"]),
         })
-        metrics = update_json(metrics_path, **metrics)
+        if rank_zero:
+            metrics = update_json(metrics_path, **metrics)
         save_adapter(module, tokenizer, run_dir / "adapter", cfg)
         if spec.post_eval and trainer.global_rank == 0:
             metrics = update_json(metrics_path, **post_evaluate(cfg, run_dir))
@@ -241,6 +236,13 @@ def _quoted(value: Any) -> str:
     return f"'{text}'"
 
 
+def _choice(group: str) -> str | None:
+    """The option picked for a config group (``trainer`` -> ``ddp``), when Hydra runs us."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else None
+
+
 def _model_overrides() -> list[str]:
     """What makes evaluation load the same base model and task and evaluate as asked: the model and task options
     chosen (on the command line or by an experiment file), then the command line's ``model.*`` and ``task.*``
@@ -270,12 +272,15 @@ def save_adapter(module: GenPIModule, tokenizer, folder: Path, cfg: DictConfig) 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 @task_wrapper
 def _hydra_main(cfg: DictConfig) -> float | None:
-    out = train(cfg)
-    print(f"run folder: {out['run_dir']}")
+    with launching.ddp_job():  # the ranks Lightning starts for this job re-enter it, not the sweep
+        out = train(cfg)
+    if launching.process_rank() == 0:
+        print(f"run folder: {out['run_dir']}")
     return out["metrics"].get(cfg.optimized_metric or "val/kl")
 
 
 def main() -> None:
+    sys.argv = launching.reenter_job(sys.argv)  # a rank Lightning re-launched runs rank 0's job, not its sweep
     _hydra_main()
 
 
