@@ -159,3 +159,26 @@ def defaults(cls: type) -> dict[str, Any]:
 
 
 __all__ = ["Any", "GenpiError", "Literal", "bad", "dataclass", "defaults", "field", "read", "rng"]
+
+
+# --- loss.kl teacher attention (issue 17) ---
+@dataclass
+class TeacherAttention:
+    """The keys of ``loss.kl`` that choose how the online teacher pass attends to the prompt
+    (:func:`genpi.models.prefix.choose_teacher_attention`)."""
+
+    prefix_cache: bool = True
+    teacher_attention: Literal["auto", "naive", "cached", "shared"] = "auto"
+
+    def validate(self, at: str) -> None:
+        if not self.prefix_cache and self.teacher_attention in ("cached", "shared"):
+            raise bad(f"{at}.teacher_attention", self.teacher_attention,
+                      "naive or auto while loss.kl.prefix_cache=false (the prompt's cache is off); "
+                      "set loss.kl.prefix_cache=true to use it")
+
+    @property
+    def requested(self) -> str:
+        """The path asked for: ``auto`` without the prompt's cache is ``naive``."""
+        if self.teacher_attention == "auto" and not self.prefix_cache:
+            return "naive"
+        return self.teacher_attention

@@ -12,6 +12,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from genpi import schema
 from genpi.data.datamodule import GenPIDataModule
 from genpi.data.tokenize import teacher_prompt
 from genpi.errors import GenpiError
@@ -106,6 +107,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     torch.set_float32_matmul_precision("high")
     run_dir = run_dir_of(cfg)
     task = build_task(**to_dict(cfg.task))
+    # A bad value stops here, before the model loads.
+    schema.read(to_dict(cfg.loss).get("kl"), schema.TeacherAttention, "loss.kl")
     model, tokenizer = load_model_and_tokenizer(cfg.model, for_training=True)
     datamodule = build_datamodule(cfg, task, tokenizer)
     datamodule.setup("fit")
