@@ -5,6 +5,7 @@ is checked before the model loads."""
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
@@ -73,8 +74,8 @@ def test_equal_to_naive_with_grouped_query_attention(kernel):
 
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_equal_to_naive_with_a_prompt_longer_than_the_suffix(tiny_model, kernel):
-    ids, mask = _batch(1024, [24, 16], tiny_model.config.vocab_size)
-    assert _max_logit_diff(tiny_model, ids, mask, 1024, kernel) < 1e-5
+    ids, mask = _batch(512, [24, 16], tiny_model.config.vocab_size)
+    assert _max_logit_diff(tiny_model, ids, mask, 512, kernel) < 1e-5
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -123,27 +124,62 @@ def test_falls_back_to_the_cached_prompt_with_the_reason(tiny_model, caplog):
 
 
 def test_module_teacher_paths_agree(tiny_tokenizer):
-    """The training module's teacher, with loss.kl.teacher_attention set to each path, gives one answer."""
+    """The training module's teacher gives one answer whichever path loss.kl.teacher_attention selects."""
     from tests.test_module import _batch as module_batch
     from tests.test_module import _module
 
+    module, task = _module(tiny_tokenizer, {"kl": {"weight": 1.0, "teacher_attention": "shared"}}, prefix_cache=True)
+    assert module.teacher_attention == "shared"
+    batch = module_batch(tiny_tokenizer, task, ("kl",))
     hidden = {}
-    for path in ("naive", "cached", "shared"):
-        module, task = _module(tiny_tokenizer, {"kl": {"weight": 1.0, "teacher_attention": path}}, prefix_cache=True)
-        batch = module_batch(tiny_tokenizer, task, ("kl",))
+    for path in ("shared", "cached", "naive"):
+        module.teacher_attention = path
         hidden[path] = module.teacher_hidden(batch["kl"])
-        assert module.last_teacher_path is None if path == "naive" else module.last_teacher_path[0] == path
+        if path != "naive":
+            assert module.last_teacher_path[0] == path
     weight = module.lm_head()[0]
     for path in ("cached", "shared"):
         assert torch.allclose(hidden[path] @ weight.T, hidden["naive"] @ weight.T, atol=1e-5)
 
 
+def test_teacher_attention_keys_are_checked():
+    from genpi.schema import GenpiError, TeacherAttention, read
+
+    assert read({"teacher_attention": "auto", "prefix_cache": False}, TeacherAttention, "loss.kl").requested == "naive"
+    assert read({}, TeacherAttention, "loss.kl").requested == "auto"
+    with pytest.raises(GenpiError, match="prefix_cache=true"):
+        read({"teacher_attention": "shared", "prefix_cache": False}, TeacherAttention, "loss.kl")
+
+
+@pytest.mark.slow
 def test_a_bad_teacher_attention_stops_before_the_model_loads(tmp_path, tiny_path):
-    env_cmd = [sys.executable, "-m", "genpi.train", f"paths.output_root={tmp_path}", "debug=fdr", "loss=genpi_kl"]
-    bad = subprocess.run([*env_cmd, "loss.kl.teacher_attention=sharde"], cwd=REPO, capture_output=True, text=True,
-                         timeout=300)
+    bad = subprocess.run([sys.executable, "-m", "genpi.train", f"paths.output_root={tmp_path}", "debug=fdr",
+                          "loss=genpi_kl", "loss.kl.teacher_attention=sharde"], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "loss.kl.teacher_attention='sharde'" in bad.stderr and "shared" in bad.stderr
-    conflict = subprocess.run([*env_cmd, "loss.kl.teacher_attention=shared", "loss.kl.prefix_cache=false"], cwd=REPO,
-                              capture_output=True, text=True, timeout=300)
-    assert conflict.returncode == 2 and "prefix_cache=true" in conflict.stderr
+    assert not list(tmp_path.rglob("*.ckpt"))  # nothing written that claims a run
+
+
+@pytest.mark.slow
+def test_bench_quick_reports_the_three_teacher_paths(tmp_path, tiny_path):
+    from genpi.bench import main
+
+    out = tmp_path / "bench.json"
+    out.write_text(json.dumps({"topk": {"kept": True}}))  # a section measured earlier is kept
+    main(["--only", "teacher_attention", "--quick", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["topk"] == {"kept": True}
+    section = report["teacher_attention"]
+    rows = section["timing"]["tiny"]["P"]
+    assert set(rows) == {"64", "256"}
+    for row in rows.values():
+        assert all(diff < 1e-5 for diff in row["max_abs_diff_vs_naive"].values())
+        assert set(row["time"]) == {"naive", "cached", "shared"}
+        assert all(t["n"] == 3 and t["min_s"] <= t["median_s"] <= t["max_s"] for t in row["time"].values())
+        # attention over the prompt is part of the least work, so the bound is below the token ratio
+        assert 1 < row["flop_bound_speedup"] < row["token_ratio"]
+        assert row["shared_share_of_flop_bound"] == pytest.approx(row["shared_speedup"] / row["flop_bound_speedup"])
+    memory = section["memory"]["tiny"]["batch"]
+    assert memory["4"]["shared"]["prompt_kv_copies"] == 1 and memory["4"]["cached"]["prompt_kv_copies"] == 4
+    assert memory["4"]["cached"]["peak_added_mb"] > memory["4"]["shared"]["peak_added_mb"]

@@ -19,9 +19,10 @@ Kernels (each returns the log-sum-exp the merge needs):
 - ``torch_flash_cpu``: PyTorch's CPU flash-attention kernel (``aten::_scaled_dot_product_flash_attention_for_cpu``),
   the kernel behind ``F.scaled_dot_product_attention`` on CPU; it returns the log-sum-exp that the public function
   drops, and handles GQA;
-- ``flash_attn``: FlashAttention's ``flash_attn_func(..., return_attn_probs=True)`` on CUDA when the package is
-  installed;
+- ``flash_attn``: FlashAttention's ``flash_attn_func(..., return_attn_probs=True)`` on CUDA in half precision when
+  the package is installed;
 - ``torch_flash_cuda``: PyTorch's CUDA flash kernel (``aten::_scaled_dot_product_flash_attention``) otherwise;
+  neither CUDA path has been run here (no GPU on the machine this was written on);
 - ``eager``: float32 matmul + ``logsumexp`` (scores materialized), any device, the reference.
 
 On CPU, ``flex_attention`` was tried (torch 2.13): compiled, it refuses to return the log-sum-exp ("torch.compile on
@@ -75,12 +76,13 @@ def unsupported_reason(config: Any) -> str | None:
     return None
 
 
-def resolve_kernel(kernel: str, device: torch.device) -> str:
-    """The kernel ``auto`` stands for on ``device``, or ``kernel`` itself after checking it can run there."""
+def resolve_kernel(kernel: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """The kernel ``auto`` stands for on ``device`` and ``dtype``, or ``kernel`` itself after checking it can run
+    there. The CUDA flash kernels take only half precision, so float32 on CUDA is ``eager``."""
     if kernel == "auto":
         if device.type == "cpu":
             return "torch_flash_cpu"
-        if device.type == "cuda":
+        if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
             return "flash_attn" if _has_flash_attn() else "torch_flash_cuda"
         return "eager"
     if kernel == "torch_flash_cpu" and device.type != "cpu":
@@ -137,7 +139,7 @@ def shared_prefix_attention(module: torch.nn.Module, query: torch.Tensor, key: t
         raise RuntimeError(f"{ATTENTION_NAME}: sliding windows and attention dropout are not supported")
     prefix_key, prefix_value = shared_prefix_kv[module.layer_idx]
     scale = float(scaling if scaling is not None else query.shape[-1] ** -0.5)
-    kernel = resolve_kernel(shared_prefix_kernel, query.device)
+    kernel = resolve_kernel(shared_prefix_kernel, query.device, query.dtype)
     out = cascade_attention(query, key, value, prefix_key, prefix_value, scale, kernel)
     return out.transpose(1, 2), None
 
