@@ -108,8 +108,12 @@ def bench_training(args) -> dict[str, Any]:
                                                             args.response_tokens, args.records, args.batch_size)
     out: dict[str, Any] = {"prompt_tokens": len(prompt.ids), "batch_size": args.batch_size}
 
-    def make(kl_w: float, sft_w: float, pg_w: float, teacher: str = "online", prefix_cache: bool = True):
-        m = GenPIModule(model, {"kl": {"weight": kl_w, "teacher": teacher, "prefix_cache": prefix_cache},
+    def make(kl_w: float, sft_w: float, pg_w: float, teacher: str = "online", prefix_cache: bool = True,
+             teacher_attention: str = "cached"):
+        if not prefix_cache:
+            teacher_attention = "naive"
+        m = GenPIModule(model, {"kl": {"weight": kl_w, "teacher": teacher, "prefix_cache": prefix_cache,
+                                       "teacher_attention": teacher_attention},
                                 "sft": {"weight": sft_w}, "pg": {"weight": pg_w}}, {"lr": 1e-4}, prompt.ids)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
@@ -122,11 +126,15 @@ def bench_training(args) -> dict[str, Any]:
 
     naive, _ = make(1, 0, 0, prefix_cache=False)
     cached, _ = make(1, 0, 0, prefix_cache=True)
+    shared, _ = make(1, 0, 0, prefix_cache=True, teacher_attention="shared")
     t_naive = _timeit(lambda: naive.teacher_hidden(batch["kl"]), args.steps)
     t_cached = _timeit(lambda: cached.teacher_hidden(batch["kl"]), args.steps)
-    diff = (naive.teacher_hidden(batch["kl"]) - cached.teacher_hidden(batch["kl"])).abs().max().item()
+    t_shared = _timeit(lambda: shared.teacher_hidden(batch["kl"]), args.steps)
+    reference = naive.teacher_hidden(batch["kl"])
+    diff = (reference - cached.teacher_hidden(batch["kl"])).abs().max().item()
     out["teacher_pass"] = {"naive_s": t_naive, "prefix_cached_s": t_cached, "speedup": t_naive / t_cached,
-                           "max_abs_diff": diff}
+                           "max_abs_diff": diff, "shared_prefix_s": t_shared, "shared_speedup": t_naive / t_shared,
+                           "shared_max_abs_diff": (reference - shared.teacher_hidden(batch["kl"])).abs().max().item()}
 
     tokens = sum(int(batch[k]["attention_mask"].sum()) for k in ("sft", "pg")) + int(
         batch["kl"]["student_attention_mask"].sum() + batch["kl"]["teacher_attention_mask"].sum())

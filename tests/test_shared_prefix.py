@@ -183,3 +183,21 @@ def test_bench_quick_reports_the_three_teacher_paths(tmp_path, tiny_path):
     memory = section["memory"]["tiny"]["batch"]
     assert memory["4"]["shared"]["prompt_kv_copies"] == 1 and memory["4"]["cached"]["prompt_kv_copies"] == 4
     assert memory["4"]["cached"]["peak_added_mb"] > memory["4"]["shared"]["peak_added_mb"]
+
+
+def test_runs_under_bf16_autocast_within_its_rounding(tiny_model):
+    """bf16-mixed training: RoPE leaves queries in float32 and values in bf16; the pass must still run and agree
+    with the naive pass to bf16 rounding (the cached path's own distance to it is the yardstick)."""
+    from genpi.models.prefix import hidden_after_prefix
+
+    ids, mask = _batch(96, [40, 22], tiny_model.config.vocab_size)
+    decoder = tiny_model.get_decoder()
+    with torch.no_grad():
+        kv = prefix_kv(decoder, ids[:1, :96])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            naive = decoder(input_ids=ids, attention_mask=mask).last_hidden_state[:, 96:].float()
+            shared = hidden_after_shared_prefix(decoder, kv, ids, mask).float()
+            cached = hidden_after_prefix(decoder, tiny_model.config, kv, ids, mask).float()
+    valid = mask[:, 96:].bool()
+    shared_err, cached_err = (shared - naive)[valid].abs().max(), (cached - naive)[valid].abs().max()
+    assert shared_err < 3 * max(float(cached_err), 1e-2)

@@ -155,6 +155,12 @@ def cascade_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     """
     b, hq, t, d = query.shape
     hkv = key.shape[1]
+    # Under autocast, RoPE leaves queries and keys in float32 and values in bf16 (SDPA casts them itself, these
+    # kernels do not), and a prompt cache made outside autocast may meet bf16 queries: bring all to one dtype.
+    device_type = query.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else query.dtype
+    query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    prefix_key, prefix_value = prefix_key.to(dtype), prefix_value.to(dtype)
     groups = hq // hkv
     # Fold the batch (and the query heads sharing a key head) into the query length: [1, Hkv, B*G*T, D], so one
     # kernel call reads the single prefix copy for every example.
