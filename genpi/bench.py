@@ -385,25 +385,16 @@ def bench_teacher_timing(shape: str, prompt_lens: list[int], suffix_len: int, ba
     return out
 
 
-def _peak_rss_mb() -> float:
-    """This process's peak resident memory since the last reset (Linux ``VmHWM``), else ``ru_maxrss``."""
+def _status_mb(field: str) -> float | None:
+    """A memory figure of this process from Linux's ``/proc/self/status`` (``VmHWM``: peak since the last reset,
+    ``VmRSS``: now), in MiB; None elsewhere."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _current_rss_mb() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+    return None
 
 
 def _teacher_memory_child(path: str, shape: str, batch: int, prompt_len: int, suffix_len: int) -> None:
@@ -415,9 +406,12 @@ def _teacher_memory_child(path: str, shape: str, batch: int, prompt_len: int, su
         resettable = True
     except OSError:
         resettable = False
-    before = _current_rss_mb()
+    before = _status_mb("VmRSS")
     teacher_pass(path, model, kv, ids, mask)
-    print(json.dumps({"peak_added_mb": _peak_rss_mb() - before, "peak_resettable": resettable}))
+    peak = _status_mb("VmHWM")
+    if before is None or peak is None:  # not Linux: the whole process's peak, the model's own pass included
+        before, peak = 0.0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"peak_added_mb": peak - before, "peak_resettable": resettable}))
 
 
 def bench_teacher_memory(shape: str, prompt_len: int, suffix_len: int, batches: list[int]) -> dict[str, Any]:

@@ -13,8 +13,14 @@ import torch
 from genpi import losses
 from genpi.data.tokenize import IGNORE
 from genpi.errors import GenpiError
-from genpi.models.prefix import (choose_teacher_attention, common_prefix_length, hidden_after_prefix,
-                                 hidden_after_shared_prefix, prefix_kv, shared_prefix_hidden)
+from genpi.models.prefix import (
+    choose_teacher_attention,
+    common_prefix_length,
+    hidden_after_prefix,
+    hidden_after_shared_prefix,
+    prefix_kv,
+    shared_prefix_hidden,
+)
 from genpi.schema import TeacherAttention, read
 
 TERMS = ("kl", "sft", "pg")
