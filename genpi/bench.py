@@ -348,10 +348,10 @@ def _spread(times: list[float]) -> dict[str, float]:
 
 
 def bench_teacher_timing(shape: str, prompt_lens: list[int], suffix_len: int, batch: int, steps: int,
-                         warmup: int) -> dict[str, Any]:
+                         warmup: int, progress=None) -> dict[str, Any]:
     """Per prompt length: each path's time (median of ``steps`` rounds after ``warmup``, the paths interleaved in
     every round so that load on the machine hits them alike), the speedups over naive, the FLOP bound and the
-    share of it reached."""
+    share of it reached. ``progress(out)`` is called after each prompt length (to save what is measured)."""
     model = teacher_bench_model(shape)
     cfg = model.config
     out: dict[str, Any] = {"shape": {k: getattr(cfg, k) for k in ("hidden_size", "num_hidden_layers",
@@ -359,6 +359,7 @@ def bench_teacher_timing(shape: str, prompt_lens: list[int], suffix_len: int, ba
                                                                    "intermediate_size")},
                            "batch_size": batch, "suffix_tokens": suffix_len, "P": {}}
     for p in prompt_lens:
+        print(f"bench: teacher attention, {shape}, P={p}", file=sys.stderr, flush=True)
         ids, mask, kv = teacher_inputs(model, batch, p, suffix_len)
         ref = teacher_pass("naive", model, kv, ids, mask)
         diffs = {path: float((teacher_pass(path, model, kv, ids, mask) - ref).abs().max())
@@ -382,6 +383,8 @@ def bench_teacher_timing(shape: str, prompt_lens: list[int], suffix_len: int, ba
         row["gflop_per_s"] = {"naive": flops["naive"] / stats["naive"]["median_s"] / 1e9,
                               **{path: flops["bound"] / stats[path]["median_s"] / 1e9 for path in TEACHER_PATHS[1:]}}
         out["P"][str(p)] = row
+        if progress:
+            progress(out)
     return out
 
 
@@ -448,14 +451,27 @@ def bench_teacher_attention(args) -> dict[str, Any]:
     """Teacher pass by path, per shape and prompt length (keys ``<shape>`` then ``P``), and memory by batch size."""
     from genpi.models.shared_prefix_attention import resolve_kernel
 
-    res: dict[str, Any] = {"kernel": resolve_kernel("auto", torch.device("cpu")), "timing": {}, "memory": {}}
-    for shape in args.teacher_shapes:
-        batch = args.teacher_batch.get(shape, 4) if isinstance(args.teacher_batch, dict) else args.teacher_batch
-        res["timing"][shape] = bench_teacher_timing(shape, args.teacher_prompts, args.teacher_suffix, batch,
-                                                    args.teacher_steps, args.teacher_warmup)
-    for shape in args.teacher_mem_shapes:
-        res["memory"][shape] = bench_teacher_memory(shape, args.teacher_mem_prompt, args.teacher_suffix,
-                                                    args.teacher_mem_batches)
+    res: dict[str, Any] = {"kernel": resolve_kernel("auto", torch.device("cpu")), "complete": False,
+                           "threads": torch.get_num_threads(), "timing": {}, "memory": {}}
+    save = getattr(args, "save_partial", None) or (lambda result: None)
+    # Shape by shape, each shape's memory right after its timing, the report saved after every piece: on a loaded
+    # machine a long sweep that is stopped keeps what it measured (and says it is incomplete).
+    for shape in dict.fromkeys([*args.teacher_shapes, *args.teacher_mem_shapes]):
+        if shape in args.teacher_shapes:
+            batch = args.teacher_batch.get(shape, 4) if isinstance(args.teacher_batch, dict) else args.teacher_batch
+
+            def progress(timing: dict[str, Any], shape: str = shape) -> None:
+                res["timing"][shape] = timing
+                save(res)
+
+            res["timing"][shape] = bench_teacher_timing(shape, args.teacher_prompts, args.teacher_suffix, batch,
+                                                        args.teacher_steps, args.teacher_warmup, progress)
+        if shape in args.teacher_mem_shapes:
+            print(f"bench: teacher attention memory, {shape}", file=sys.stderr, flush=True)
+            res["memory"][shape] = bench_teacher_memory(shape, args.teacher_mem_prompt, args.teacher_suffix,
+                                                        args.teacher_mem_batches)
+            save(res)
+    res["complete"] = True
     return res
 
 
@@ -529,14 +545,20 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError:
             report = {}
     report["versions"] = _versions()
+    out.parent.mkdir(parents=True, exist_ok=True)
     for key, (name, fn) in SECTIONS.items():
         if name in args.skip or (args.only is not None and name not in args.only):
             continue
+
+        def save_partial(result: dict[str, Any], key: str = key) -> None:
+            report[key] = {**result, "versions": report["versions"]}
+            out.write_text(json.dumps(report, indent=2))
+
+        args.save_partial = save_partial
         result = fn(args)
         if isinstance(result, dict):
             result.setdefault("versions", report["versions"])
         report[key] = result
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
     print(f"bench: {out}")
