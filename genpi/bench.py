@@ -452,7 +452,8 @@ def bench_teacher_attention(args) -> dict[str, Any]:
     from genpi.models.shared_prefix_attention import resolve_kernel
 
     res: dict[str, Any] = {"kernel": resolve_kernel("auto", torch.device("cpu")), "complete": False,
-                           "threads": torch.get_num_threads(), "timing": {}, "memory": {}}
+                           "threads": torch.get_num_threads(), "rounds": args.teacher_steps,
+                           "warmup_rounds": args.teacher_warmup, "timing": {}, "memory": {}}
     save = getattr(args, "save_partial", None) or (lambda result: None)
     # Shape by shape, each shape's memory right after its timing, the report saved after every piece: on a loaded
     # machine a long sweep that is stopped keeps what it measured (and says it is incomplete).
