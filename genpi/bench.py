@@ -12,13 +12,20 @@ Prints, for one machine and one set of versions:
   (each in a fresh process, so one's peak cannot hide the other's);
 - the synthesis throughput of batched vs one-at-a-time role swapping (experiments/bench/bench_roleswap.py);
 - the same memory at the real vocabularies (Llama 3's 128,256, Llama 4's 202,048) from the models with those
-  tokenizers (genpi/models/real_vocab.py): their output heads and hidden states, not a synthetic head.
+  tokenizers (genpi/models/real_vocab.py): their output heads and hidden states, not a synthetic head;
+- the teacher pass by its three paths (naive / cached prompt / shared-prefix attention) over prompt lengths and two
+  model shapes, next to the FLOP bound of each, and the peak memory of each path against the batch size
+  (``--only teacher_attention``; experiments/bench/run_teacher_attention.sh writes the committed figures).
+
+Each section is a function ``bench_<name>(args) -> dict`` listed in :data:`SECTIONS`; ``--only`` / ``--skip`` pick
+sections, and an existing ``--out`` file keeps the sections this run did not measure.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -103,8 +110,12 @@ def bench_training(args) -> dict[str, Any]:
                                                             args.response_tokens, args.records, args.batch_size)
     out: dict[str, Any] = {"prompt_tokens": len(prompt.ids), "batch_size": args.batch_size}
 
-    def make(kl_w: float, sft_w: float, pg_w: float, teacher: str = "online", prefix_cache: bool = True):
-        m = GenPIModule(model, {"kl": {"weight": kl_w, "teacher": teacher, "prefix_cache": prefix_cache},
+    def make(kl_w: float, sft_w: float, pg_w: float, teacher: str = "online", prefix_cache: bool = True,
+             teacher_attention: str = "cached"):
+        if not prefix_cache:
+            teacher_attention = "naive"
+        m = GenPIModule(model, {"kl": {"weight": kl_w, "teacher": teacher, "prefix_cache": prefix_cache,
+                                       "teacher_attention": teacher_attention},
                                 "sft": {"weight": sft_w}, "pg": {"weight": pg_w}}, {"lr": 1e-4}, prompt.ids)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
@@ -117,11 +128,15 @@ def bench_training(args) -> dict[str, Any]:
 
     naive, _ = make(1, 0, 0, prefix_cache=False)
     cached, _ = make(1, 0, 0, prefix_cache=True)
+    shared, _ = make(1, 0, 0, prefix_cache=True, teacher_attention="shared")
     t_naive = _timeit(lambda: naive.teacher_hidden(batch["kl"]), args.steps)
     t_cached = _timeit(lambda: cached.teacher_hidden(batch["kl"]), args.steps)
-    diff = (naive.teacher_hidden(batch["kl"]) - cached.teacher_hidden(batch["kl"])).abs().max().item()
+    t_shared = _timeit(lambda: shared.teacher_hidden(batch["kl"]), args.steps)
+    reference = naive.teacher_hidden(batch["kl"])
+    diff = (reference - cached.teacher_hidden(batch["kl"])).abs().max().item()
     out["teacher_pass"] = {"naive_s": t_naive, "prefix_cached_s": t_cached, "speedup": t_naive / t_cached,
-                           "max_abs_diff": diff}
+                           "max_abs_diff": diff, "shared_prefix_s": t_shared, "shared_speedup": t_naive / t_shared,
+                           "shared_max_abs_diff": (reference - shared.teacher_hidden(batch["kl"])).abs().max().item()}
 
     tokens = sum(int(batch[k]["attention_mask"].sum()) for k in ("sft", "pg")) + int(
         batch["kl"]["student_attention_mask"].sum() + batch["kl"]["teacher_attention_mask"].sum())
@@ -250,7 +265,239 @@ def bench_roleswap(args) -> dict[str, Any] | None:
     return json.loads(out.read_text())
 
 
-def main(argv: list[str] | None = None) -> None:
+# --- teacher attention: naive / cached prompt / shared-prefix (issue 17) ---------------------------------------
+TEACHER_PATHS = ("naive", "cached", "shared")
+# The wider shape: Llama-style, hidden 1,024, GQA with 4 query heads per key head (as Llama-3-8B), two layers so
+# that 20+ naive passes over 4k-token prompts stay within minutes on two CPU cores.
+WIDE_SHAPE = {"hidden_size": 1024, "num_hidden_layers": 2, "num_attention_heads": 16, "num_key_value_heads": 4,
+              "intermediate_size": 2816, "vocab_size": 4096, "max_position_embeddings": 8192}
+
+
+def teacher_bench_model(shape: str) -> torch.nn.Module:
+    """The model a teacher-attention figure is measured on: ``tiny`` (genpi's built-in model) or ``wide``
+    (:data:`WIDE_SHAPE`, random weights, seeded), float32, eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from genpi.models.factory import load_model
+
+    if shape == "tiny":
+        return load_model({"name_or_path": "tiny"}, for_training=False).eval()
+    if shape == "wide":
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(**WIDE_SHAPE)).eval()
+    raise ValueError(f"unknown bench shape {shape!r}: tiny or wide")
+
+
+def teacher_flops(config, batch: int, prompt_len: int, suffix_len: int) -> dict[str, float]:
+    """Forward FLOPs (a multiply-add = 2) of the teacher's decoder stack, LM head excluded (every path shares it).
+
+    ``naive`` runs all ``P + S`` positions with causal attention; ``bound`` is the least any path must do: the ``S``
+    suffix positions' own layers plus their attention over the ``P`` prompt keys and their causal suffix (the
+    prompt's keys and values, a constant of the frozen base, are computed once and not counted per step).
+    """
+    h, layers = config.hidden_size, config.num_hidden_layers
+    hq, hkv = config.num_attention_heads, config.num_key_value_heads
+    d = getattr(config, "head_dim", None) or h // hq
+    linear_per_token = 2 * (h * hq * d + 2 * h * hkv * d + hq * d * h + 3 * h * config.intermediate_size)
+    per_key = 4 * hq * d  # q.k and p.v per (query, key) pair
+
+    def causal_pairs(n: int) -> int:
+        return n * (n + 1) // 2
+
+    n = prompt_len + suffix_len
+    naive = batch * layers * (n * linear_per_token + per_key * causal_pairs(n))
+    bound = batch * layers * (suffix_len * linear_per_token + per_key * (suffix_len * prompt_len + causal_pairs(suffix_len)))
+    return {"naive": float(naive), "bound": float(bound)}
+
+
+def teacher_pass(path: str, model: torch.nn.Module, kv, ids: torch.Tensor, mask: torch.Tensor,
+                 kernel: str = "auto") -> torch.Tensor:
+    """The teacher's final hidden states after the prompt, ``[B, S, H]``, by one of :data:`TEACHER_PATHS`."""
+    from genpi.models.prefix import hidden_after_prefix, hidden_after_shared_prefix
+
+    decoder = model.get_decoder()
+    with torch.no_grad():
+        if path == "naive":
+            p = kv[0][0].shape[-2]
+            return decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, p:]
+        if path == "cached":
+            return hidden_after_prefix(decoder, model.config, kv, ids, mask)
+        return hidden_after_shared_prefix(decoder, kv, ids, mask, kernel=kernel)
+
+
+def teacher_inputs(model: torch.nn.Module, batch: int, prompt_len: int, suffix_len: int, seed: int = 0):
+    """Ids ``[B, P + S]`` sharing a random prompt, a full mask, and the prompt's keys/values (computed once)."""
+    from genpi.models.prefix import prefix_kv
+
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    prompt = torch.randint(3, vocab, (1, prompt_len), generator=g)
+    ids = torch.cat([prompt.expand(batch, -1), torch.randint(3, vocab, (batch, suffix_len), generator=g)], 1)
+    with torch.no_grad():
+        kv = prefix_kv(model.get_decoder(), prompt)
+    return ids, torch.ones_like(ids), kv
+
+
+def _spread(times: list[float]) -> dict[str, float]:
+    ts = sorted(times)
+
+    def q(f: float) -> float:
+        i = f * (len(ts) - 1)
+        lo = int(i)
+        return ts[lo] + (ts[min(lo + 1, len(ts) - 1)] - ts[lo]) * (i - lo)
+
+    return {"median_s": q(0.5), "p25_s": q(0.25), "p75_s": q(0.75), "min_s": ts[0], "max_s": ts[-1], "n": len(ts)}
+
+
+def bench_teacher_timing(shape: str, prompt_lens: list[int], suffix_len: int, batch: int, steps: int,
+                         warmup: int, progress=None) -> dict[str, Any]:
+    """Per prompt length: each path's time (median of ``steps`` rounds after ``warmup``, the paths interleaved in
+    every round so that load on the machine hits them alike), the speedups over naive, the FLOP bound and the
+    share of it reached. ``progress(out)`` is called after each prompt length (to save what is measured)."""
+    model = teacher_bench_model(shape)
+    cfg = model.config
+    out: dict[str, Any] = {"shape": {k: getattr(cfg, k) for k in ("hidden_size", "num_hidden_layers",
+                                                                   "num_attention_heads", "num_key_value_heads",
+                                                                   "intermediate_size")},
+                           "batch_size": batch, "suffix_tokens": suffix_len, "P": {}}
+    for p in prompt_lens:
+        print(f"bench: teacher attention, {shape}, P={p}", file=sys.stderr, flush=True)
+        ids, mask, kv = teacher_inputs(model, batch, p, suffix_len)
+        ref = teacher_pass("naive", model, kv, ids, mask)
+        diffs = {path: float((teacher_pass(path, model, kv, ids, mask) - ref).abs().max())
+                 for path in TEACHER_PATHS[1:]}
+        times: dict[str, list[float]] = {path: [] for path in TEACHER_PATHS}
+        for round_ in range(warmup + steps):
+            for path in TEACHER_PATHS:
+                t0 = time.perf_counter()
+                teacher_pass(path, model, kv, ids, mask)
+                if round_ >= warmup:
+                    times[path].append(time.perf_counter() - t0)
+        stats = {path: _spread(ts) for path, ts in times.items()}
+        flops = teacher_flops(cfg, batch, p, suffix_len)
+        bound = flops["naive"] / flops["bound"]
+        row: dict[str, Any] = {"time": stats, "max_abs_diff_vs_naive": diffs,
+                               "flops": flops, "flop_bound_speedup": bound, "token_ratio": (p + suffix_len) / suffix_len}
+        for path in TEACHER_PATHS[1:]:
+            speedup = stats["naive"]["median_s"] / stats[path]["median_s"]
+            row[f"{path}_speedup"] = speedup
+            row[f"{path}_share_of_flop_bound"] = speedup / bound
+        row["gflop_per_s"] = {"naive": flops["naive"] / stats["naive"]["median_s"] / 1e9,
+                              **{path: flops["bound"] / stats[path]["median_s"] / 1e9 for path in TEACHER_PATHS[1:]}}
+        out["P"][str(p)] = row
+        if progress:
+            progress(out)
+    return out
+
+
+def _status_mb(field: str) -> float | None:
+    """A memory figure of this process from Linux's ``/proc/self/status`` (``VmHWM``: peak since the last reset,
+    ``VmRSS``: now), in MiB; None elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _teacher_memory_child(path: str, shape: str, batch: int, prompt_len: int, suffix_len: int) -> None:
+    """One teacher pass in this fresh process; print the memory it added above what was resident before it."""
+    model = teacher_bench_model(shape)
+    ids, mask, kv = teacher_inputs(model, batch, prompt_len, suffix_len)
+    try:  # reset the peak to what is resident now (Linux), so the prompt's own pass does not count
+        Path("/proc/self/clear_refs").write_text("5")
+        resettable = True
+    except OSError:
+        resettable = False
+    before = _status_mb("VmRSS")
+    teacher_pass(path, model, kv, ids, mask)
+    peak = _status_mb("VmHWM")
+    if before is None or peak is None:  # not Linux: the whole process's peak, the model's own pass included
+        before, peak = 0.0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"peak_added_mb": peak - before, "peak_resettable": resettable}))
+
+
+def bench_teacher_memory(shape: str, prompt_len: int, suffix_len: int, batches: list[int]) -> dict[str, Any]:
+    """Peak memory each path adds for one teacher pass, against the batch size, each in a fresh process (glibc told
+    to return large blocks to the system at once, so that resident memory follows the tensors), next to the bytes
+    of the prompt's keys and values the path holds (one copy for ``shared``, one per example for the others)."""
+    cfg = teacher_bench_model(shape).config if shape == "tiny" else None
+    if cfg is None:
+        from transformers import LlamaConfig
+
+        cfg = LlamaConfig(**WIDE_SHAPE)
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    prompt_kv_mb = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * d * prompt_len * 4 / 2**20
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out: dict[str, Any] = {"shape": shape, "prompt_tokens": prompt_len, "suffix_tokens": suffix_len,
+                           "prompt_kv_mb_per_copy": prompt_kv_mb, "batch": {}}
+    for b in batches:
+        row: dict[str, Any] = {}
+        for path in TEACHER_PATHS:
+            cmd = [sys.executable, "-m", "genpi.bench", "--_teacher-memory-child", path, shape, str(b),
+                   str(prompt_len), str(suffix_len)]
+            p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if p.returncode == 0:
+                row[path] = json.loads(p.stdout.strip().splitlines()[-1])
+            else:
+                why = "killed by the kernel: out of memory" if p.returncode == -9 else f"exit {p.returncode}"
+                row[path] = {"failed": why, "stderr": (p.stderr.strip().splitlines() or [""])[-1]}
+            row[path]["prompt_kv_copies"] = 1 if path == "shared" else b
+        out["batch"][str(b)] = row
+    return out
+
+
+def bench_teacher_attention(args) -> dict[str, Any]:
+    """Teacher pass by path, per shape and prompt length (keys ``<shape>`` then ``P``), and memory by batch size."""
+    from genpi.models.shared_prefix_attention import resolve_kernel
+
+    res: dict[str, Any] = {"kernel": resolve_kernel("auto", torch.device("cpu")), "complete": False,
+                           "threads": torch.get_num_threads(), "rounds": args.teacher_steps,
+                           "warmup_rounds": args.teacher_warmup, "timing": {}, "memory": {}}
+    save = getattr(args, "save_partial", None) or (lambda result: None)
+    # Shape by shape, each shape's memory right after its timing, the report saved after every piece: on a loaded
+    # machine a long sweep that is stopped keeps what it measured (and says it is incomplete).
+    for shape in dict.fromkeys([*args.teacher_shapes, *args.teacher_mem_shapes]):
+        if shape in args.teacher_shapes:
+            batch = args.teacher_batch.get(shape, 4) if isinstance(args.teacher_batch, dict) else args.teacher_batch
+
+            def progress(timing: dict[str, Any], shape: str = shape) -> None:
+                res["timing"][shape] = timing
+                save(res)
+
+            res["timing"][shape] = bench_teacher_timing(shape, args.teacher_prompts, args.teacher_suffix, batch,
+                                                        args.teacher_steps, args.teacher_warmup, progress)
+        if shape in args.teacher_mem_shapes:
+            print(f"bench: teacher attention memory, {shape}", file=sys.stderr, flush=True)
+            res["memory"][shape] = bench_teacher_memory(shape, args.teacher_mem_prompt, args.teacher_suffix,
+                                                        args.teacher_mem_batches)
+            save(res)
+    res["complete"] = True
+    return res
+
+
+# report key -> (section name for --only / --skip, function)
+def bench_real_vocab(args) -> dict[str, Any]:
+    from genpi.models.real_vocab import bench_memory
+
+    return bench_memory(args.real_vocab_models, args.real_vocab_tokens, args.chunk)
+
+
+SECTIONS: dict[str, tuple[str, Any]] = {
+    "training": ("training", bench_training),
+    "loss_memory": ("memory", bench_loss_memory),
+    "real_vocab_memory": ("real_vocab", bench_real_vocab),
+    "topk": ("topk", bench_topk),
+    "roleswap": ("roleswap", bench_roleswap),
+    "teacher_attention": ("teacher_attention", bench_teacher_attention),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """genpi-bench's command line (also what the README's genpi-bench lines are checked against)."""
+    names = [name for name, _ in SECTIONS.values()]
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompt-tokens", type=int, default=1000)
     ap.add_argument("--input-tokens", type=int, default=128)
@@ -265,14 +512,42 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--chunk", type=int, default=1024)
     ap.add_argument("--topk-model", default="tiny_agent", help="model of the top-k comparison (a peaked one)")
     ap.add_argument("--topk-task", default="os")
+    ap.add_argument("--teacher-shapes", nargs="+", default=["tiny", "wide"], choices=["tiny", "wide"],
+                    help="teacher attention: model shapes timed")
+    ap.add_argument("--teacher-prompts", nargs="+", type=int, default=[256, 1024, 4096],
+                    help="teacher attention: prompt lengths P")
+    ap.add_argument("--teacher-suffix", type=int, default=192, help="teacher attention: x + y tokens per example")
+    ap.add_argument("--teacher-batch", type=int, default=None,
+                    help="teacher attention: batch size (default 8 on tiny, 2 on wide)")
+    ap.add_argument("--teacher-steps", type=int, default=20, help="teacher attention: timed rounds per path")
+    ap.add_argument("--teacher-warmup", type=int, default=3)
+    ap.add_argument("--teacher-mem-shapes", nargs="*", default=["wide"], choices=["tiny", "wide"])
+    ap.add_argument("--teacher-mem-prompt", type=int, default=4096)
+    ap.add_argument("--teacher-mem-batches", nargs="+", type=int, default=[1, 4, 8])
+    ap.add_argument("--quick", action="store_true",
+                    help="teacher attention on a small setting (tiny model, short prompts, 3 rounds): for tests")
+    ap.add_argument("--skip", nargs="*", default=[], choices=names)
+    ap.add_argument("--only", nargs="*", default=None, choices=names, help="run these sections alone")
+    ap.add_argument("--out", default="outputs/bench/bench.json",
+                    help="JSON report; an existing file keeps the sections this run does not measure")
     ap.add_argument("--real-vocab-models", nargs="*", default=["tiny_llama3_vocab", "tiny_llama4_vocab"],
                     help="models whose real vocabulary the loss memory is measured at")
     ap.add_argument("--real-vocab-tokens", type=int, default=1024, help="tokens of the real-vocabulary memory runs")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["training", "memory", "topk", "roleswap", "real_vocab"])
-    ap.add_argument("--out", default="outputs/bench/bench.json")
+    ap.add_argument("--dry-run", action="store_true", help="print the sections and settings this run would use; run nothing")
     ap.add_argument("--_loss-child", dest="loss_child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_real-vocab-child", dest="real_vocab_child", nargs=2, default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    ap.add_argument("--_teacher-memory-child", dest="teacher_memory_child", nargs=5, default=None,
+                    help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.dry_run:
+        chosen = [n for n, _ in SECTIONS.values() if n not in args.skip and (args.only is None or n in args.only)]
+        print(f"genpi-bench would run: {', '.join(chosen)}; report: {args.out}")
+        print(json.dumps({k: v for k, v in vars(args).items() if not k.endswith("child")}, indent=1, default=str))
+        return
     if args.real_vocab_child:
         from genpi.models.real_vocab import loss_memory_child
 
@@ -281,22 +556,39 @@ def main(argv: list[str] | None = None) -> None:
     if args.loss_child:
         _loss_memory_child(args.loss_child, args.mem_tokens, args.mem_vocab, args.mem_hidden, args.chunk)
         return
+    if args.teacher_memory_child:
+        path, shape, batch, prompt_len, suffix_len = args.teacher_memory_child
+        _teacher_memory_child(path, shape, int(batch), int(prompt_len), int(suffix_len))
+        return
+    if args.quick:
+        args.teacher_shapes, args.teacher_prompts, args.teacher_suffix = ["tiny"], [64, 256], 32
+        args.teacher_steps, args.teacher_warmup, args.teacher_batch = 3, 1, 2
+        args.teacher_mem_shapes, args.teacher_mem_prompt, args.teacher_mem_batches = ["tiny"], 256, [1, 4]
+    if args.teacher_batch is None:
+        args.teacher_batch = {"tiny": 8, "wide": 2}
     torch.manual_seed(0)
-    report: dict[str, Any] = {"versions": _versions()}
-    if "training" not in args.skip:
-        report["training"] = bench_training(args)
-    if "memory" not in args.skip:
-        report["loss_memory"] = bench_loss_memory(args)
-    if "real_vocab" not in args.skip:
-        from genpi.models.real_vocab import bench_memory
-
-        report["real_vocab_memory"] = bench_memory(args.real_vocab_models, args.real_vocab_tokens, args.chunk)
-    if "topk" not in args.skip:
-        report["topk"] = bench_topk(args)
-    if "roleswap" not in args.skip:
-        report["roleswap"] = bench_roleswap(args)
     out = Path(args.out)
+    report: dict[str, Any] = {}
+    if out.is_file():
+        try:
+            report = json.loads(out.read_text())
+        except ValueError:
+            report = {}
+    report["versions"] = _versions()
     out.parent.mkdir(parents=True, exist_ok=True)
+    for key, (name, fn) in SECTIONS.items():
+        if name in args.skip or (args.only is not None and name not in args.only):
+            continue
+
+        def save_partial(result: dict[str, Any], key: str = key) -> None:
+            report[key] = {**result, "versions": report["versions"]}
+            out.write_text(json.dumps(report, indent=2))
+
+        args.save_partial = save_partial
+        result = fn(args)
+        if isinstance(result, dict):
+            result.setdefault("versions", report["versions"])
+        report[key] = result
     out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
     print(f"bench: {out}")

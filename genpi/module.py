@@ -13,7 +13,14 @@ import torch
 from genpi import losses, schema
 from genpi.constants import IGNORE
 from genpi.errors import GenpiError
-from genpi.models.prefix import common_prefix_length, hidden_after_prefix, prefix_kv, shared_prefix_hidden
+from genpi.models.prefix import (
+    choose_teacher_attention,
+    common_prefix_length,
+    hidden_after_prefix,
+    hidden_after_shared_prefix,
+    prefix_kv,
+    shared_prefix_hidden,
+)
 
 # A shared prefix shorter than this is not worth a separate pass (chat headers, the PG instruction's first line).
 MIN_SHARED_PREFIX = 64
@@ -58,6 +65,8 @@ class GenPIModule(pl.LightningModule):
         self.kl_temperature = kl.temperature
         self.teacher_source = kl.teacher
         self.prefix_cache = kl.prefix_cache
+        self.teacher_attention = kl.requested_teacher_attention
+        self.last_teacher_path: tuple[str, str] | None = None  # (path, why) of the latest teacher pass
         self.has_adapter = hasattr(model, "disable_adapter")
         if self.weights["kl"] > 0 and self.teacher_source == "online" and not self.has_adapter:
             raise GenpiError(
@@ -134,7 +143,15 @@ class GenPIModule(pl.LightningModule):
         ids, mask, resp = kl["teacher_input_ids"], kl["teacher_attention_mask"], kl["teacher_response_mask"]
         with self.adapter_off():
             n_prompt = len(self.teacher_prompt_ids)
-            if self.prefix_cache and n_prompt and self.has_adapter:
+            path = "naive"
+            if self.teacher_attention != "naive" and n_prompt and self.has_adapter:
+                self.last_teacher_path = choose_teacher_attention(self.teacher_attention, self.causal_lm.config,
+                                                                  mask, n_prompt)
+                path = self.last_teacher_path[0]
+            if path == "shared":
+                h = hidden_after_shared_prefix(self.decoder(), self._prompt_cache(ids.device), ids, mask)
+                return h[resp[:, n_prompt:]]
+            if path == "cached":
                 h = hidden_after_prefix(self.decoder(), self.causal_lm.config, self._prompt_cache(ids.device), ids,
                                         mask)
                 return h[resp[:, n_prompt:]]

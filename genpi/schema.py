@@ -182,8 +182,15 @@ class KLLoss:
     temperature: float = field(default=1.0, metadata=rng(gt=0))
     teacher: Literal["online", "cached"] = "online"
     prefix_cache: bool = True
+    teacher_attention: Literal["auto", "naive", "cached", "shared"] = "auto"
+
+    @property
+    def requested_teacher_attention(self) -> str:
+        """The teacher pass's attention path asked for (:class:`TeacherAttention`)."""
+        return TeacherAttention(self.prefix_cache, self.teacher_attention).requested
 
     def validate(self, at: str) -> None:
+        TeacherAttention(self.prefix_cache, self.teacher_attention).validate(at)
         if self.kind == "jsd" and not 0 < self.beta < 1:
             raise bad(f"{at}.beta", self.beta, f"0 < beta < 1 with {at}.kind=jsd (at 0 or 1 the mixture equals one "
                                                f"side and jsd is identically 0; for a plain KL set {at}.kind=forward_kl "
@@ -663,3 +670,26 @@ class TrainerLaunch:
     def validate(self, at: str) -> None:
         if isinstance(self.devices, int) and self.devices == 0 or self.devices == []:
             raise bad(f"{at}.devices", self.devices, "a count >= 1, -1 (all), 'auto', or a list of device ids")
+
+
+# --- loss.kl teacher attention (issue 17) ---
+@dataclass
+class TeacherAttention:
+    """The keys of ``loss.kl`` that choose how the online teacher pass attends to the prompt
+    (:func:`genpi.models.prefix.choose_teacher_attention`)."""
+
+    prefix_cache: bool = True
+    teacher_attention: Literal["auto", "naive", "cached", "shared"] = "auto"
+
+    def validate(self, at: str) -> None:
+        if not self.prefix_cache and self.teacher_attention in ("cached", "shared"):
+            raise bad(f"{at}.teacher_attention", self.teacher_attention,
+                      "naive or auto while loss.kl.prefix_cache=false (the prompt's cache is off); "
+                      "set loss.kl.prefix_cache=true to use it")
+
+    @property
+    def requested(self) -> str:
+        """The path asked for: ``auto`` without the prompt's cache is ``naive``."""
+        if self.teacher_attention == "auto" and not self.prefix_cache:
+            return "naive"
+        return self.teacher_attention
