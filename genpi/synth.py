@@ -177,7 +177,7 @@ def merge(cfg: DictConfig | dict[str, Any], plan: Plan, store: Store, rows: list
     config = {"task": plan.task.describe(), "model": plan.run_model, "synth": to_dict(cfg["synth"])}
     reports = merged_reports(statuses, found)
     card = build_card(plan.task.describe(), records, reports, count, unit, plan.out_dir, config,
-                      shards=shard_summary(statuses, len(records), plan.shards.data_parallel_size))
+                      shards=shard_summary(statuses, len(records), _job_overrides()[1]))
     write_card(plan.out_dir, card)
     log.info("merged %d shard(s) into %s (%d records)", len(statuses), plan.out_dir / "data.jsonl", len(records))
     return card

@@ -221,7 +221,7 @@ class Store:
 
     # -- locks -----------------------------------------------------------------------------------------------
     def _lock_path(self, shard: int, num_shards: int) -> Path:
-        return self.root / (f"{shard_suffix(shard, num_shards)[1:]}.lock" if num_shards > 1 else ".lock")
+        return self.root / (f"{shard_suffix(shard, num_shards)}.lock" if num_shards > 1 else ".lock")
 
     def lock(self) -> Store:
         """Take this shard's lock (refusing, in one line, when another process holds it or when a run with
