@@ -296,3 +296,14 @@ def test_data_parallel_engines_in_one_job_equal_one_run(tmp_path, unsharded):
     assert load_records(dataset_dir(root)) == unsharded
     card = json.loads((dataset_dir(root) / "card.json").read_text())
     assert card["shards"]["num_shards"] == 2 and card["shards"]["engines_per_job"] == 2
+
+
+def test_shard_keys_in_the_yaml_agree_with_the_schema():
+    from omegaconf import OmegaConf
+
+    from genpi.schema import SynthShards, defaults
+
+    yaml = OmegaConf.to_container(OmegaConf.load(CONF / "synth" / "default.yaml"))
+    assert {k: yaml[k] for k in defaults(SynthShards)} == defaults(SynthShards)
+    text = (CONF / "synth" / "default.yaml").read_text()
+    assert all(f"\n{k}:" in text and "#" in text.split(f"\n{k}:", 1)[1].splitlines()[0] for k in defaults(SynthShards))
