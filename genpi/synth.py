@@ -8,6 +8,7 @@ Stages: pseudo inputs -> teacher and student answers -> reasons -> role-swapped 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import logging
@@ -98,11 +99,27 @@ def synthesize(cfg: DictConfig | dict[str, Any]) -> SynthResult:
     computes nothing and merges, or names each shard that is not done with the command that reruns it.
     ``synth.data_parallel_size=D`` runs D engine processes in this job (shards ``i*D .. i*D+D-1`` of ``K*D``).
     """
+    global _JOB_COMMAND
     plan = plan_from_cfg(cfg)
     shards = plan.shards
+    if shards.data_parallel_size > 1:
+        if not shards.merge_only:
+            return run_engines(cfg, plan)
+        # The engines' work was filed as shards of num_shards x data_parallel_size; merge those.
+        saved, _JOB_COMMAND = _JOB_COMMAND, (_job_overrides()[0], shards.data_parallel_size)
+        plan.shards = dataclasses.replace(shards, num_shards=shards.num_shards * shards.data_parallel_size,
+                                          data_parallel_size=1)
+        try:
+            return synthesize_plan(cfg, plan)
+        finally:
+            _JOB_COMMAND = saved
+    return synthesize_plan(cfg, plan)
+
+
+def synthesize_plan(cfg: DictConfig | dict[str, Any], plan: Plan) -> SynthResult:
+    """:func:`synthesize` for a checked plan, in this process."""
+    shards = plan.shards
     out = plan.out_dir
-    if shards.data_parallel_size > 1 and not shards.merge_only:
-        return run_engines(cfg, plan)
     out.mkdir(parents=True, exist_ok=True)
     store = Store(out / "store", shards.shard, shards.num_shards)
     if shards.merge_only:

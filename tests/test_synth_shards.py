@@ -180,7 +180,7 @@ def test_generated_rounds_are_sharded_and_deduplicated_once_as_one_run(tmp_path)
     for t in threads:
         t.join(timeout=120)
     assert sorted(results) == [0, 1, 2]
-    for rows, ctx, plan in results.values():
+    for rows, ctx, _ in results.values():
         assert [r["pseudo_input"] for r in rows] == [r["pseudo_input"] for r in whole]
         assert ctx.stats["duplicate_rate"] == whole_ctx.stats["duplicate_rate"] > 0
     _, _, plan = results[0]

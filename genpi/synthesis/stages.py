@@ -6,6 +6,19 @@ its columns added; its record ids hash the upstream record id with the stage's f
 :mod:`genpi.synthesis.plan`), so equal inputs under an equal config find their stored results, and
 anything else is computed afresh. Each stage works alone (its inputs read from the store of an earlier
 run in the same folder, or from ``synth.from_dataset``) or chained.
+
+Shards (``synth.num_shards=K``, ``synth.shard=i``): which stage runs where, and why.
+
+- ``pseudo_inputs``: with ``source=generate`` (the costly part with a large generator) shard ``i`` generates
+  rounds ``i, i+K, i+2K, ...`` into its own file; the deduplication then replays every shard's rounds in round
+  order, once all the rounds an unsharded run would use are stored, so the list is the unsharded run's (a
+  shard done with its rounds waits for the others'). ``source=file`` / ``templates`` cost nothing: every shard
+  reads the whole list. The first shard to finish writes the list to the store, under the store's lock.
+- ``outputs``, ``reasons``, ``conversations``, ``teacher_logits``: each record belongs to the shard its pseudo
+  input's id falls in (:func:`owned_by`); a shard runs every later stage on its records alone, with no waiting,
+  into its own files (a record never changes shard between stages, so no stage waits for another shard).
+- the merge: the shard that finishes last (or ``synth.merge_only=true``) reads every shard's files and writes
+  ``data.jsonl`` in the order of the pseudo-input list.
 """
 
 from __future__ import annotations
