@@ -693,3 +693,20 @@ class TeacherAttention:
         if self.teacher_attention == "auto" and not self.prefix_cache:
             return "naive"
         return self.teacher_attention
+
+
+# --- synth shards (issue 15) ---
+@dataclass
+class SynthShards:
+    """How one dataset's synthesis is split over jobs (``synth.num_shards`` / ``synth.shard``, a Slurm array) and
+    over engines inside one job (``synth.data_parallel_size``); see :mod:`genpi.synthesis.stages`."""
+
+    num_shards: int = field(default=1, metadata=rng(ge=1))  # disjoint parts of every stage's records
+    shard: int = field(default=0, metadata=rng(ge=0))  # the part this job synthesizes
+    merge_only: bool = False  # only assemble data.jsonl and card.json from finished shards
+    data_parallel_size: int = field(default=1, metadata=rng(ge=1))  # engine processes in this job
+    wait_minutes: float = field(default=60.0, metadata=rng(gt=0))  # generate: wait for the other shards' rounds
+
+    def validate(self, at: str) -> None:
+        if self.shard >= self.num_shards:
+            raise bad(f"{at}.shard", self.shard, f"0 <= synth.shard < synth.num_shards ({self.num_shards})")

@@ -33,8 +33,10 @@ def _mean(values: list[float]) -> float | None:
 def build_card(
     task_info: dict[str, Any], records: list[dict[str, Any]], reports: dict[str, dict[str, Any]],
     count: Callable[[str], int], unit: str, out_dir: Path, config: dict[str, Any],
+    shards: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Counts per stage, parse yield, duplicate rate, mean lengths, models and sampling, time per stage."""
+    """Counts per stage, parse yield, duplicate rate, mean lengths, models and sampling, time per stage, and
+    ``shards``: per-shard counts and times and the whole run's throughput (see :func:`genpi.synth.shard_summary`)."""
     lengths: dict[str, Any] = {}
     for col in LENGTH_COLUMNS:
         vals = [count(r[col]) for r in records if r.get(col)]
@@ -64,6 +66,7 @@ def build_card(
         "length_unit": unit,
         "conversations_ended_by": (reports.get("conversations") or {}).get("ended_by"),
         "stages": reports,
+        "shards": shards,
         "config": config,
     }
 
@@ -86,6 +89,14 @@ def summary_rows(card: dict[str, Any]) -> list[list[str]]:
 
 
 SUMMARY_HEADER = ["stage", "ran", "records", "computed", "from store", "seconds", "model", "client"]
+SHARD_HEADER = ["shard", "host", "started", "records", "seconds", "records/s", "computed per stage"]
+
+
+def shard_rows(card: dict[str, Any]) -> list[list[str]]:
+    return [[str(s["shard"]), _fmt(s.get("host")), _fmt(s.get("started")), _fmt(s.get("records")),
+             _fmt(s.get("seconds")), _fmt(s.get("records_per_second")),
+             ", ".join(f"{k} {v}" for k, v in (s.get("computed") or {}).items()) or "-"]
+            for s in (card.get("shards") or {}).get("per_shard") or []]
 
 
 def render_readme(card: dict[str, Any]) -> str:
@@ -111,6 +122,14 @@ def render_readme(card: dict[str, Any]) -> str:
                   *(f"| {k} | {_fmt(v)} |" for k, v in pi.items()), ""]
     lines += [f"## Mean lengths ({card['length_unit']})", "", "| column | mean |", "|---|---|",
               *(f"| {k} | {_fmt(v)} |" for k, v in card["mean_lengths"].items()), ""]
+    sh = card.get("shards") or {}
+    if sh.get("per_shard"):
+        lines += ["## Shards", "",
+                  f"{sh['num_shards']} shard(s) ({sh.get('engines_per_job', 1)} engine(s) per job): {sh['records']} records "
+                  f"in {_fmt(sh.get('wall_seconds'))} s of wall time from the first start to the last finish, "
+                  f"{_fmt(sh.get('records_per_second'))} records/s.", "",
+                  "| " + " | ".join(SHARD_HEADER) + " |", "|" + "---|" * len(SHARD_HEADER),
+                  *("| " + " | ".join(r) + " |" for r in shard_rows(card)), ""]
     if card.get("conversations_ended_by"):
         lines += ["## How conversations ended", "", "| reason | count |", "|---|---|",
                   *(f"| {k} | {v} |" for k, v in sorted(card["conversations_ended_by"].items())), ""]
@@ -152,6 +171,10 @@ def print_summary(card: dict[str, Any]) -> None:
                                                            sorted(card["conversations_ended_by"].items())))
     if card.get("empty_columns"):
         notes.append("empty columns (their stages did not run): " + ", ".join(card["empty_columns"]))
+    sh = card.get("shards") or {}
+    if (sh.get("num_shards") or 1) > 1:
+        notes.append(f"{sh['num_shards']} shards: {sh['records']} records in {_fmt(sh.get('wall_seconds'))} s "
+                     f"({_fmt(sh.get('records_per_second'))} records/s)")
     empty = {k: v for k, v in (card.get("empty_texts") or {}).items() if v}
     if empty:
         notes.append("empty answers: " + ", ".join(f"{k} {v}/{card['records']}" for k, v in empty.items()))

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from genpi.errors import GenpiError
+from genpi.schema import SynthShards, read
 from genpi.synthesis.clients import CLIENTS, Sampling
 from genpi.synthesis.prompts import PSEUDO_INPUT_TEMPLATE, REASON_TEMPLATE
 from genpi.synthesis.store import Store, stable_hash
@@ -91,6 +92,16 @@ class Plan:
     client_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     run_model: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
+    shards: SynthShards = field(default_factory=SynthShards)
+
+    @property
+    def run_key(self) -> str:
+        """What the shards of one run share (and what their status files are filed under): the requested
+        stages, every stage's fingerprint, where inputs come from, how many inputs, the shard count."""
+        pi = self.stages["pseudo_inputs"].settings
+        return stable_hash(self.requested, {n: s.fingerprint for n, s in self.stages.items()}, self.source,
+                           str(self.from_dataset), pi.get("num_inputs"), pi.get("max_attempts"),
+                           self.shards.num_shards)
 
 
 def _merge_model(base: dict[str, Any], override: dict[str, Any] | None) -> dict[str, Any]:
@@ -154,6 +165,7 @@ def make_plan(task: Task, synth: dict[str, Any], run_model: dict[str, Any], seed
 
     Raises :class:`GenpiError` naming the fix for anything that would fail later.
     """
+    shards = read(synth, SynthShards, "synth")
     requested = list(synth.get("stages") or [])
     unknown = [s for s in requested if s not in STAGES]
     if unknown or not requested:
@@ -253,7 +265,7 @@ def make_plan(task: Task, synth: dict[str, Any], run_model: dict[str, Any], seed
     plan = Plan(task=task, requested=requested, stages=stages, source="pseudo_inputs", out_dir=out_dir,
                 from_dataset=None, chunk_size=max(1, int(synth.get("chunk_size") or 64)),
                 progress=bool(synth.get("progress", True)), failed_samples=int(synth.get("failed_samples") or 0),
-                client_settings=client_settings, run_model=dict(run_model), seed=int(seed))
+                client_settings=client_settings, run_model=dict(run_model), seed=int(seed), shards=shards)
     _plan_source(plan, synth.get("from_dataset"))
     return plan
 
@@ -282,8 +294,7 @@ def _plan_source(plan: Plan, from_dataset: str | None) -> None:
     elif prereq is None:
         available = set()
     else:
-        shard = Store(plan.out_dir / "store").shard(prereq, plan.stages[prereq].fingerprint)
-        if shard.exists():
+        if Store(plan.out_dir / "store").has(prereq, plan.stages[prereq].fingerprint):
             plan.source = f"store:{prereq}"
             available = set(lineage(prereq))
         else:

@@ -6,6 +6,19 @@ its columns added; its record ids hash the upstream record id with the stage's f
 :mod:`genpi.synthesis.plan`), so equal inputs under an equal config find their stored results, and
 anything else is computed afresh. Each stage works alone (its inputs read from the store of an earlier
 run in the same folder, or from ``synth.from_dataset``) or chained.
+
+Shards (``synth.num_shards=K``, ``synth.shard=i``): which stage runs where, and why.
+
+- ``pseudo_inputs``: with ``source=generate`` (the costly part with a large generator) shard ``i`` generates
+  rounds ``i, i+K, i+2K, ...`` into its own file; the deduplication then replays every shard's rounds in round
+  order, once all the rounds an unsharded run would use are stored, so the list is the unsharded run's (a
+  shard done with its rounds waits for the others'). ``source=file`` / ``templates`` cost nothing: every shard
+  reads the whole list. The first shard to finish writes the list to the store, under the store's lock.
+- ``outputs``, ``reasons``, ``conversations``, ``teacher_logits``: each record belongs to the shard its pseudo
+  input's id falls in (:func:`owned_by`); a shard runs every later stage on its records alone, with no waiting,
+  into its own files (a record never changes shard between stages, so no stage waits for another shard).
+- the merge: the shard that finishes last (or ``synth.merge_only=true``) reads every shard's files and writes
+  ``data.jsonl`` in the order of the pseudo-input list.
 """
 
 from __future__ import annotations
@@ -25,7 +38,7 @@ from genpi.synthesis.clients import ChatClient, ClientPool, request_seed
 from genpi.synthesis.plan import PRODUCES, REQUIRES, STAGES, Plan, StagePlan, lineage, task_inputs_path
 from genpi.synthesis.prompts import PSEUDO_INPUT_TEMPLATE, REASON_TEMPLATE
 from genpi.synthesis.roleswap import role_swap
-from genpi.synthesis.store import Store, stable_hash
+from genpi.synthesis.store import Store, shard_of, stable_hash
 from genpi.tasks.base import Task
 
 log = logging.getLogger(__name__)
@@ -46,6 +59,8 @@ class StageContext:
     chunk_size: int = 64
     progress: bool = True
     failed_samples: int = 5
+    wait_minutes: float = 60.0
+    poll_seconds: float = 1.0
     stats: dict[str, Any] = field(default_factory=dict)
 
     def client(self) -> ChatClient:
@@ -78,8 +93,8 @@ def per_record(
     """
     stage = ctx.plan.name
     need = REQUIRES[stage]
-    shard = ctx.store.shard(stage, ctx.plan.fingerprint)
-    done = shard.load()
+    shard = ctx.store.shard(stage, ctx.plan.fingerprint)  # this shard's own file: the only one it appends to
+    done = ctx.store.load(stage, ctx.plan.fingerprint)  # every shard's records: what exists is never recomputed
     keyed = [(stable_hash(ctx.plan.fingerprint, row["ids"][need]), row) for row in rows if need in row["ids"]]
     todo = [(rid, row) for rid, row in keyed if rid not in done]
     ctx.stats.update(records=len(keyed), from_store=len(keyed) - len(todo), computed=0)
@@ -165,16 +180,123 @@ def generator_messages(task: Task, settings: dict[str, Any], round_index: int, r
     return [{"role": "user", "content": text}]
 
 
+def round_schedule(settings: dict[str, Any], outputs_per_request: int) -> list[int]:
+    """Requests in each generation round until the attempt budget (``max_attempts``) is spent.
+
+    It depends on settings only, so every shard knows every round's size (and which rounds are its own)
+    before any is generated; a round holds ``requests * sampling.n`` generator outputs.
+    """
+    want = int(settings.get("num_inputs") or 0)
+    budget = int(settings.get("max_attempts") or want)
+    per_round = max(1, int(settings.get("requests_per_round") or 1))
+    sizes, attempts = [], 0
+    while attempts < budget:
+        requests = min(per_round, math.ceil((budget - attempts) / outputs_per_request))
+        sizes.append(requests)
+        attempts += requests * outputs_per_request
+    return sizes
+
+
+class Replay:
+    """Replays stored generation rounds in round order through the parser and :class:`Dedup`, stopping where
+    an uninterrupted unsharded run stops (``num_inputs`` distinct inputs, or the attempt budget spent).
+
+    Rounds may have been generated in any order by any shard; the replay only moves past round ``r`` once
+    it is stored, so its result never depends on who generated what, or when.
+    """
+
+    def __init__(self, task: Task, want: int, budget: int, keep_samples: int):
+        self.task, self.want, self.budget, self.keep_samples = task, want, budget, keep_samples
+        self.dedup = Dedup()
+        self.next_round = self.attempts = self.failed = 0
+        self.samples: list[dict[str, Any]] = []
+
+    @property
+    def complete(self) -> bool:
+        return len(self.dedup.accepted) >= self.want or self.attempts >= self.budget
+
+    def advance(self, stored: dict[str, dict[str, Any]]) -> bool:
+        """Replay every stored round that follows the last one replayed; True once the replay is complete."""
+        while not self.complete:
+            rec = stored.get(f"round-{self.next_round}")
+            if rec is None:
+                return False
+            for text in rec["texts"]:
+                self.attempts += 1
+                parsed = self.task.parse_pseudo_inputs(text)
+                if not parsed:
+                    self.failed += 1
+                    if len(self.samples) < self.keep_samples:
+                        self.samples.append({"round": self.next_round, "text": text})
+                for x in parsed:
+                    self.dedup.add(x)
+            self.next_round += 1
+        return True
+
+
+def _generate_rounds(ctx: StageContext, want: int) -> Replay:
+    """``source=generate``: this shard's rounds (round ``r`` belongs to shard ``r % num_shards``), generated
+    until the replay of every shard's stored rounds is complete. A shard whose rounds are all stored waits
+    (``synth.wait_minutes``) for the others' before the replay, and so the deduplication, can finish."""
+    settings, task, store = ctx.plan.settings, ctx.task, ctx.store
+    sampling = ctx.plan.sampling
+    assert sampling is not None
+    sizes = round_schedule(settings, sampling.n)
+    replay = Replay(task, want, int(settings.get("max_attempts") or want), ctx.failed_samples)
+    own = store.shard("pseudo_inputs", ctx.plan.fingerprint, kind="rounds")
+    mine = [r for r in range(len(sizes)) if r % store.num_shards == store.shard_index]
+    store.write_meta("pseudo_inputs", ctx.plan.fingerprint, ctx.plan.describe())
+    stored = store.load("pseudo_inputs", ctx.plan.fingerprint, kind="rounds")
+    generated, deadline, pos = 0, None, 0
+    with ctx.bar(total=want, unit="input") as bar:
+        while True:
+            before = min(want, len(replay.dedup.accepted))
+            done = replay.advance(stored)
+            bar.update(min(want, len(replay.dedup.accepted)) - before)
+            bar.set_postfix(attempts=replay.attempts, failed=replay.failed)
+            if done:
+                break
+            while pos < len(mine) and f"round-{mine[pos]}" in stored:
+                pos += 1
+            if pos < len(mine):
+                r = mine[pos]
+                msgs = [generator_messages(task, settings, r, i, sampling.seed or 0) for i in range(sizes[r])]
+                seeds = [request_seed(sampling.seed, "round", r, i) for i in range(sizes[r])]
+                texts = ctx.client().chat(msgs, sampling, seeds=seeds)
+                rec = {"record_id": f"round-{r}", "round": r, "texts": texts}
+                own.append([rec])
+                stored[rec["record_id"]] = rec
+                generated += 1
+            else:
+                deadline = deadline or time.monotonic() + 60 * ctx.wait_minutes
+                if time.monotonic() > deadline:
+                    missing = [r for r in range(replay.next_round, len(sizes)) if f"round-{r}" not in stored]
+                    owners = sorted({r % store.num_shards for r in missing})
+                    raise GenpiError(
+                        f"pseudo_inputs: {store.label} waited {ctx.wait_minutes:g} min for rounds {missing[:8]} of "
+                        f"shards {owners}: run every shard at once while inputs are generated (a Slurm array with "
+                        "hydra.launcher.array_parallelism >= synth.num_shards), then rerun this one (its rounds are kept)"
+                    )
+                time.sleep(ctx.poll_seconds)
+            if store.sharded:  # other shards' rounds arrive while this one works
+                stored.update(store.load("pseudo_inputs", ctx.plan.fingerprint, kind="rounds"))
+    ctx.stats.update(source="generate", rounds=replay.next_round, rounds_generated=generated)
+    return replay
+
+
 def pseudo_inputs(ctx: StageContext) -> list[Row]:
     """Stage 1: the task inputs, deduplicated (exact, then whitespace/case-normalized).
 
     ``source=file`` reads them from a file; ``source=templates`` draws them from the built-in task's input
-    templates (:mod:`genpi.tasks.generators`) with slot values of one split. ``source=generate`` asks the generator for numbered lists in
-    rounds of ``requests_per_round`` requests (``sampling.n`` outputs each) until ``num_inputs`` distinct
-    inputs are parsed or ``max_attempts`` outputs are spent. Each round is stored before the next, and
-    round seeds are fixed, so a resumed run replays the stored rounds and continues exactly where it
-    stopped. Outputs with nothing parseable count as failed attempts; a few are saved to
-    ``failed_samples.jsonl`` beside the dataset. No input at all is an error that reports those numbers.
+    templates (:mod:`genpi.tasks.generators`) with slot values of one split. Both are cheap and
+    deterministic: every shard reads the whole list itself. ``source=generate`` asks the generator for
+    numbered lists in rounds of ``requests_per_round`` requests (``sampling.n`` outputs each) until
+    ``num_inputs`` distinct inputs are parsed or ``max_attempts`` outputs are spent; with shards, each
+    generates its own rounds (see :func:`_generate_rounds`). Every round is stored before the next, and round
+    seeds are fixed, so a resumed run replays the stored rounds and continues exactly where it stopped, and
+    the deduplicated list does not depend on the shard count. Outputs with nothing parseable count as failed
+    attempts; a few are saved to ``failed_samples.jsonl`` beside the dataset. No input at all is an error that
+    reports those numbers.
     """
     settings = ctx.plan.settings
     task = ctx.task
@@ -200,47 +322,25 @@ def pseudo_inputs(ctx: StageContext) -> list[Row]:
         ctx.stats.update(source="templates", split=split, seed=seed)
     else:
         want = int(want)
-        budget = int(settings.get("max_attempts") or want)
-        sampling = ctx.plan.sampling
-        assert sampling is not None
-        rounds = ctx.store.shard("pseudo_inputs", ctx.plan.fingerprint, kind="rounds")
-        stored = rounds.load()
-        ctx.store.write_meta("pseudo_inputs", ctx.plan.fingerprint, ctx.plan.describe())
-        per_round = max(1, int(settings.get("requests_per_round") or 1))
-        r = 0
-        with ctx.bar(total=want, unit="input") as bar:
-            while len(dedup.accepted) < want and attempts < budget:
-                rid = f"round-{r}"
-                if rid in stored:
-                    texts = stored[rid]["texts"]
-                else:
-                    n_req = min(per_round, math.ceil((budget - attempts) / sampling.n))
-                    msgs = [generator_messages(task, settings, r, i, sampling.seed or 0) for i in range(n_req)]
-                    seeds = [request_seed(sampling.seed, "round", r, i) for i in range(n_req)]
-                    texts = ctx.client().chat(msgs, sampling, seeds=seeds)
-                    rounds.append([{"record_id": rid, "round": r, "texts": texts}])
-                before = len(dedup.accepted)
-                for text in texts:
-                    attempts += 1
-                    parsed = task.parse_pseudo_inputs(text)
-                    if not parsed:
-                        failed += 1
-                        if len(samples) < ctx.failed_samples:
-                            samples.append({"round": r, "text": text})
-                    for x in parsed:
-                        dedup.add(x)
-                bar.update(min(want, len(dedup.accepted)) - min(want, before))
-                bar.set_postfix(attempts=attempts, failed=failed)
-                r += 1
-        ctx.stats.update(source="generate", rounds=r)
-        if samples:
-            path = ctx.out_dir / "failed_samples.jsonl"
-            path.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples), encoding="utf-8")
-            ctx.stats["failed_samples_file"] = str(path)
+        replay = _generate_rounds(ctx, want)
+        dedup, attempts, failed, samples = replay.dedup, replay.attempts, replay.failed, replay.samples
     accepted = dedup.accepted[: int(want)] if want else dedup.accepted
     ctx.stats.update(dedup.stats(), requested=want, records=len(accepted))
     if attempts:  # generator yield; a file has none
         ctx.stats.update(attempts=attempts, failed_attempts=failed, parse_yield=(attempts - failed) / attempts)
+    rows = [{"pseudo_input": x, "ids": {"pseudo_inputs": input_id(x)}} for x in accepted]
+    # The deduplicated list is written once, under the store's lock: the first shard to get here writes it,
+    # the others find it written (every shard's replay gives the same list).
+    with ctx.store.critical():
+        if samples:
+            path = ctx.out_dir / "failed_samples.jsonl"
+            path.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples), encoding="utf-8")
+            ctx.stats["failed_samples_file"] = str(path)
+        if rows:
+            final = ctx.store.common("pseudo_inputs", ctx.plan.fingerprint)
+            have = final.load()
+            final.append([{"record_id": row["ids"]["pseudo_inputs"], **row} for row in rows
+                          if row["ids"]["pseudo_inputs"] not in have])
     if not accepted:
         where = f"; samples of the generator's output: {ctx.stats['failed_samples_file']}" if samples else ""
         raise GenpiError(
@@ -252,11 +352,6 @@ def pseudo_inputs(ctx: StageContext) -> list[Row]:
     if want and len(accepted) < int(want):
         log.warning("pseudo_inputs: %d of %d inputs after %d attempts (%d unparseable); continuing with those",
                     len(accepted), want, attempts, failed)
-    rows = [{"pseudo_input": x, "ids": {"pseudo_inputs": input_id(x)}} for x in accepted]
-    shard = ctx.store.shard("pseudo_inputs", ctx.plan.fingerprint)
-    have = shard.load()
-    shard.append([{"record_id": row["ids"]["pseudo_inputs"], **row} for row in rows
-                  if row["ids"]["pseudo_inputs"] not in have])
     ctx.stats.setdefault("computed", len(rows))
     return rows
 
@@ -401,56 +496,106 @@ def rows_from_dataset(path: Path, stages: tuple[str, ...]) -> list[Row]:
     return rows
 
 
-def rows_from_store(store: Store, stage: str, fingerprint: str) -> list[Row]:
-    """Rows from an earlier run's shard of ``stage`` (every column up to that stage, with their ids)."""
+def rows_from_store(store: Store, stage: str, fingerprint: str, order: list[str] | None = None) -> list[Row]:
+    """Rows from an earlier run's records of ``stage`` (every column up to that stage, with their ids), from
+    every shard's file; ``order`` (pseudo-input ids) puts them in the order of the pseudo-input list."""
     rows = []
-    for rec in store.shard(stage, fingerprint).load().values():
+    for rec in store.load(stage, fingerprint).values():
         row = {k: v for k, v in rec.items() if k != "record_id"}
         row["ids"] = dict(rec["ids"])
         rows.append(row)
+    if order:
+        rank = {rid: i for i, rid in enumerate(order)}
+        rows.sort(key=lambda r: rank.get(r["ids"]["pseudo_inputs"], len(rank)))
     return rows
 
 
-def run_stages(plan: Plan, store: Store, clients: ClientPool) -> tuple[list[Row], dict[str, dict[str, Any]]]:
-    """Run the plan's stages in order; stages not asked for still pick up their stored results.
+def stored_pseudo_inputs(plan: Plan, store: Store) -> list[Row]:
+    """The deduplicated pseudo-input list a finished ``pseudo_inputs`` stage wrote (for a merge, which
+    computes nothing): its first ``num_inputs`` entries, as asking for fewer inputs keeps a prefix of the list."""
+    stage = plan.stages["pseudo_inputs"]
+    rows = rows_from_store(store, "pseudo_inputs", stage.fingerprint)
+    want = stage.settings.get("num_inputs")
+    return rows[: int(want)] if want else rows
 
-    Returns the rows and a report per stage (records, computed, from store, seconds, settings, stats).
-    """
-    reports: dict[str, dict[str, Any]] = {}
 
-    def context(name: str) -> StageContext:
-        return StageContext(plan.task, plan.stages[name], clients, store, plan.out_dir, plan.chunk_size,
-                            plan.progress, plan.failed_samples)
+def owned_by(plan: Plan, row: Row) -> bool:
+    """Whether this run's shard synthesizes ``row``: its pseudo input's id decides, so a record stays on one
+    shard through every stage, and the split does not depend on which records exist yet."""
+    return shard_of(row["ids"]["pseudo_inputs"], plan.shards.num_shards) == plan.shards.shard
 
+
+def source_rows(plan: Plan, store: Store, clients: ClientPool | None,
+                reports: dict[str, dict[str, Any]]) -> tuple[list[Row], int]:
+    """Every row of the dataset before the later stages (pseudo inputs computed, or read from
+    ``synth.from_dataset`` or the store), and the index in :data:`STAGES` of the first later stage.
+    Without ``clients`` (a merge) nothing is computed: pseudo inputs come from the store."""
     if plan.source == "pseudo_inputs":
-        ctx = context("pseudo_inputs")
+        if clients is None:
+            rows = stored_pseudo_inputs(plan, store)
+            if not rows:
+                raise GenpiError(f"no shard has finished pseudo_inputs in {plan.out_dir}: run the shards first "
+                                 "(synth.merge_only=false)")
+            return rows, 1
+        ctx = _context(plan, "pseudo_inputs", clients, store)
         t0 = time.perf_counter()
         rows = pseudo_inputs(ctx)
         reports["pseudo_inputs"] = {"ran": "computed", "seconds": time.perf_counter() - t0, **ctx.stats,
                                     **plan.stages["pseudo_inputs"].describe()}
-        start = 1
-    elif plan.source == "dataset":
+        return rows, 1
+    if plan.source == "dataset":
         assert plan.from_dataset is not None
         rows = rows_from_dataset(plan.from_dataset, plan.dataset_stages)
         for s in plan.dataset_stages:
             reports[s] = {"ran": "dataset", "records": len(rows), "computed": 0, "dataset": str(plan.from_dataset)}
-        start = STAGES.index(plan.requested[0])
-    else:
-        prereq = plan.source.split(":", 1)[1]
-        rows = rows_from_store(store, prereq, plan.stages[prereq].fingerprint)
-        for s in reversed(lineage(prereq)):
-            reports[s] = {"ran": "store", "records": len(rows), "computed": 0, **plan.stages[s].describe()}
-        start = STAGES.index(plan.requested[0])
+        return rows, STAGES.index(plan.requested[0])
+    prereq = plan.source.split(":", 1)[1]
+    order = [r["ids"]["pseudo_inputs"] for r in stored_pseudo_inputs(plan, store)]
+    rows = rows_from_store(store, prereq, plan.stages[prereq].fingerprint, order)
+    for s in reversed(lineage(prereq)):
+        reports[s] = {"ran": "store", "records": len(rows), "computed": 0, **plan.stages[s].describe()}
+    return rows, STAGES.index(plan.requested[0])
+
+
+def _context(plan: Plan, name: str, clients: ClientPool | None, store: Store) -> StageContext:
+    return StageContext(plan.task, plan.stages[name], clients, store, plan.out_dir, plan.chunk_size,  # type: ignore[arg-type]
+                        plan.progress, plan.failed_samples, wait_minutes=plan.shards.wait_minutes)
+
+
+def run_stages(plan: Plan, store: Store, clients: ClientPool) -> tuple[list[Row], dict[str, dict[str, Any]]]:
+    """Run the plan's stages in order on this shard's rows; stages not asked for still pick up their stored
+    results. Pseudo inputs are the whole list on every shard (see :func:`pseudo_inputs`); the later stages fan
+    out: each shard computes only the rows it owns (:func:`owned_by`).
+
+    Returns every row (this shard's with the stages' columns; the others' as the pseudo-input stage left them)
+    and a report per stage (records, computed, from store, seconds, settings, stats) for this shard's rows.
+    """
+    reports: dict[str, dict[str, Any]] = {}
+    all_rows, start = source_rows(plan, store, clients, reports)
+    rows = [r for r in all_rows if owned_by(plan, r)]
     for name in STAGES[start:]:
         compute = name in plan.requested
-        ctx = context(name)
+        ctx = _context(plan, name, clients, store)
         t0 = time.perf_counter()
+        came_in = len(rows)
         rows = STAGE_FUNCTIONS[name](ctx, rows, compute=compute)
         if compute:
             reports[name] = {"ran": "computed", "seconds": time.perf_counter() - t0, **ctx.stats,
                              **plan.stages[name].describe()}
-            if ctx.stats.get("records", 0) == 0:
-                raise GenpiError(f"synth stage {name!r} ended with no records ({len(rows)} rows came in)")
+            if ctx.stats.get("records", 0) == 0 and came_in:
+                raise GenpiError(f"synth stage {name!r} ended with no records ({came_in} rows came in)")
         elif ctx.stats.get("records"):
             reports[name] = {"ran": "store", **ctx.stats, **plan.stages[name].describe()}
-    return rows, {s: reports[s] for s in STAGES if s in reports}
+    return all_rows, {s: reports[s] for s in STAGES if s in reports}
+
+
+def collect(plan: Plan, store: Store, rows: list[Row]) -> tuple[list[Row], dict[str, dict[str, Any]]]:
+    """Every stage's stored columns for ``rows`` (every shard's records; nothing computed), in ``rows``' order,
+    and what was found per stage (``records``; ``ended_by`` for conversations)."""
+    found: dict[str, dict[str, Any]] = {}
+    start = 1 if plan.source == "pseudo_inputs" else STAGES.index(plan.requested[0])
+    for name in STAGES[start:]:
+        ctx = _context(plan, name, None, store)
+        rows = STAGE_FUNCTIONS[name](ctx, rows, compute=False)
+        found[name] = dict(ctx.stats)
+    return rows, found
