@@ -6,6 +6,7 @@ built-in webshop prompt (whose open turn is empty) and a one-turn plain-text pro
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -145,3 +146,18 @@ def test_empty_open_turn_strips_whole_turns():
     assert (decision.action, decision.form) == ("stripped", "turns")
     assert decision.messages == [{"role": "user", "content": "i need a red shirt"}]
     assert matcher.strip(request[1:]).action == "absent"
+
+
+def test_serve_config_defaults_agree_with_the_schema_and_bad_values_are_named():
+    from omegaconf import OmegaConf
+
+    from genpi import schema
+    from genpi.errors import GenpiError
+
+    yaml = OmegaConf.to_container(OmegaConf.load(Path(__file__).resolve().parents[1] / "genpi" / "conf" / "serve.yaml"))
+    assert yaml["serve"] == schema.defaults(schema.Serve)
+    for bad, named in (({"port": 0}, "serve.port=0"), ({"mode": "coach"}, "serve.mode='coach'"),
+                       ({"mode": "teacher", "adapter": "a"}, "serve.mode='teacher'"),
+                       ({"adapter": "a", "merged": "m"}, "serve.merged='m'")):
+        with pytest.raises(GenpiError, match=re.escape(named)):
+            schema.read(bad, schema.Serve, "serve")
