@@ -19,10 +19,10 @@ from omegaconf import DictConfig
 from genpi import schema
 from genpi.errors import GenpiError
 from genpi.evaluation import artifacts
-from genpi.evaluation.generation import lora_rank, vllm_max_lora_rank, VLLM_DTYPES
+from genpi.evaluation.generation import VLLM_DTYPES, lora_rank, vllm_max_lora_rank
 from genpi.hydra_utils import to_dict
 from genpi.models.factory import model_fingerprint, resolve_model_path
-from genpi.serving.server import ServePlan, check_port, run, server_module
+from genpi.serving.server import MIDDLEWARE, ServePlan, check_port, run, server_module
 from genpi.tasks import build_task
 from genpi.wrappers import run_dir_of, task_wrapper
 
@@ -94,7 +94,7 @@ def plan_server(cfg: DictConfig) -> ServePlan:
     cuda = _cuda()
     args = ["--model", model_path, "--host", opts.host, "--port", str(opts.port), "--dtype", VLLM_DTYPES[dtype],
             "--seed", str(opts.seed), "--tensor-parallel-size", str(opts.tensor_parallel_size),
-            "--middleware", "genpi.serving.middleware.PromptMiddleware"]
+            "--middleware", MIDDLEWARE]
     if opts.max_model_len:
         args += ["--max-model-len", str(opts.max_model_len)]
     if opts.enforce_eager if opts.enforce_eager is not None else not cuda:

@@ -275,7 +275,7 @@ def test_concurrent_requests_streaming_and_not_are_counted_exactly(student, refe
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(lambda i: chat(student.url, request, "genpi-student", stream=i % 2 == 0), range(16)))
     assert [r[0] for r in results] == [200] * 16
-    for status, headers, body in results:
+    for _, headers, body in results:
         assert headers["x-genpi-prompt-stripped"] == "yes" and int(headers["x-genpi-tokens-saved"]) == saved
         # batched decoding may round differently from a lone request: an answer is asked for, not the same answer
         assert reply_text(body).strip()
