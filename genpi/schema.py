@@ -710,3 +710,39 @@ class SynthShards:
     def validate(self, at: str) -> None:
         if self.shard >= self.num_shards:
             raise bad(f"{at}.shard", self.shard, f"0 <= synth.shard < synth.num_shards ({self.num_shards})")
+
+
+# --- serve (issue 14) ---
+@dataclass
+class Serve:
+    """``serve:`` of ``conf/serve.yaml`` (genpi-serve)."""
+
+    mode: Literal["student", "teacher", "floor"] = "student"
+    adapter: str | None = None
+    merged: str | None = None
+    host: str = "127.0.0.1"
+    port: int = field(default=8000, metadata=rng(ge=1, le=65535))
+    served_model_name: str | None = None
+    max_model_len: int | None = field(default=None, metadata=rng(gt=0))
+    tensor_parallel_size: int = field(default=1, metadata=rng(ge=1))
+    dtype: str | None = None
+    seed: int = 0
+    api_key_env: str = "GENPI_SERVE_API_KEY"
+    kvcache_gb: float | None = field(default=1.0, metadata=rng(gt=0))
+    multiprocessing: bool | None = None
+    enforce_eager: bool | None = None
+    ready_timeout_s: float = field(default=600.0, metadata=rng(gt=0))
+    echo_log: bool = True
+    extra_args: list[str] = field(default_factory=list)
+
+    def validate(self, at: str) -> None:
+        if self.adapter and self.merged:
+            raise bad(f"{at}.merged", self.merged, "null when serve.adapter is set (serve one student: an adapter "
+                      "or a merged folder)")
+        if self.mode != "student" and (self.adapter or self.merged):
+            raise bad(f"{at}.mode", self.mode, "student when serve.adapter or serve.merged is set (teacher and "
+                      "floor serve the base model)")
+        if self.dtype is not None and self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise bad(f"{at}.dtype", self.dtype, "null (model.dtype), auto, float32, bfloat16 or float16")
+        if not self.api_key_env:
+            raise bad(f"{at}.api_key_env", self.api_key_env, "the name of an environment variable")
