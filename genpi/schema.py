@@ -159,3 +159,27 @@ def defaults(cls: type) -> dict[str, Any]:
 
 
 __all__ = ["Any", "GenpiError", "Literal", "bad", "dataclass", "defaults", "field", "read", "rng"]
+
+
+# --- env.sandbox (issue 11, part A) ---
+@dataclass
+class EnvSandbox:
+    """``env.sandbox``: the machine each episode's commands run in (:mod:`genpi.environments.sandbox`)."""
+
+    backend: Literal["local", "docker"] = "local"
+    command_timeout: float = field(default=60.0, metadata=rng(gt=0))
+    episode_timeout: float = field(default=600.0, metadata=rng(gt=0))
+    memory_mb: int = field(default=2048, metadata=rng(ge=64))
+    pids_max: int = field(default=512, metadata=rng(ge=16))
+    output_limit: int = field(default=65536, metadata=rng(ge=1024))
+    tmpfs_mb: int = field(default=1024, metadata=rng(ge=16))
+    workdir: str = "/root"
+    docker_image: str = "genpi-agentbench-os"
+    dockerfile: str | None = None
+
+    def validate(self, at: str) -> None:
+        if not self.workdir.startswith("/"):
+            raise bad(f"{at}.workdir", self.workdir, "an absolute path inside the sandbox")
+        if self.command_timeout > self.episode_timeout:
+            raise bad(f"{at}.command_timeout", self.command_timeout,
+                      f"<= {at}.episode_timeout ({self.episode_timeout})")
