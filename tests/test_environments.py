@@ -1,0 +1,307 @@
+"""The environment layer: AgentBench's problem format, the Act: protocol, episodes, the judge, lockstep batching,
+results; and genpi-env-check / genpi-eval through the real sandbox where the machine allows it.
+
+Unit tests of parsing, judging and batching use a plain subprocess "shell" confined to a temporary folder (their
+problems touch only relative paths); everything that runs AgentBench's problems goes through the real sandbox.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from genpi.environments import results
+from genpi.environments.agents import AgentView, ModelPolicy, ReferencePolicy, WrongPolicy
+from genpi.environments.episode import (COMPLETED, CONTEXT_LIMIT, TASK_LIMIT, VALIDATION_FAILURE, Episode, judge)
+from genpi.environments.problems import Problem, Script, load_problems, parse_problem
+from genpi.environments.protocol import Action, EnvText, parse_action
+from genpi.environments.runner import RunStats, run_episodes
+from genpi.environments.sandbox import ShellResult
+from genpi.errors import GenpiError
+
+AGENTBENCH = Path(__file__).resolve().parents[1].parent / "shared" / "agentbench"
+OS_DATA = AGENTBENCH / "os_interaction"
+needs_agentbench = pytest.mark.skipif(not (OS_DATA / "data" / "dev.json").is_file(),
+                                      reason="AgentBench's OS data is not at ../shared/agentbench/os_interaction")
+
+
+# -- a stand-in machine for unit tests: commands run in a temp folder, relative paths only ----------------------
+class FolderShell:
+    def __init__(self, root: Path):
+        self.root = root
+        self.closed = False
+
+    def run(self, command: str, timeout: float | None = None) -> ShellResult:
+        p = subprocess.run(["bash", "-c", command], cwd=self.root, capture_output=True, text=True, timeout=10)
+        return ShellResult(p.stdout + p.stderr, p.returncode, False, False)
+
+    def execute(self, argv: list[str], timeout: float | None = None) -> ShellResult:
+        p = subprocess.run(argv, cwd=self.root, capture_output=True, text=True, timeout=10)
+        return ShellResult(p.stdout + p.stderr, p.returncode, False, False)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FolderSandbox:
+    name = "folder"
+
+    def __init__(self, tmp_path: Path):
+        self.tmp_path = tmp_path
+        self.opened: list[FolderShell] = []
+        self.lock = threading.Lock()  # the runner opens machines from several threads at once
+
+    def open(self) -> FolderShell:
+        with self.lock:
+            root = self.tmp_path / f"m{len(self.opened)}"
+            root.mkdir()
+            shell = FolderShell(root)
+            self.opened.append(shell)
+        return shell
+
+
+INT_MATCH = Script("bash", '[ $1 -eq $2 ] 2>/dev/null')
+
+
+def count_problem(pid: str = "p0") -> Problem:
+    return Problem(id=pid, description="How many .txt files are here?",
+                   init=[Script("bash", "touch a.txt b.txt c.log")], check=[None, INT_MATCH],
+                   example=Script("bash", "ls *.txt | wc -l"), labels=["file"])
+
+
+def state_problem(pid: str = "s0") -> Problem:
+    return Problem(id=pid, description="Create a file named done.", check=[Script("bash", "test -f done")],
+                   example=Script("bash", "touch done"), labels=["file", "state"])
+
+
+# -- the protocol -------------------------------------------------------------------------------------------------
+def test_parse_action_last_valid_act_counts_and_bash_blocks_join():
+    reply = ("Think: x\n\nAct: answer(no parens\nAct: bash\n\n```bash\nls /\n```\nthen\n```bash\npwd\n```\n"
+             "Act: answer missing")
+    assert parse_action(reply) == Action("bash", "ls /\n\npwd")
+    assert parse_action("Think: done.\n\nAct: answer(f(x) = (1))") == Action("answer", "f(x) = (1)")
+    assert parse_action("Act: finish\nAct: answer(3)") == Action("answer", "3")
+    assert parse_action("Act: answer(3)\nAct: finish") == Action("finish")
+    assert parse_action("Think: I would run ls.") is None
+    assert parse_action("Act: jump") is None
+
+
+def test_observation_truncates_as_agentbench():
+    text = EnvText()
+    assert text.observe("") == "The output of the OS is empty."
+    assert text.observe("42\n") == "The output of the OS:\n\n42\n"
+    long = "x" * 801
+    cut = text.observe(long)
+    assert cut == "The output of the OS:\n\n" + "x" * 780 + "\n[truncated because the output is too long]"
+    assert text.observe("y" * 800).endswith("y" * 800)
+    genpi = EnvText(observation="The terminal printed:\n{output}")
+    assert genpi.observe("3") == "The terminal printed:\n3"
+
+
+# -- AgentBench's data, read as it is ------------------------------------------------------------------------------
+@needs_agentbench
+def test_dev_split_reads_as_agentbench_lays_it_out():
+    problems = load_problems(OS_DATA, "dev")
+    assert len(problems) == 26
+    assert [p.id for p in problems[:2]] == ["dev-001-0", "dev-001-1"]
+    by_kind = {"match": sum(p.match is not None for p in problems), "check": sum(p.check is not None for p in problems)}
+    assert by_kind["match"] + by_kind["check"] == 26 and by_kind["match"] >= 4
+    calc = next(p for p in problems if "calc" in p.description)
+    assert calc.check[0].code.startswith("#!/bin/bash") and "mv calc /usr/local/bin" in calc.example.code
+    stock = next(p for p in problems if "stock.log" in p.description)
+    assert "/usr/stock.log" in stock.init[0].code and stock.check[0] is None
+    assert stock.check[1].language == "python" and "int(argv[1])" in stock.check[1].code
+    background = problems[0]
+    assert background.start is not None and "time.sleep(1)" in background.start.code
+    assert background.match == {"answer": "1", "strip": True}
+    # a problem whose `create` is a list (not an object) runs no init, as AgentBench's loader does
+    odd = next(p for p in problems if "root dir" in p.description)
+    assert odd.init == []
+
+
+def test_bad_data_dir_is_one_line_with_the_fix(tmp_path):
+    with pytest.raises(GenpiError, match="env.data_dir is not set"):
+        load_problems(None, "dev")
+    with pytest.raises(GenpiError, match="has no data/dev.json"):
+        load_problems(tmp_path, "dev")
+    with pytest.raises(GenpiError, match="env.split='test' is not allowed"):
+        load_problems(tmp_path, "test")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "dev.json").write_text(json.dumps([{"description": "x", "evaluation": {
+        "check": [None, {"file": "check/missing.py"}], "example": "ls"}}]))
+    with pytest.raises(GenpiError, match="script file .*missing.py is missing"):
+        load_problems(tmp_path, "dev")
+
+
+def test_std_split_reads_groups_1_to_7(tmp_path):
+    for g in ("1", "7"):
+        (tmp_path / "data" / g).mkdir(parents=True)
+        (tmp_path / "scripts" / g).mkdir(parents=True)
+        (tmp_path / "scripts" / g / "c.sh").write_text(f"exit {0 if g == '1' else 1}")
+        (tmp_path / "data" / g / "a.json").write_text(json.dumps(
+            {"description": f"group {g}", "evaluation": {"check": {"file": "c.sh"}}}))
+    problems = load_problems(tmp_path, "std")
+    assert [(p.id, p.description, p.check[0].code) for p in problems] == [
+        ("std-001-0", "group 1", "exit 0"), ("std-007-0", "group 7", "exit 1")]
+
+
+# -- episodes and the judge ----------------------------------------------------------------------------------------
+def test_episode_runs_bash_in_its_machine_and_the_judge_compares_with_the_reference(tmp_path):
+    sandbox = FolderSandbox(tmp_path)
+    ep = Episode(count_problem(), "teacher", EnvText())
+    ep.reset(sandbox.open())
+    obs = ep.step("Think: count.\n\nAct: bash\n\n```bash\nls *.txt | wc -l\n```")
+    assert obs == "The output of the OS:\n\n2\n"
+    assert ep.step("Think: ok.\n\nAct: answer(2)") is None
+    assert ep.ending == COMPLETED and ep.answer == "2"
+    assert ep.judge().success
+    wrong = judge(count_problem(), "3", sandbox.opened[0])
+    assert not wrong.success and "check 1 exit 1" in wrong.reason
+    assert not judge(count_problem(), None, sandbox.opened[0]).success
+
+
+def test_match_strips_and_regex_searches(tmp_path):
+    shell = FolderSandbox(tmp_path).open()
+    p = Problem(id="m", description="d", match={"answer": "log", "strip": True})
+    assert judge(p, "  log\n", shell).success and not judge(p, "log.txt", shell).success
+    p = Problem(id="m", description="d", match={"answer": "log", "strip": False})
+    assert not judge(p, " log", shell).success
+    p = Problem(id="r", description="d", match={"regex": r"^\d+ files$", "strip": True})
+    assert judge(p, "12 files", shell).success and not judge(p, "many files", shell).success
+
+
+def test_endings_task_limit_validation_failure_context_limit(tmp_path):
+    sandbox = FolderSandbox(tmp_path)
+    ep = Episode(count_problem(), "floor", EnvText(), round_limit=2)
+    ep.reset(sandbox.open())
+    assert ep.step("Act: bash\n\n```bash\necho hi\n```") is not None
+    assert ep.step("Act: bash\n\n```bash\necho hi\n```") is None
+    assert ep.ending == TASK_LIMIT and ep.rounds == 2 and not ep.judge().success
+    ep = Episode(count_problem(), "floor", EnvText())
+    ep.reset(sandbox.open())
+    ep.step("I think there are 2.")
+    assert ep.ending == VALIDATION_FAILURE and not ep.judge().success
+    ep = Episode(count_problem(), "floor", EnvText())
+    ep.reset(sandbox.open())
+    ep.step(None)
+    assert ep.ending == CONTEXT_LIMIT
+
+
+# -- lockstep batching ---------------------------------------------------------------------------------------------
+class CountingPolicy:
+    """Bash on rounds 0..k-1 (k differs per problem), then answers; records each call's batch size."""
+
+    def __init__(self):
+        self.batches: list[int] = []
+
+    def reply(self, episodes):
+        self.batches.append(len(episodes))
+        out = []
+        for ep in episodes:
+            k = int(ep.problem.id[1:]) % 3
+            out.append("Act: bash\n\n```bash\nls *.txt | wc -l\n```" if ep.rounds < k else "Act: answer(2)")
+        return out
+
+
+def test_lockstep_advances_all_episodes_in_one_call_per_round(tmp_path):
+    sandbox = FolderSandbox(tmp_path)
+    policy = CountingPolicy()
+    jobs = [(count_problem(f"p{i}"), side) for i in range(6) for side in ("teacher", "floor")]
+    stats = RunStats()
+    done = []
+    episodes = run_episodes(jobs, policy, sandbox, EnvText(), max_running=32, on_done=done.append, stats=stats)
+    assert [ep.rounds for ep in episodes] == [1, 1, 2, 2, 3, 3] * 2
+    assert all(ep.success for ep in episodes) and len(done) == 12
+    # 12 episodes, 3 rounds at most: 3 batched calls, shrinking as episodes end
+    assert policy.batches == [12, 8, 4] and stats.generation_calls == 3
+    assert all(s.closed for s in sandbox.opened) and len(sandbox.opened) == 12
+    # one at a time: as many calls as replies
+    policy1 = CountingPolicy()
+    (tmp_path / "one").mkdir()
+    one = run_episodes(jobs[:4], policy1, FolderSandbox(tmp_path / "one"), EnvText(), max_running=1)
+    assert policy1.batches == [1] * sum(ep.rounds for ep in one) and all(ep.success for ep in one)
+
+
+def test_reference_agent_passes_and_wrong_replay_fails(tmp_path):
+    problems = [count_problem(), state_problem(), Problem(id="m", description="d", match={"answer": "7", "strip": True})]
+    ref = run_episodes([(p, "reference") for p in problems], ReferencePolicy(), FolderSandbox(tmp_path), EnvText())
+    assert [ep.success for ep in ref] == [True, True, True]
+    assert [a["kind"] for a in ref[1].actions] == ["bash", "finish"]
+    (tmp_path / "w").mkdir()
+    wrong = run_episodes([(p, "wrong") for p in problems], WrongPolicy(), FolderSandbox(tmp_path / "w"), EnvText())
+    assert [ep.success for ep in wrong] == [False, False, False]
+    assert [ep.ending for ep in wrong] == [COMPLETED] * 3
+
+
+def test_a_broken_machine_ends_only_its_episode(tmp_path):
+    class Flaky(FolderSandbox):
+        def open(self):
+            with self.lock:
+                broken = len(self.opened) == 1
+                if broken:
+                    self.opened.append(None)
+            if broken:
+                raise OSError("no machine")
+            return super().open()
+
+    eps = run_episodes([(count_problem(f"p{i}"), "reference") for i in range(3)], ReferencePolicy(), Flaky(tmp_path),
+                       EnvText(), max_running=1)
+    assert [ep.success for ep in eps] == [True, False, True]
+    assert eps[1].ending == "env_error" and "no machine" in eps[1].reason
+
+
+# -- the agent views -----------------------------------------------------------------------------------------------
+def test_teacher_sees_the_prompt_and_student_the_problem_alone(tiny_tokenizer):
+    view = AgentView.from_turns([{"role": "user", "content": "Rules."}, {"role": "assistant", "content": "Ok."},
+                                 {"role": "user", "content": "My problem is:"}], "\n\n")
+    ep = Episode(count_problem(), "teacher", EnvText())
+    ep.turns = [{"role": "user", "content": "Count."}, {"role": "assistant", "content": "Act: bash"},
+                {"role": "user", "content": "The output of the OS:\n\n2"}]
+    assert view.messages(ep, True) == [{"role": "user", "content": "Rules."}, {"role": "assistant", "content": "Ok."},
+                                       {"role": "user", "content": "My problem is:\n\nCount."}, *ep.turns[1:]]
+    assert view.messages(ep, False) == ep.turns
+    calls = []
+
+    def generate(prompts, adapters):
+        calls.append(list(adapters))
+        return [tiny_tokenizer.encode("Act: finish", add_special_tokens=False) for _ in prompts]
+
+    policy = ModelPolicy(tiny_tokenizer, generate, view, max_new_tokens=8, max_model_len=10_000)
+    eps = [Episode(count_problem(), s, EnvText()) for s in ("teacher", "student", "floor")]
+    for e in eps:
+        e.turns = [{"role": "user", "content": "Count."}]
+    assert policy.reply(eps) == ["Act: finish"] * 3
+    assert calls == [[False, True, False]]
+    assert len(policy.prompt_ids(eps[0])) > len(policy.prompt_ids(eps[1])) == len(policy.prompt_ids(eps[2]))
+    short = ModelPolicy(tiny_tokenizer, generate, view, max_new_tokens=8, max_model_len=len(policy.prompt_ids(eps[1])))
+    assert short.reply(eps) == [None, None, None]
+
+
+# -- results -------------------------------------------------------------------------------------------------------
+def test_wilson_interval_and_gap_closed():
+    lo, hi = results.wilson_interval(5, 10)
+    assert lo == pytest.approx(0.2366, abs=1e-4) and hi == pytest.approx(0.7634, abs=1e-4)
+    lo, hi = results.wilson_interval(0, 20)
+    assert lo == 0.0 and hi == pytest.approx(0.1611, abs=1e-4)
+    assert results.gap_closed(0.1, 0.3, 0.5) == pytest.approx(0.5)
+    assert results.gap_closed(0.5, 0.3, 0.5) is None
+
+
+def test_summary_counts_endings_and_labels():
+    def rec(side, ok, ending, labels):
+        return {"side": side, "success": ok, "ending": ending, "labels": labels, "rounds": 2}
+
+    recs = [rec("teacher", True, "completed", ["file"]), rec("teacher", False, "task_limit", ["user"]),
+            rec("student", True, "completed", ["file"]), rec("student", False, "validation_failure", ["file", "user"]),
+            rec("floor", False, "validation_failure", ["file"]), rec("floor", False, "context_limit", ["user"])]
+    s = results.summarize(recs, ["teacher", "student", "floor"])
+    assert s["teacher"]["success_rate"] == 0.5 and s["floor"]["success_rate"] == 0.0
+    assert s["student"]["endings"]["validation_failure"] == 1 and s["floor"]["endings"]["context_limit"] == 1
+    assert s["student"]["labels"]["file"] == {"n": 2, "successes": 1, "success_rate": 0.5}
+    assert s["gap_closed"]["success_rate"] == pytest.approx(1.0)
+    table = results.success_table(s, ["teacher", "student", "floor"])
+    assert "| teacher | 50.0% |" in table and "Gap closed (success rate): 100.0%" in table
