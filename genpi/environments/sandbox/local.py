@@ -39,9 +39,8 @@ import time
 from functools import lru_cache
 from pathlib import Path
 
-from genpi.environments.sandbox.base import ShellBase, ShellResult
 from genpi.environments.sandbox.cgroup import EpisodeCgroup
-from genpi.environments.sandbox.terminal import TerminalBash, clean_text, read_capped
+from genpi.environments.sandbox.terminal import TerminalMachine, clean_text, read_capped
 from genpi.errors import GenpiError
 
 OVERLAID = ("usr", "etc", "var", "opt", "srv")  # copy-on-write views of the host's directories
@@ -177,15 +176,12 @@ def setup_script(tmpfs_mb: int, workdir: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-class LocalShell(ShellBase):
+class LocalShell(TerminalMachine):
     """One episode's machine (its init is ``self.init_pid`` on the host) and its interactive shell."""
 
     def __init__(self, settings):
-        self.settings = settings
-        self.started = time.monotonic()
+        super().__init__(settings)
         self.cgroup = EpisodeCgroup(settings.pids_max, settings.memory_mb * 2**20)
-        self.closed = False
-        self.terminal: TerminalBash | None = None
         try:
             self._start_machine()
         except BaseException:
@@ -240,62 +236,11 @@ class LocalShell(ShellBase):
         return self._in_cgroup(["nsenter", "-t", str(self.init_pid), "-U", "-m", "-p", "-n", "-i", "-u", "-r", "-w",
                                 "--"] + drop_privileges() + clean_env(cwd or self.settings.workdir) + argv)
 
-    # -- limits --------------------------------------------------------------------------------------------------
-    def _time_left(self, timeout: float | None) -> float:
-        episode_left = self.settings.episode_timeout - (time.monotonic() - self.started)
-        return min(self.settings.command_timeout if timeout is None else timeout, episode_left)
+    def _command(self, argv: list[str], terminal: bool) -> list[str]:
+        # setsid -c: a new session whose controlling terminal is the pty on stdin, for bash's job control.
+        return self._enter((["setsid", "-c"] if terminal else []) + argv)
 
-    # -- the Shell interface ---------------------------------------------------------------------------------------
-    def run(self, command: str, timeout: float | None = None) -> ShellResult:
-        if self.closed:
-            raise RuntimeError("run() on a closed sandbox shell")
-        left = self._time_left(timeout)
-        if left <= 0:
-            return ShellResult("", None, True, False)
-        if self.terminal is None or not self.terminal.alive:
-            # A fresh shell in the same machine (the previous one exited or was killed): files, users and
-            # background processes stay; the working directory and variables start over.
-            self.terminal = TerminalBash(self._spawn_terminal, self._kill_foreground, self.settings.output_limit)
-        return self.terminal.run(command, left)
-
-    def _spawn_terminal(self, slave: int) -> subprocess.Popen:
-        argv = self._enter(["setsid", "-c", "bash", "--noediting", "--noprofile", "--norc", "-i"])
-        return subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env={"PATH": PATH},
-                                start_new_session=True)
-
-    def _kill_foreground(self, shell_pid: int) -> None:
-        # Field 8 of /proc/PID/stat is the terminal's foreground process group (fields counted after "(comm)").
-        script = (f's=$(cat /proc/{shell_pid}/stat) && s=${{s##*) }} && set -- $s && '
-                  f'[ "$6" -gt 0 ] && [ "$6" != {shell_pid} ] && kill -KILL -- "-$6"')
-        self.execute(["bash", "-c", script], timeout=10)
-
-    def execute(self, argv: list[str], timeout: float | None = None) -> ShellResult:
-        if self.closed:
-            raise RuntimeError("execute() on a closed sandbox shell")
-        left = self._time_left(timeout)
-        if left <= 0:
-            return ShellResult("", None, True, False)
-        # `timeout` inside the machine kills the script's whole process group at the limit; the host only waits.
-        inner = ["timeout", "-s", "KILL", f"{left:.3f}"] + list(argv)
-        proc = subprocess.Popen(self._enter(inner), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, env={"PATH": PATH}, start_new_session=True)
-        start = time.monotonic()
-        out, truncated, ended = read_capped(proc.stdout.fileno(), start + left + 5, self.settings.output_limit)
-        try:
-            code = proc.wait(timeout=max(0.1, start + left + 5 - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            code = proc.wait()
-        proc.stdout.close()
-        timed_out = ended == "deadline" or (code == 137 and time.monotonic() - start >= left - 0.05)
-        return ShellResult(clean_text(out), None if timed_out or code < 0 else code, timed_out, truncated)
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        if self.terminal is not None:
-            self.terminal.close()
+    def _discard(self) -> None:
         holder = getattr(self, "holder", None)
         init_pid = getattr(self, "init_pid", None)
         if init_pid is not None:

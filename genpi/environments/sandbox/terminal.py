@@ -19,11 +19,12 @@ import termios
 import time
 from typing import Callable
 
-from genpi.environments.sandbox.base import ShellResult
+from genpi.environments.sandbox.base import ShellBase, ShellResult
 
 CHUNK_BYTES = 800  # quoted, at most 4 characters per byte: under the 4,095-byte line limit of a terminal
 SETUP_TIMEOUT_S = 30.0
 INTERRUPT_GRACE_S = 1.0  # after Ctrl-C, before the foreground group is killed
+HOST_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}  # host tools only; nothing else of ours
 SAFE_BYTES = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 ,._+-/:=@%^")
 
 
@@ -33,14 +34,16 @@ def ansi_c_quote(data: bytes) -> str:
 
 
 def read_capped(fd: int, deadline: float, limit: int, stop: Callable[[bytes], int | None] | None = None,
-                kept: bytearray | None = None) -> tuple[bytes, bool, str]:
-    """Read ``fd`` until ``stop(pending)`` returns an index, EOF or ``deadline``; keep at most ``limit`` bytes.
+                exited: Callable[[], bool] | None = None) -> tuple[bytes, bool, str]:
+    """Read ``fd`` until ``stop(pending)`` returns an index, EOF, ``exited()`` or ``deadline``; keep <= ``limit`` bytes.
 
+    ``exited`` is asked whenever nothing is left to read: a shell whose background jobs hold its terminal open
+    gives no EOF when it exits.
     Returns (kept bytes, truncated, how it ended: ``"stop"`` | ``"eof"`` | ``"deadline"``). Bytes past the limit are
     read and discarded, so an endless writer never blocks and never fills memory. The last 256 bytes stay pending
     so a marker split across reads is still found.
     """
-    kept = bytearray() if kept is None else kept
+    kept = bytearray()
     pending = bytearray()
     truncated = False
 
@@ -64,8 +67,11 @@ def read_capped(fd: int, deadline: float, limit: int, stop: Callable[[bytes], in
         if left <= 0:
             keep(pending)
             return bytes(kept), truncated, "deadline"
-        ready, _, _ = select.select([fd], [], [], min(left, 0.5))
+        ready, _, _ = select.select([fd], [], [], min(left, 0.1 if exited else 0.5))
         if not ready:
+            if exited is not None and exited():
+                keep(pending)
+                return bytes(kept), truncated, "eof"
             continue
         try:
             data = os.read(fd, 65536)
@@ -129,7 +135,8 @@ class TerminalBash:
             return match.start()
 
         self._after_marker = b""
-        data, truncated, ended = read_capped(self.master, deadline, self.output_limit, stop)
+        data, truncated, ended = read_capped(self.master, deadline, self.output_limit, stop,
+                                             lambda: self.process.poll() is not None)
         return data, truncated, ended, (found[0] if found else None)
 
     def _send_line(self, line: str) -> None:
@@ -201,3 +208,81 @@ class TerminalBash:
         if self.master >= 0:
             os.close(self.master)
             self.master = -1
+
+
+class TerminalMachine(ShellBase):
+    """The :class:`~genpi.environments.sandbox.base.Shell` of a backend: limits, the interactive shell, scripts.
+
+    A backend states how a command enters its machine (:meth:`_command`) and how the machine is discarded
+    (:meth:`_discard`); the wall-time limits per command and per episode, the output limit, restarting a shell that
+    exited, interrupting a command and running scripts are the same for every backend.
+    """
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.started = time.monotonic()
+        self.closed = False
+        self.terminal: TerminalBash | None = None
+
+    def _command(self, argv: list[str], terminal: bool) -> list[str]:
+        """The host command that runs ``argv`` inside the machine (with a controlling terminal if ``terminal``)."""
+        raise NotImplementedError
+
+    def _discard(self) -> None:
+        """End every process of the machine and drop its state."""
+        raise NotImplementedError
+
+    def _time_left(self, timeout: float | None) -> float:
+        episode_left = self.settings.episode_timeout - (time.monotonic() - self.started)
+        return min(self.settings.command_timeout if timeout is None else timeout, episode_left)
+
+    def run(self, command: str, timeout: float | None = None) -> ShellResult:
+        if self.closed:
+            raise RuntimeError("run() on a closed sandbox shell")
+        left = self._time_left(timeout)
+        if left <= 0:
+            return ShellResult("", None, True, False)
+        if self.terminal is None or not self.terminal.alive:
+            # A fresh shell in the same machine (the previous one exited or was killed): files, users and
+            # background processes stay; the working directory and variables start over.
+            self.terminal = TerminalBash(self._spawn_terminal, self._kill_foreground, self.settings.output_limit)
+        return self.terminal.run(command, left)
+
+    def _spawn_terminal(self, slave: int) -> subprocess.Popen:
+        argv = self._command(["bash", "--noediting", "--noprofile", "--norc", "-i"], terminal=True)
+        return subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=HOST_ENV, start_new_session=True)
+
+    def _kill_foreground(self, shell_pid: int) -> None:
+        # Field 8 of /proc/PID/stat is the terminal's foreground process group (field 6 after "(comm) ").
+        script = (f's=$(cat /proc/{shell_pid}/stat) && s=${{s##*) }} && set -- $s && '
+                  f'[ "$6" -gt 0 ] && [ "$6" != {shell_pid} ] && kill -KILL -- "-$6"')
+        self.execute(["bash", "-c", script], timeout=10)
+
+    def execute(self, argv: list[str], timeout: float | None = None) -> ShellResult:
+        if self.closed:
+            raise RuntimeError("execute() on a closed sandbox shell")
+        left = self._time_left(timeout)
+        if left <= 0:
+            return ShellResult("", None, True, False)
+        # `timeout` inside the machine kills the script's whole process group at the limit; the host only waits.
+        inner = ["timeout", "-s", "KILL", f"{left:.3f}"] + list(argv)
+        proc = subprocess.Popen(self._command(inner, terminal=False), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=HOST_ENV, start_new_session=True)
+        start = time.monotonic()
+        out, truncated, ended = read_capped(proc.stdout.fileno(), start + left + 5, self.settings.output_limit)
+        try:
+            code = proc.wait(timeout=max(0.1, start + left + 5 - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            code = proc.wait()
+        proc.stdout.close()
+        timed_out = ended == "deadline" or (code == 137 and time.monotonic() - start >= left - 0.05)
+        return ShellResult(clean_text(out), None if timed_out or code < 0 else code, timed_out, truncated)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.terminal is not None:
+            self.terminal.close()
+        self._discard()
