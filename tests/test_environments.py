@@ -8,7 +8,9 @@ problems touch only relative paths); everything that runs AgentBench's problems 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -23,7 +25,8 @@ from genpi.environments.runner import RunStats, run_episodes
 from genpi.environments.sandbox import ShellResult
 from genpi.errors import GenpiError
 
-AGENTBENCH = Path(__file__).resolve().parents[1].parent / "shared" / "agentbench"
+REPO = Path(__file__).resolve().parents[1]
+AGENTBENCH = REPO.parent / "shared" / "agentbench"
 OS_DATA = AGENTBENCH / "os_interaction"
 needs_agentbench = pytest.mark.skipif(not (OS_DATA / "data" / "dev.json").is_file(),
                                       reason="AgentBench's OS data is not at ../shared/agentbench/os_interaction")
@@ -305,3 +308,55 @@ def test_summary_counts_endings_and_labels():
     assert s["gap_closed"]["success_rate"] == pytest.approx(1.0)
     table = results.success_table(s, ["teacher", "student", "floor"])
     assert "| teacher | 50.0% |" in table and "Gap closed (success rate): 100.0%" in table
+
+
+# -- genpi's own problems ------------------------------------------------------------------------------------------
+def test_genpi_problems_are_new_inputs_in_agentbench_format(tmp_path):
+    from genpi.environments import genpi_os
+    from genpi.tasks import generators
+
+    path = genpi_os.write_problems(tmp_path, n=120, seed=0)
+    problems = load_problems(tmp_path, "dev")
+    assert len(problems) == 120 and len({p.description for p in problems}) == 120
+    assert json.loads(path.read_text()) == genpi_os.make_problems(120, 0)  # deterministic
+    # every kind of template and every kind of judgement is there
+    assert {p.labels[0] for p in problems} >= {"file", "process", "permission", "user"}
+    assert sum(p.match is not None for p in problems) > 0 and sum(p.check is not None and not p.needs_answer
+                                                                  for p in problems) > 0
+    # the env split's values are in no pool, so no corpus input (any split, any seed) is an evaluation question
+    for pool, values in generators.ENV_SLOT_VALUES.items():
+        assert not set(values) & set(getattr(generators, pool)), pool
+    corpus = {r["pseudo_input"] for split in generators.SPLITS for seed in (0, 1)
+              for r in generators.generate_examples("os", 300, seed, split)}
+    assert not corpus & {p.description for p in problems}
+
+
+@pytest.fixture(scope="module")
+def genpi_problems_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("genpi_os")
+    proc = subprocess.run([sys.executable, "-m", "genpi.environments.genpi_os", "--out", str(out)], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"wrote 120 problems to {out / 'data' / 'dev.json'}"
+    return out
+
+
+def _env_check(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    from genpi.environments.sandbox import make_sandbox
+
+    try:
+        make_sandbox(None, "local").open().close()
+    except GenpiError as err:
+        pytest.skip(f"the local sandbox cannot run here: {err}")
+    env = {**os.environ, "GENPI_OUTPUT_ROOT": str(tmp_path), "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "genpi.env_check", *overrides], capture_output=True, text=True,
+                          env=env, timeout=900, cwd=tmp_path)
+
+
+@pytest.mark.slow
+def test_env_check_passes_every_genpi_problem_and_the_wrong_replay_none(tmp_path, genpi_problems_dir):
+    proc = _env_check(tmp_path, "env=genpi_os", f"env.data_dir={genpi_problems_dir}")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "passed 120 of 120", proc.stdout
+    proc = _env_check(tmp_path, "env=genpi_os", f"env.data_dir={genpi_problems_dir}", "check.agent=wrong")
+    assert proc.stdout.strip().splitlines()[-1] == "passed 0 of 120", proc.stdout
