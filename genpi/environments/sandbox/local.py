@@ -91,6 +91,35 @@ def hidden_entries() -> tuple[str, ...]:
     return tuple(sorted(hidden))
 
 
+@lru_cache(maxsize=1)
+def readable_directories() -> bytes:
+    """Every directory the caller can read under the overlaid trees but /etc, as NUL-separated paths of the
+    upper layers (``usr/upper/local/bin``): what the unprivileged arrangement pre-creates, once per episode."""
+    paths = []
+    for top in OVERLAID:
+        if top == "etc":
+            continue
+        for dirpath, dirnames, _ in os.walk(f"/{top}"):
+            dirnames[:] = [d for d in dirnames if os.access(os.path.join(dirpath, d), os.R_OK | os.X_OK)
+                           and not os.path.islink(os.path.join(dirpath, d))]
+            for name in dirnames:
+                rel = os.path.relpath(os.path.join(dirpath, name), f"/{top}")
+                paths.append(f"{top}/upper/{rel}")
+    return b"\0".join(p.encode(errors="surrogateescape") for p in paths)
+
+
+def own_process_count() -> int:
+    """How many processes the current user runs on the host (what RLIMIT_NPROC counts)."""
+    uid, count = os.getuid(), 0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                count += os.stat(f"/proc/{entry}").st_uid == uid
+            except OSError:
+                pass
+    return count
+
+
 def locked_accounts(passwd: str, group: str) -> tuple[str, str]:
     """``/etc/shadow`` and ``/etc/gshadow`` for the accounts of ``passwd`` and ``group``, every password locked.
 
@@ -107,8 +136,13 @@ def locked_accounts(passwd: str, group: str) -> tuple[str, str]:
     return shadow, gshadow
 
 
-def setup_script(tmpfs_mb: int, workdir: str) -> str:
-    """The bash program that builds the sandbox's root inside the new namespaces, then becomes its init (pid 1)."""
+def setup_script(tmpfs_mb: int, workdir: str, privileged: bool = True) -> str:
+    """The bash program that builds the sandbox's root inside the new namespaces, then becomes its init (pid 1).
+
+    ``privileged=False`` (the unprivileged arrangement): only the caller's own uid is mapped (to root), so the
+    overlays cannot copy up files owned by anyone else; ``/etc`` is then a copy (owned by the sandbox's root, so
+    ``useradd`` works) instead of an overlay, and ownership changes that need unmapped ids are skipped.
+    """
     shadow, gshadow = locked_accounts(Path("/etc/passwd").read_text(), Path("/etc/group").read_text())
     q = shlex.quote
     lines = [
@@ -121,11 +155,19 @@ def setup_script(tmpfs_mb: int, workdir: str) -> str:
         "mkdir -p $R $L",
         "mount --bind $R $R",
     ]
+    overlaid = OVERLAID if privileged else tuple(t for t in OVERLAID if t != "etc")
     for top in OVERLAID:
         lines += [f"mkdir -p $L/{top}/upper $L/{top}/work $R/{top}",
-                  f"chmod --reference=/{top} $L/{top}/upper; chown --reference=/{top} $L/{top}/upper"]
+                  f"chmod --reference=/{top} $L/{top}/upper; chown --reference=/{top} $L/{top}/upper || true"]
+    if not privileged:
+        # The copy lands in the upper layer's place (no overlay is mounted for /etc); unreadable entries stay out.
+        lines.append("cp -R --no-dereference --preserve=mode,timestamps,links /etc/. $L/etc/upper/ 2>/dev/null || true")
+        lines.append("mount --bind $L/etc/upper $R/etc")
     for rel in hidden_entries():
         top, _, rest = rel.partition("/")
+        if not privileged and top == "etc":
+            lines.append(f"rm -rf $L/etc/upper/{q(rest)}")
+            continue
         parent = os.path.dirname(rest)
         if parent:
             lines.append(f"mkdir -p $L/{top}/upper/{q(parent)}")
@@ -133,13 +175,20 @@ def setup_script(tmpfs_mb: int, workdir: str) -> str:
     for name, text in (("shadow", shadow), ("gshadow", gshadow)):
         for suffix in ("", "-"):
             lines.append(f"printf %s {q(text)} > $L/etc/upper/{name}{suffix}")
-            lines.append(f"chown root:shadow $L/etc/upper/{name}{suffix} 2>/dev/null || true; "
+            lines.append(f"chown 0:shadow $L/etc/upper/{name}{suffix} 2>/dev/null || true; "
                          f"chmod 640 $L/etc/upper/{name}{suffix}")
+    if not privileged:
+        # Copy-up cannot give files to unmapped owners, so existing files of the host stay read-only; but a
+        # directory present in the upper layer lends the merged directory its owner (the sandbox's root), so new
+        # files can be created anywhere (a script into /usr/local/bin, a log under /var/log).
+        # The host sends their list (computed once per sandbox) on stdin after the go-ahead.
+        lines.append("(cd $L && xargs -0 mkdir -p 2>/dev/null) || true")
     # Parent directories created in the upper layers take their owner and mode from the host's.
-    lines.append("for top in " + " ".join(OVERLAID) + "; do (cd $L/$top/upper && find . -mindepth 1 -type d "
+    lines.append("for top in " + " ".join(OVERLAID if privileged else ()) + "; do (cd $L/$top/upper && find . "
+                 "-mindepth 1 -type d "
                  "-exec sh -c 'for d; do chmod --reference=\"/$0/$d\" \"$d\"; chown --reference=\"/$0/$d\" \"$d\"; "
                  "done' $top {} + 2>/dev/null) || true; done")
-    for top in OVERLAID:
+    for top in overlaid:
         lines.append(f"mount -t overlay overlay -o lowerdir=/{top},upperdir=$L/{top}/upper,workdir=$L/{top}/work,"
                      f"userxattr $R/{top}")
     for top in FRESH:
@@ -179,9 +228,21 @@ def setup_script(tmpfs_mb: int, workdir: str) -> str:
 class LocalShell(TerminalMachine):
     """One episode's machine (its init is ``self.init_pid`` on the host) and its interactive shell."""
 
-    def __init__(self, settings):
+    def __init__(self, settings, privileged: bool = True):
         super().__init__(settings)
-        self.cgroup = EpisodeCgroup(settings.pids_max, settings.memory_mb * 2**20)
+        self.privileged = privileged
+        self.rlimits: list[str] = []
+        try:
+            self.cgroup: EpisodeCgroup | None = EpisodeCgroup(settings.pids_max, settings.memory_mb * 2**20)
+        except GenpiError:
+            if privileged:
+                raise
+            # Unprivileged without a delegated cgroup: rlimits bind, since the sandbox's root is not host root
+            # (no CAP_SYS_RESOURCE over the host). The process count is the user's, host-wide: allow the
+            # processes the user runs already plus pids_max.
+            self.cgroup = None
+            self.rlimits = ["prlimit", f"--nproc={own_process_count() + settings.pids_max}",
+                            f"--as={settings.memory_mb * 2**20}", "--"]
         try:
             self._start_machine()
         except BaseException:
@@ -190,12 +251,14 @@ class LocalShell(TerminalMachine):
 
     # -- the machine ---------------------------------------------------------------------------------------------
     def _in_cgroup(self, argv: list[str]) -> list[str]:
+        if self.cgroup is None:
+            return self.rlimits + argv
         joins = "; ".join(f"echo $$ > {shlex.quote(str(f))}" for f in self.cgroup.procs_files)
         return ["sh", "-c", f'{joins} && exec "$@"', "genpi-sandbox"] + argv
 
     def _start_machine(self) -> None:
-        script = setup_script(self.settings.tmpfs_mb, self.settings.workdir)
-        argv = ["unshare", "--user", "--mount", "--pid", "--net", "--ipc", "--uts", "--fork",
+        script = setup_script(self.settings.tmpfs_mb, self.settings.workdir, self.privileged)
+        argv = ["unshare", "--user"] + ([] if self.privileged else ["--map-root-user"]) + ["--mount", "--pid", "--net", "--ipc", "--uts", "--fork",
                 "--propagation", "private", "--", "bash", "-c", script]
         self.holder = subprocess.Popen(self._in_cgroup(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                        stderr=subprocess.STDOUT, env={"PATH": PATH}, start_new_session=True)
@@ -211,16 +274,19 @@ class LocalShell(TerminalMachine):
             if self.holder.poll() is not None or time.monotonic() > deadline:
                 raise GenpiError(f"the local sandbox could not start: {self._holder_output()}")
             time.sleep(0.005)
-        for name in ("uid_map", "gid_map"):
-            with open(f"/proc/{self.holder.pid}/{name}", "w") as fh:
-                fh.write("0 0 4294967295\n")
+        if self.privileged:  # every id maps to itself (unshare maps only the caller's own id, to root)
+            for name in ("uid_map", "gid_map"):
+                with open(f"/proc/{self.holder.pid}/{name}", "w") as fh:
+                    fh.write("0 0 4294967295\n")
         self.holder.stdin.write(b"go\n")
+        if not self.privileged:
+            self.holder.stdin.write(readable_directories())
         self.holder.stdin.close()
         out, _, ended = read_capped(self.holder.stdout.fileno(), deadline, 65536,
                                     lambda b: b.find(b"genpi-sandbox-ready") if b"genpi-sandbox-ready" in b else None)
         if ended != "stop":
-            raise GenpiError("the local sandbox could not build its root: "
-                             + clean_text(out).strip().splitlines()[-1:][0] if out.strip() else "no output")
+            last = clean_text(out).strip().splitlines()
+            raise GenpiError(f"the local sandbox could not build its root: {last[-1] if last else 'no output'}")
         children = Path(f"/proc/{self.holder.pid}/task/{self.holder.pid}/children").read_text().split()
         self.init_pid = int(children[0])
 
@@ -233,8 +299,10 @@ class LocalShell(TerminalMachine):
 
     def _enter(self, argv: list[str], cwd: str | None = None) -> list[str]:
         """``argv`` run inside the machine: its namespaces and root, no capabilities beyond need, clean env."""
-        return self._in_cgroup(["nsenter", "-t", str(self.init_pid), "-U", "-m", "-p", "-n", "-i", "-u", "-r", "-w",
-                                "--"] + drop_privileges() + clean_env(cwd or self.settings.workdir) + argv)
+        # Unprivileged, setgroups is denied in the namespace: keep the caller's ids (they map to root inside).
+        keep_ids = [] if self.privileged else ["--preserve-credentials"]
+        return self._in_cgroup(["nsenter", "-t", str(self.init_pid), "-U", "-m", "-p", "-n", "-i", "-u", "-r", "-w"]
+                               + keep_ids + ["--"] + drop_privileges() + clean_env(cwd or self.settings.workdir) + argv)
 
     def _command(self, argv: list[str], terminal: bool) -> list[str]:
         # setsid -c: a new session whose controlling terminal is the pty on stdin, for bash's job control.
@@ -248,7 +316,8 @@ class LocalShell(TerminalMachine):
                 os.kill(init_pid, signal.SIGKILL)  # the kernel then kills every process of the pid namespace
             except ProcessLookupError:
                 pass
-        self.cgroup.kill_all()
+        if self.cgroup is not None:
+            self.cgroup.kill_all()
         if holder is not None:
             try:
                 holder.wait(timeout=10)
@@ -257,7 +326,8 @@ class LocalShell(TerminalMachine):
             for stream in (holder.stdin, holder.stdout):
                 if stream is not None and not stream.closed:
                     stream.close()
-        self.cgroup.remove()
+        if self.cgroup is not None:
+            self.cgroup.remove()
 
 
 class LocalSandbox:
@@ -267,16 +337,23 @@ class LocalSandbox:
 
     def __init__(self, settings):
         self.settings = settings
-        missing = [t for t in TOOLS if shutil.which(t) is None]
+        missing = [t for t in TOOLS if shutil.which(t, path=PATH) is None]
         if missing:
             raise GenpiError(f"env.backend=local needs {', '.join(missing)} (util-linux, coreutils, bash) on PATH: "
                              "install them, or use env.backend=docker")
-        if os.geteuid() != 0:
-            raise GenpiError(
-                "env.backend=local runs as root (it maps every uid into the sandbox's user namespace and creates a "
-                "cgroup per episode); as another user, use env.backend=docker, or see the README's sandbox section "
-                "for the unprivileged arrangement")
+        self.privileged = os.geteuid() == 0
+        if not self.privileged:
+            probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "--pid", "--net", "--fork",
+                                    "true"], capture_output=True, text=True, env={"PATH": PATH})
+            if probe.returncode != 0:
+                raise GenpiError(
+                    "env.backend=local as a user without root needs unprivileged user namespaces, which this machine "
+                    f"refuses ({(probe.stderr.strip().splitlines() or ['unshare failed'])[-1]}): ask the admins for "
+                    "user.max_user_namespaces > 0, or use env.backend=docker")
+        self.arrangement = "root" if self.privileged else "unprivileged"
         hidden_entries()  # scan once, before the first episode
+        if not self.privileged:
+            readable_directories()
 
     def open(self) -> LocalShell:
-        return LocalShell(self.settings)
+        return LocalShell(self.settings, self.privileged)
