@@ -360,3 +360,36 @@ def test_env_check_passes_every_genpi_problem_and_the_wrong_replay_none(tmp_path
     assert proc.stdout.strip().splitlines()[-1] == "passed 120 of 120", proc.stdout
     proc = _env_check(tmp_path, "env=genpi_os", f"env.data_dir={genpi_problems_dir}", "check.agent=wrong")
     assert proc.stdout.strip().splitlines()[-1] == "passed 0 of 120", proc.stdout
+
+
+# -- genpi-eval eval.env.enabled=true -----------------------------------------------------------------------------
+@pytest.mark.slow
+def test_genpi_eval_plays_every_side_in_the_sandbox(tmp_path_factory, tiny_path, genpi_problems_dir):
+    from genpi.evaluate import run_evaluation
+    from tests.test_eval_support import FAST_EVAL, compose_eval, trained_run
+
+    _env_check(tmp_path_factory.mktemp("probe"), "--help")  # skips when the sandbox cannot run here
+    run_dir = trained_run(tmp_path_factory)
+    out = tmp_path_factory.mktemp("env_eval")
+    report_path = run_evaluation(compose_eval(out, [f"run_dir={run_dir}", *FAST_EVAL, "eval.env.enabled=true",
+                                                    "env=genpi_os", f"env.data_dir={genpi_problems_dir}",
+                                                    "env.max_problems=3", "eval.env.max_new_tokens=16"]))
+    folder = report_path.parent
+    m = json.loads((folder / "metrics.json").read_text())
+    env = m["env"]
+    for side in ("teacher", "student", "floor"):
+        assert env[side]["n"] == 3 and 0.0 <= env[side]["success_rate"] <= 1.0
+        assert sum(env[side]["endings"].values()) == 3
+    assert "success_rate" in env["gap_closed"] and m["info"]["env"]["problems"] == 3
+    assert env["run"]["generation_calls"] == env["run"]["rounds"] >= 1
+    episodes = results.read_episodes(folder / "episodes.jsonl")
+    assert sorted((e["problem"], e["side"]) for e in episodes) == sorted(
+        (f"dev-001-{i}", s) for i in range(3) for s in ("teacher", "student", "floor"))
+    # the teacher's conversation starts with the os prompt, the student's with the problem alone: each episode's
+    # first turn is the problem, and the observation text is genpi's
+    assert all(e["turns"][0]["content"] == e["description"] for e in episodes)
+    assert all(t["content"].startswith(("The terminal printed", "The terminal printed nothing"))
+               for e in episodes for t in e["turns"][1:] if t["role"] == "user")
+    text = report_path.read_text()
+    assert "## Agents in the environment: genpi_os (dev, 3 problems)" in text and "### Trajectories of problem" in text
+    assert "| teacher |" in text and "Success rate per label" in text
