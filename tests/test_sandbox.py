@@ -319,3 +319,22 @@ def test_docker_limits(docker_sandbox):
         assert cut.truncated and len(cut.output) <= 4096
         net = shell.run("python3 -c \"import socket; socket.create_connection(('1.1.1.1', 53), 2)\"")
         assert net.exit_code != 0
+
+
+@needs_local
+def test_unprivileged_arrangement_runs_the_problems_operations(host_state):
+    """The arrangement a user without root gets (own uid mapped to root, /etc copied, upper directories
+    pre-created), here as root with only root mapped: useradd, a new command in /usr/local/bin, a background job."""
+    from genpi.environments.sandbox.factory import settings_of
+    from genpi.environments.sandbox.local import LocalSandbox
+
+    unprivileged = LocalSandbox(settings_of({"command_timeout": 20}), privileged=False)
+    assert unprivileged.arrangement == "unprivileged"
+    with unprivileged.open() as shell:
+        assert shell.run("cat /proc/self/uid_map").output.split() == ["0", "0", "1"]
+        made = shell.run("useradd -m -G root carol && printf 'echo calc' > /usr/local/bin/calc-probe && "
+                         "chmod +x /usr/local/bin/calc-probe && calc-probe && (sleep 30 &) && id -u carol")
+        assert made.exit_code == 0 and made.output.startswith("calc\n")
+        assert shell.run("getent shadow carol | cut -d: -f2").output == "!\n"  # useradd wrote the copied shadow
+    assert not Path("/usr/local/bin/calc-probe").exists() and "carol:" not in Path("/etc/passwd").read_text()
+    assert_host_untouched(host_state)

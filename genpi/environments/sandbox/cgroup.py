@@ -90,6 +90,7 @@ class EpisodeCgroup:
         self.procs_files = [d / "cgroup.procs" for d in self.dirs]
 
     def _make(self, path: Path) -> Path:
+        self._remove_stale(path.parent)
         try:
             path.mkdir()
         except OSError as err:
@@ -99,6 +100,21 @@ class EpisodeCgroup:
                 "where cgroups are delegated to you, or use env.backend=docker") from None
         self.dirs.append(path)
         return path
+
+    @staticmethod
+    def _remove_stale(parent: Path) -> None:
+        """Remove empty episode cgroups left by a genpi process that died (their machines died with it)."""
+        try:
+            entries = list(parent.glob("genpi-sandbox-*"))
+        except OSError:
+            return
+        for entry in entries:
+            owner = entry.name.split("-")[2]
+            if owner.isdigit() and not Path(f"/proc/{owner}").exists():
+                try:
+                    entry.rmdir()
+                except OSError:
+                    pass
 
     @staticmethod
     def _enable_v2(parent: Path) -> None:

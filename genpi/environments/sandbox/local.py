@@ -181,8 +181,9 @@ def setup_script(tmpfs_mb: int, workdir: str, privileged: bool = True) -> str:
         # Copy-up cannot give files to unmapped owners, so existing files of the host stay read-only; but a
         # directory present in the upper layer lends the merged directory its owner (the sandbox's root), so new
         # files can be created anywhere (a script into /usr/local/bin, a log under /var/log).
-        # The host sends their list (computed once per sandbox) on stdin after the go-ahead.
-        lines.append("(cd $L && xargs -0 mkdir -p 2>/dev/null) || true")
+        # The host sends their list (computed once per sandbox) on stdin after the go-ahead: its size, a newline,
+        # the list (head -c reads no further, so stdin stays open for pid 1).
+        lines.append("read -r size; head -c $size | (cd $L && xargs -0 mkdir -p 2>/dev/null) || true")
     # Parent directories created in the upper layers take their owner and mode from the host's.
     lines.append("for top in " + " ".join(OVERLAID if privileged else ()) + "; do (cd $L/$top/upper && find . "
                  "-mindepth 1 -type d "
@@ -200,6 +201,10 @@ def setup_script(tmpfs_mb: int, workdir: str, privileged: bool = True) -> str:
     lines += [
         "mkdir -p $R/proc $R/dev $R/sys",
         "mount -t proc -o nosuid,nodev,noexec proc $R/proc",
+        # No user namespaces inside: a nested one would give the agent a full set of capabilities there (over
+        # locked mounts only). Best effort: with several identity-mapped sandboxes alive the kernel can resolve this
+        # per-namespace sysctl against a sibling namespace and refuse the write (EACCES).
+        "echo 0 2>/dev/null > $R/proc/sys/user/max_user_namespaces || true",
         f"for f in {' '.join(PROC_MASKED)}; do if [ -d $R/proc/$f ]; then mount -t tmpfs -o ro,size=4k genpi-mask "
         "$R/proc/$f; elif [ -e $R/proc/$f ]; then mount --bind /dev/null $R/proc/$f; fi; done",
         f"for d in {' '.join(PROC_READ_ONLY)}; do if [ -d $R/proc/$d ]; then mount --bind $R/proc/$d $R/proc/$d; "
@@ -218,9 +223,10 @@ def setup_script(tmpfs_mb: int, workdir: str, privileged: bool = True) -> str:
         "cd $R; mkdir .genpi-old-root; pivot_root . .genpi-old-root; cd /",
         "umount -l /.genpi-old-root; rmdir /.genpi-old-root",
         "echo genpi-sandbox-ready",
-        # pid 1: reaps orphans (bash reaps any child on SIGCHLD) and keeps the machine alive between commands.
+        # pid 1 reaps orphans (bash reaps any child on SIGCHLD) and keeps the machine alive while the host holds
+        # its stdin open: if the host process dies, stdin ends, pid 1 exits and the kernel kills the whole machine.
         "exec " + " ".join(q(a) for a in drop_privileges() + clean_env(workdir)) + " bash --noprofile --norc -c "
-        + q('exec >/dev/null 2>&1 </dev/null; trap "" HUP INT TERM; while :; do sleep 86400 & wait $!; done'),
+        + q('exec >/dev/null 2>&1; trap "" HUP INT TERM; while read -r _; do :; done'),
     ]
     return "\n".join(lines) + "\n"
 
@@ -280,8 +286,9 @@ class LocalShell(TerminalMachine):
                     fh.write("0 0 4294967295\n")
         self.holder.stdin.write(b"go\n")
         if not self.privileged:
-            self.holder.stdin.write(readable_directories())
-        self.holder.stdin.close()
+            listing = readable_directories()
+            self.holder.stdin.write(b"%d\n" % len(listing) + listing)
+        self.holder.stdin.flush()  # stdin stays open: pid 1 lives while it does
         out, _, ended = read_capped(self.holder.stdout.fileno(), deadline, 65536,
                                     lambda b: b.find(b"genpi-sandbox-ready") if b"genpi-sandbox-ready" in b else None)
         if ended != "stop":
@@ -335,13 +342,15 @@ class LocalSandbox:
 
     name = "local"
 
-    def __init__(self, settings):
+    def __init__(self, settings, privileged: bool | None = None):
+        """``privileged``: None picks by the effective uid (root: the root arrangement); False forces the
+        unprivileged arrangement (as root, its code path maps only root)."""
         self.settings = settings
         missing = [t for t in TOOLS if shutil.which(t, path=PATH) is None]
         if missing:
             raise GenpiError(f"env.backend=local needs {', '.join(missing)} (util-linux, coreutils, bash) on PATH: "
                              "install them, or use env.backend=docker")
-        self.privileged = os.geteuid() == 0
+        self.privileged = os.geteuid() == 0 if privileged is None else privileged and os.geteuid() == 0
         if not self.privileged:
             probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "--pid", "--net", "--fork",
                                     "true"], capture_output=True, text=True, env={"PATH": PATH})
