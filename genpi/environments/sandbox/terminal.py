@@ -34,7 +34,7 @@ def ansi_c_quote(data: bytes) -> str:
 
 
 def read_capped(fd: int, deadline: float, limit: int, stop: Callable[[bytes], int | None] | None = None,
-                exited: Callable[[], bool] | None = None) -> tuple[bytes, bool, str]:
+                exited: Callable[[], bool] | None = None, initial: bytes = b"") -> tuple[bytes, bool, str]:
     """Read ``fd`` until ``stop(pending)`` returns an index, EOF, ``exited()`` or ``deadline``; keep <= ``limit`` bytes.
 
     ``exited`` is asked whenever nothing is left to read: a shell whose background jobs hold its terminal open
@@ -44,7 +44,7 @@ def read_capped(fd: int, deadline: float, limit: int, stop: Callable[[bytes], in
     so a marker split across reads is still found.
     """
     kept = bytearray()
-    pending = bytearray()
+    pending = bytearray(initial)  # bytes already read past the previous marker
     truncated = False
 
     def keep(data: bytes) -> None:
@@ -92,11 +92,12 @@ class TerminalBash:
     """One interactive bash on a fresh pseudo-terminal.
 
     ``spawn(slave_fd)`` starts the process that ends in ``bash -i`` inside the machine with the terminal as its
-    stdin/stdout/stderr and controlling terminal; ``kill_group(shell_pid)`` kills, from outside the shell, the
-    foreground process group of the shell whose pid (as the machine sees it) is ``shell_pid``.
+    stdin/stdout/stderr and controlling terminal; ``kill_group(shell_pid, shell_too)`` kills, from outside the
+    shell, the foreground process group of the shell whose pid (as the machine sees it) is ``shell_pid``, and with
+    ``shell_too`` the shell's own group as well.
     """
 
-    def __init__(self, spawn: Callable[[int], subprocess.Popen], kill_group: Callable[[int], None],
+    def __init__(self, spawn: Callable[[int], subprocess.Popen], kill_group: Callable[[int, bool], None],
                  output_limit: int):
         self.output_limit = output_limit
         self.kill_group = kill_group
@@ -113,6 +114,7 @@ class TerminalBash:
             os.close(slave)
         self.shell_pid = 0
         self.alive = True
+        self._after_marker = b""
         prompt_command = (f'__genpi_rc=$?; printf "\\036{self.nonce} %d %d\\037" "$__genpi_rc" "$$"')
         setup = (f"stty -echo -onlcr 2>/dev/null; PS1=''; PS2=''; unset HISTFILE; "
                  f"PROMPT_COMMAND='{prompt_command}'\n")
@@ -134,9 +136,9 @@ class TerminalBash:
             self._after_marker = pending[match.end():]
             return match.start()
 
-        self._after_marker = b""
+        carried, self._after_marker = self._after_marker, b""
         data, truncated, ended = read_capped(self.master, deadline, self.output_limit, stop,
-                                             lambda: self.process.poll() is not None)
+                                             lambda: self.process.poll() is not None, carried)
         return data, truncated, ended, (found[0] if found else None)
 
     def _send_line(self, line: str) -> None:
@@ -149,14 +151,22 @@ class TerminalBash:
         deadline = time.monotonic() + timeout
         data = command.encode()
         chunks = [data[i:i + CHUNK_BYTES] for i in range(0, len(data), CHUNK_BYTES)] or [b""]
+        # What background jobs printed since the last command arrives while the command is being sent: it is
+        # part of this command's output, as on a terminal.
+        early = bytearray()
         for index, chunk in enumerate(chunks):
             op = "=" if index == 0 else "+="
             self._send_line(f"__genpi_cmd{op}{ansi_c_quote(chunk)}")
-            _, _, ended, found = self._until_marker(min(deadline, time.monotonic() + SETUP_TIMEOUT_S))
+            printed, _, ended, found = self._until_marker(min(deadline, time.monotonic() + SETUP_TIMEOUT_S))
+            early.extend(printed)
             if found is None:
-                return self._broken(b"", False, ended == "deadline")
+                return self._broken(bytes(early[:self.output_limit]), len(early) > self.output_limit,
+                                    ended == "deadline")
         self._send_line('eval "$__genpi_cmd"')
         output, truncated, ended, found = self._until_marker(deadline)
+        if early:
+            combined = bytes(early) + output
+            output, truncated = combined[:self.output_limit], truncated or len(combined) > self.output_limit
         if found is not None:
             return ShellResult(clean_text(output), found[0], False, truncated)
         if ended == "eof":
@@ -168,7 +178,7 @@ class TerminalBash:
                 os.write(self.master, b"\x03")
             else:
                 try:
-                    self.kill_group(self.shell_pid)
+                    self.kill_group(self.shell_pid, False)
                 except Exception:  # the machine is beyond reach: the shell is discarded below
                     pass
             more, more_truncated, ended, found = self._until_marker(time.monotonic() + INTERRUPT_GRACE_S * 2)
@@ -184,6 +194,12 @@ class TerminalBash:
 
     def _broken(self, output: bytes, truncated: bool, timed_out: bool) -> ShellResult:
         """The shell ended (``exit``, ``kill -9 -1``) or stopped answering: report what it printed, discard it."""
+        if self.process.poll() is None and self.shell_pid:
+            try:  # it lives in its own session inside the machine: killing the host side would not reach it
+                self.kill_group(self.shell_pid, True)
+                self.process.wait(timeout=3)  # the host side reaps it and ends
+            except Exception:
+                pass
         code = None
         if not timed_out:
             try:
@@ -252,10 +268,12 @@ class TerminalMachine(ShellBase):
         argv = self._command(["bash", "--noediting", "--noprofile", "--norc", "-i"], terminal=True)
         return subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=HOST_ENV, start_new_session=True)
 
-    def _kill_foreground(self, shell_pid: int) -> None:
+    def _kill_foreground(self, shell_pid: int, shell_too: bool = False) -> None:
         # Field 8 of /proc/PID/stat is the terminal's foreground process group (field 6 after "(comm) ").
         script = (f's=$(cat /proc/{shell_pid}/stat) && s=${{s##*) }} && set -- $s && '
                   f'[ "$6" -gt 0 ] && [ "$6" != {shell_pid} ] && kill -KILL -- "-$6"')
+        if shell_too:  # the shell leads its own session, so its group is its pid
+            script = f"{script}; kill -KILL -- -{shell_pid}"
         self.execute(["bash", "-c", script], timeout=10)
 
     def execute(self, argv: list[str], timeout: float | None = None) -> ShellResult:
