@@ -263,7 +263,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--chunk", type=int, default=1024)
     ap.add_argument("--topk-model", default="tiny_agent", help="model of the top-k comparison (a peaked one)")
     ap.add_argument("--topk-task", default="os")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["training", "memory", "topk", "roleswap"])
+    ap.add_argument("--env-episodes", type=int, default=32, help="episodes of the lockstep benchmark (env)")
+    ap.add_argument("--env-model", default="tiny_agent", help="model of the lockstep benchmark (env)")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["training", "memory", "topk", "roleswap", "env"])
     ap.add_argument("--out", default="outputs/bench/bench.json")
     ap.add_argument("--_loss-child", dest="loss_child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -280,6 +282,10 @@ def main(argv: list[str] | None = None) -> None:
         report["topk"] = bench_topk(args)
     if "roleswap" not in args.skip:
         report["roleswap"] = bench_roleswap(args)
+    if "env" not in args.skip:  # episodes/s batched in lockstep vs one at a time (genpi/environments/bench.py)
+        from genpi.environments.bench import bench_episodes
+
+        report["env_episodes"] = bench_episodes(args.env_model, args.env_episodes)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

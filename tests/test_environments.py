@@ -393,3 +393,24 @@ def test_genpi_eval_plays_every_side_in_the_sandbox(tmp_path_factory, tiny_path,
     text = report_path.read_text()
     assert "## Agents in the environment: genpi_os (dev, 3 problems)" in text and "### Trajectories of problem" in text
     assert "| teacher |" in text and "Success rate per label" in text
+
+
+# -- genpi-bench: lockstep vs one at a time ---------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["hf", "vllm"])
+def test_bench_episodes_batched_and_one_at_a_time_on_one_engine(engine, tiny_path, tmp_path):
+    from genpi.environments.bench import bench_episodes
+    from genpi.evaluation.generation import vllm_available
+
+    if engine == "vllm" and not vllm_available():
+        pytest.skip("vLLM is not installed")
+    _env_check(tmp_path, "--help")  # skips when the sandbox cannot run here
+    out = bench_episodes("tiny", n_episodes=4, max_new_tokens=8, engine=engine)
+    batched, single = out["batched"], out["one_at_a_time"]
+    assert out["engine"] == engine and out["episodes"] == 4
+    # lockstep: one generation call per round for all episodes; one at a time: one call per reply
+    assert batched["generation_calls"] == batched["rounds"] <= 8
+    assert single["generation_calls"] == single["rounds"] == round(4 * single["rounds_mean"])
+    # the same greedy episodes either way
+    assert batched["rounds_mean"] == single["rounds_mean"] and batched["success_rate"] == single["success_rate"]
+    assert out["speedup"] == pytest.approx(batched["episodes_per_s"] / single["episodes_per_s"])

@@ -56,8 +56,14 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("usage: python -m genpi.environments.vllm_worker JOB.json RESULT.json")
     job = json.loads(Path(args[0]).read_text())
     generate, tokenizer, start_s = make_generate(job)
-    result = play(job["spec"], generate, tokenizer)
-    result["stats"]["engine_start_s"] = start_s
+    if job.get("bench_widths"):  # genpi-bench: the same warm engine, several lockstep widths
+        from genpi.environments.bench import timed_runs
+
+        result = {"bench": timed_runs(job["spec"], generate, tokenizer, list(job["bench_widths"])),
+                  "engine_start_s": start_s}
+    else:
+        result = play(job["spec"], generate, tokenizer)
+        result["stats"]["engine_start_s"] = start_s
     tmp = Path(args[1]).with_suffix(".tmp")
     tmp.write_text(json.dumps(result))
     tmp.replace(args[1])
