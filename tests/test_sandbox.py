@@ -322,6 +322,7 @@ def test_docker_limits(docker_sandbox):
 
 
 @needs_local
+@pytest.mark.slow  # about 5-13 s: each machine pre-creates ~16k upper-layer directories
 def test_unprivileged_arrangement_runs_the_problems_operations(host_state):
     """The arrangement a user without root gets (own uid mapped to root, /etc copied, upper directories
     pre-created), here as root with only root mapped: useradd, a new command in /usr/local/bin, a background job."""

@@ -26,6 +26,18 @@ The arrangement, and why (the README's sandbox section says the same for users):
 - **Limits**: a cgroup per episode (``pids.max``; memory where the memory controller is writable), the tmpfs size
   for all writes, wall time per command and per episode, output kept per command.
 - **No network**: the network namespace has only a loopback interface.
+- **Nested user namespaces** are forbidden (``user.max_user_namespaces=0`` inside) where the kernel lets the
+  set-up write that limit; with several identity-mapped sandboxes alive it sometimes refuses (EACCES), and that
+  episode then allows them, which gives the agent what any unprivileged host user has (mounts stay locked).
+
+**The unprivileged arrangement** (genpi not running as root, e.g. a cluster user; chosen automatically): the user
+namespace maps only the caller's uid, to root; no cgroup unless one is delegated, so ``RLIMIT_NPROC`` (the user's
+running processes plus ``pids_max``) and ``RLIMIT_AS`` bound processes and memory, which binds because the
+sandbox's root is not host root. Overlays cannot give copied-up files to owners that are not mapped, so ``/etc``
+is a copy (``useradd`` works), and every host directory gets an empty twin in its upper layer, so new files can be
+created anywhere (``/usr/local/bin/calc``); existing files of ``/usr /var /opt`` stay read-only, and changing a
+file's owner to another user (``chown``, ``su``) fails. AgentBench's dev split passes as in the root arrangement
+(``experiments/sandbox/results``).
 """
 
 from __future__ import annotations
