@@ -18,8 +18,8 @@ import pytest
 
 from genpi.environments import results
 from genpi.environments.agents import AgentView, ModelPolicy, ReferencePolicy, WrongPolicy
-from genpi.environments.episode import (COMPLETED, CONTEXT_LIMIT, TASK_LIMIT, VALIDATION_FAILURE, Episode, judge)
-from genpi.environments.problems import Problem, Script, load_problems, parse_problem
+from genpi.environments.episode import COMPLETED, CONTEXT_LIMIT, TASK_LIMIT, VALIDATION_FAILURE, Episode, judge
+from genpi.environments.problems import Problem, Script, load_problems
 from genpi.environments.protocol import Action, EnvText, parse_action
 from genpi.environments.runner import RunStats, run_episodes
 from genpi.environments.sandbox import ShellResult

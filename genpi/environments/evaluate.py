@@ -131,7 +131,7 @@ def run_vllm_worker(spec: dict[str, Any], model_cfg: dict[str, Any], adapter_dir
     import subprocess
     import sys
 
-    from genpi.evaluation.generation import lora_rank, vllm_max_lora_rank, _cuda
+    from genpi.evaluation.generation import _cuda, lora_rank, vllm_max_lora_rank
     from genpi.models.factory import resolve_model_path
     from genpi.paths import repo_root
 
@@ -220,6 +220,9 @@ def prepare(cfg, task) -> dict[str, Any] | None:
     if not ev_env.enabled:
         return None
     problems = problems_of(env)
+    from genpi.environments.sandbox import make_sandbox
+
+    make_sandbox(sandbox_cfg(env), env.backend)  # a backend this machine cannot run is refused now, in one line
     model_cfg = to_dict(cfg.model)
     max_len = ev_env.max_model_len or model_context_length(model_cfg)
     return {"env": env, "eval_env": ev_env, "problems": problems, "view": view_of(env, task), "model_cfg": model_cfg,

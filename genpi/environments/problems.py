@@ -60,7 +60,7 @@ class Problem:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Problem":
+    def from_dict(cls, d: dict[str, Any]) -> Problem:
         def script(s: dict[str, Any] | None) -> Script | None:
             return Script(**s) if s is not None else None
 

@@ -106,7 +106,7 @@ def run_episodes(jobs: Iterable[tuple[Problem, str]], policy: Policy, sandbox, t
             # the round's shell steps, concurrently
             t = time.perf_counter()
             step_of = dict(zip(running, replies))
-            each(running, lambda i: queue[i].step(step_of[i]), "step")
+            each(running, lambda i, replies_of=step_of: queue[i].step(replies_of[i]), "step")
             stats.seconds_shell += time.perf_counter() - t
             ended = [i for i in running if queue[i].done]
             if ended:
