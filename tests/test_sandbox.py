@@ -344,3 +344,59 @@ def test_unprivileged_arrangement_runs_the_problems_operations(host_state):
         assert shell.run("getent shadow carol | cut -d: -f2").output == "!\n"  # useradd wrote the copied shadow
     assert not Path("/usr/local/bin/calc-probe").exists() and "carol:" not in Path("/etc/passwd").read_text()
     assert_host_untouched(host_state)
+
+
+FAKE_DOCKER = r"""#!/bin/bash
+# A stand-in for the docker client: logs its arguments; `exec` runs the command here, in a scratch folder.
+echo "$*" >> "$FAKE_DOCKER_LOG"
+case "$1" in
+  info) echo 27.0 ;;
+  image|build|rm) exit 0 ;;
+  run) echo fake-container ;;
+  exec)
+    shift; tty=0; workdir=/
+    while [[ "$1" == -* ]]; do
+      case "$1" in -it) tty=1 ;; -w) shift; workdir="$1" ;; esac; shift
+    done
+    shift  # the container
+    cd "$FAKE_DOCKER_ROOT"
+    if [ $tty = 1 ]; then exec setsid -w -c "$@"; else exec "$@"; fi ;;
+esac
+"""
+
+
+def test_docker_backend_drives_its_client(tmp_path, monkeypatch):
+    """The docker backend against a stand-in client (no daemon here): the container's flags (no network, limits,
+    dropped capabilities), the interactive shell through ``docker exec -it``, scripts, timeouts, removal."""
+    from genpi.environments.sandbox import docker as docker_backend
+    from genpi.environments.sandbox import terminal
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "docker").write_text(FAKE_DOCKER)
+    (bin_dir / "docker").chmod(0o755)
+    (tmp_path / "root").mkdir()
+    log = tmp_path / "docker.log"
+    path = f"{bin_dir}:{terminal.HOST_ENV['PATH']}"
+    monkeypatch.setenv("PATH", path)
+    host_env = {"PATH": path, "FAKE_DOCKER_LOG": str(log), "FAKE_DOCKER_ROOT": str(tmp_path / "root")}
+    monkeypatch.setattr(terminal, "HOST_ENV", host_env)
+    monkeypatch.setattr(docker_backend, "HOST_ENV", host_env)
+    monkeypatch.setenv("FAKE_DOCKER_LOG", str(log))
+
+    sandbox = make_sandbox({"command_timeout": 10, "pids_max": 99, "memory_mb": 300, "output_limit": 2048}, "docker")
+    with sandbox.open() as shell:
+        assert shell.run("cd sub 2>/dev/null || mkdir sub && cd sub; X=7").exit_code == 0
+        assert shell.run("echo ${PWD##*/} $X").output == "sub 7\n"
+        interrupted = shell.run("sleep 100000", timeout=1)
+        assert interrupted.timed_out and interrupted.exit_code is None
+        assert shell.run("echo alive").output == "alive\n"
+        assert shell.execute(["bash", "-c", 'echo "$1"', "--", "the answer"]).output == "the answer\n"
+    calls = log.read_text().splitlines()
+    run = next(c for c in calls if c.startswith("run "))
+    for flag in ("--network none", "--pids-limit 99", "--memory 300m", "--memory-swap 300m", "--cap-drop ALL",
+                 "no-new-privileges", "--rm"):
+        assert flag in run
+    assert "--cap-add SYS_ADMIN" not in run and "--cap-add MKNOD" not in run
+    assert any(c.startswith("exec -it -w /root fake-container bash") for c in calls)
+    assert calls[-1] == "rm -f fake-container"
