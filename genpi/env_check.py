@@ -47,8 +47,11 @@ def run_check(cfg: DictConfig, out=sys.stdout) -> dict[str, Any]:
                             max_running, on_done=episodes_log)
     failed = [ep for ep in episodes if not ep.success]
     passed = len(episodes) - len(failed)
+    shown = episodes_log.path
+    if shown.is_relative_to(Path.cwd()):
+        shown = shown.relative_to(Path.cwd())
     print(f"{env.name} {env.split}: {len(problems)} problems from {env.data_dir}, {agent} agent, "
-          f"{env.backend} sandbox; episodes in {episodes_log.path}", file=out)
+          f"{env.backend} sandbox; episodes in {shown}", file=out)
     if failed:
         print("| problem | labels | ending | reason |", file=out)
         print("| --- | --- | --- | --- |", file=out)
