@@ -267,10 +267,10 @@ def test_episode_wall_time_limit():
 
 @needs_local
 def test_memory_limit():
-    small = make_sandbox({"memory_mb": 128}, "local")
+    small = make_sandbox({"memory_mb": 64}, "local")
     with small.open() as shell:
-        result = shell.run("python3 -c 'x = bytearray(512 * 2**20); print(len(x))'; echo status $?", timeout=30)
-        assert "536870912" not in result.output and result.output.split()[-1] != "0"
+        result = shell.run("python3 -c 'x = bytearray(256 * 2**20); print(len(x))'; echo status $?", timeout=30)
+        assert "268435456" not in result.output and result.output.split()[-1] != "0"
 
 
 def test_bad_settings_fail_in_one_line():
