@@ -485,6 +485,13 @@ def bench_real_vocab(args) -> dict[str, Any]:
     return bench_memory(args.real_vocab_models, args.real_vocab_tokens, args.chunk)
 
 
+def bench_env(args) -> dict[str, Any]:
+    """Agent episodes per second, batched in lockstep vs one at a time (genpi/environments/bench.py)."""
+    from genpi.environments.bench import bench_episodes
+
+    return bench_episodes(args.env_model, args.env_episodes)
+
+
 SECTIONS: dict[str, tuple[str, Any]] = {
     "training": ("training", bench_training),
     "loss_memory": ("memory", bench_loss_memory),
@@ -492,6 +499,7 @@ SECTIONS: dict[str, tuple[str, Any]] = {
     "topk": ("topk", bench_topk),
     "roleswap": ("roleswap", bench_roleswap),
     "teacher_attention": ("teacher_attention", bench_teacher_attention),
+    "env_episodes": ("env", bench_env),
 }
 
 
@@ -534,6 +542,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="models whose real vocabulary the loss memory is measured at")
     ap.add_argument("--real-vocab-tokens", type=int, default=1024, help="tokens of the real-vocabulary memory runs")
     ap.add_argument("--dry-run", action="store_true", help="print the sections and settings this run would use; run nothing")
+    ap.add_argument("--env-episodes", type=int, default=32, help="episodes of the lockstep benchmark (env)")
+    ap.add_argument("--env-model", default="tiny_agent", help="model of the lockstep benchmark (env)")
     ap.add_argument("--_loss-child", dest="loss_child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_real-vocab-child", dest="real_vocab_child", nargs=2, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_teacher-memory-child", dest="teacher_memory_child", nargs=5, default=None,

@@ -15,6 +15,8 @@ from omegaconf import DictConfig
 from genpi import schema
 from genpi.data.datamodule import Collator
 from genpi.data.tokenize import Limits, RecordEncoder, student_prefix_ids, teacher_prefix_ids, truncate_text
+from genpi.environments import evaluate as env_eval
+from genpi.errors import GenpiError
 from genpi.evaluation import artifacts, generation, metrics, report, savings
 from genpi.hydra_utils import to_dict
 from genpi.models.factory import load_model, load_tokenizer, model_fingerprint, resolve_model_path
@@ -52,6 +54,7 @@ def run_evaluation(cfg: DictConfig) -> Path:
 
     # 1. what to evaluate, refused early if it does not fit
     task = build_task(**to_dict(cfg.task))
+    env_prep = env_eval.prepare(cfg, task)  # eval.env: settings and problems checked before any model loads
     tokenizer = load_tokenizer(cfg.model)
     model_name = model_fingerprint(cfg.model)
     art = artifacts.locate(cfg.get("run_dir"), cfg.get("adapter"), cfg.paths.output_root, task.name, model_name,
@@ -156,7 +159,15 @@ def run_evaluation(cfg: DictConfig) -> Path:
             notes.append("latency measured with transformers (vLLM not used): install vllm for serving-engine figures; "
                          "no prefix caching (every request reads its prompt)")
 
-    # 7. the report
+    # 7. agents acting in the environment (eval.env.enabled): success rates of teacher, student, floor
+    if env_prep is not None:
+        vcfg = ev.vllm
+        out_env, info_env = env_eval.evaluate(env_prep, engine, art.adapter_dir, out_dir, ev.batch_size,
+                                              {"timeout_s": vcfg.timeout_s, "kvcache_gb": vcfg.kvcache_gb,
+                                               "multiprocessing": vcfg.multiprocessing},
+                                              model=model if engine == "hf" else None)
+
+    # 8. the report
     examples = report.example_rows([r["pseudo_input"] for r in records], answers, kl_answers, per_example, kl)
     plots, plot_notes = report.make_plots(out_dir, art.run_dir, kl, table)
     notes += plot_notes
@@ -172,12 +183,16 @@ def run_evaluation(cfg: DictConfig) -> Path:
         "seconds_generation": t_generated - t_start, "seconds_kl": t_kl - t_generated, **source,
     }
     out = {**table, "savings": sav, "info": info, "n_examples": len(records)}
+    tables = {}
+    if env_prep is not None:
+        out["env"], info["env"] = out_env, info_env
+        tables["eval/env"] = report.env_table_rows(out_env, info_env["sides"])
     report.write_examples(out_dir, examples)
     path = report.write_report(out_dir, out, examples, plots, n_show=ev.show_examples)
     columns = list(table["teacher"])
     rows = [[m, *(table[m].get(k) for k in columns)] for m in (*metrics.MODELS, "gap_closed")]
     report_to_loggers(cfg, "eval", numeric_leaves({k: v for k, v in out.items() if k != "info"}, "eval"),
-                      tables={"eval/models": (["model", *columns], rows)},
+                      tables={"eval/models": (["model", *columns], rows), **tables},
                       images={f"eval/{Path(png).stem}": out_dir / png for png in plots.values()})
     log.info("evaluation done in %.1f s: %s", info["seconds"], path)
     return path

@@ -746,3 +746,73 @@ class Serve:
             raise bad(f"{at}.dtype", self.dtype, "null (model.dtype), auto, float32, bfloat16 or float16")
         if not self.api_key_env:
             raise bad(f"{at}.api_key_env", self.api_key_env, "the name of an environment variable")
+
+
+# --- env (issue 11) ---
+ENV_SIDES = ("teacher", "student", "floor")
+
+
+@dataclass
+class Env:
+    """``conf/env/*.yaml``: where agents act (see the YAML for what each key means)."""
+
+    name: str = "os_interaction"
+    data_dir: str | None = None
+    split: Literal["dev", "std"] = "dev"
+    backend: Literal["local", "docker"] = "local"
+    round_limit: int = field(default=8, metadata=rng(ge=1))
+    prompt_path: str | None = None
+    lead_separator: str = "\n\n"
+    observation: str = "The output of the OS:\n\n{output}"
+    empty_observation: str = "The output of the OS is empty."
+    output_limit: int = field(default=800, metadata=rng(ge=1))
+    output_keep: int = field(default=780, metadata=rng(ge=0))
+    truncation_note: str = "\n[truncated because the output is too long]"
+    max_problems: int | None = field(default=None, metadata=rng(ge=1))
+    sandbox: EnvSandbox = field(default_factory=lambda: EnvSandbox())
+
+    def validate(self, at: str) -> None:
+        if "{output}" not in self.observation:
+            raise bad(f"{at}.observation", self.observation, "a text containing {output}")
+        if self.output_keep > self.output_limit:
+            raise bad(f"{at}.output_keep", self.output_keep, f"<= {at}.output_limit ({self.output_limit})")
+
+
+@dataclass
+class EvalEnv:
+    """``eval.env`` in ``conf/eval.yaml``: the environment evaluation of ``genpi-eval``."""
+
+    enabled: bool = False
+    sides: list[str] = field(default_factory=lambda: list(ENV_SIDES))
+    max_new_tokens: int = field(default=256, metadata=rng(ge=1))
+    max_model_len: int | None = field(default=None, metadata=rng(ge=1))
+    max_running: int = field(default=32, metadata=rng(ge=1))
+    show_trajectories: int = field(default=1, metadata=rng(ge=0))
+
+    def validate(self, at: str) -> None:
+        if not self.sides or len(set(self.sides)) != len(self.sides) or not set(self.sides) <= set(ENV_SIDES):
+            raise bad(f"{at}.sides", self.sides, "a non-empty list of distinct sides among " + ", ".join(ENV_SIDES))
+
+
+# --- env.sandbox (issue 11, part A) ---
+@dataclass
+class EnvSandbox:
+    """``env.sandbox``: the machine each episode's commands run in (:mod:`genpi.environments.sandbox`)."""
+
+    backend: Literal["local", "docker"] = "local"
+    command_timeout: float = field(default=60.0, metadata=rng(gt=0))
+    episode_timeout: float = field(default=600.0, metadata=rng(gt=0))
+    memory_mb: int = field(default=2048, metadata=rng(ge=64))
+    pids_max: int = field(default=512, metadata=rng(ge=16))
+    output_limit: int = field(default=65536, metadata=rng(ge=1024))
+    tmpfs_mb: int = field(default=1024, metadata=rng(ge=16))
+    workdir: str = "/root"
+    docker_image: str = "genpi-agentbench-os"
+    dockerfile: str | None = None
+
+    def validate(self, at: str) -> None:
+        if not self.workdir.startswith("/"):
+            raise bad(f"{at}.workdir", self.workdir, "an absolute path inside the sandbox")
+        if self.command_timeout > self.episode_timeout:
+            raise bad(f"{at}.command_timeout", self.command_timeout,
+                      f"<= {at}.episode_timeout ({self.episode_timeout})")

@@ -323,6 +323,8 @@ def write_report(out_dir: str | Path, metrics: dict[str, Any], examples: Sequenc
             lines += [f"### {title}", "", f"![{title}]({name})", ""]
     for note in info.get("notes", []):
         lines.append(f"> {note}")
+    if "env" in metrics:
+        lines += ["", *env_section(out, metrics["env"], info.get("env") or {})]
     if examples and n_show:
         lines += ["", "## Examples", ""]
         for ex in list(examples)[:n_show]:
@@ -358,3 +360,58 @@ def write_examples(out_dir: str | Path, examples: Sequence[dict[str, Any]]) -> P
         for ex in examples:
             f.write(json.dumps(ex, ensure_ascii=False) + "\n")
     return path
+
+
+# -- the environment evaluation (eval.env) ----------------------------------------------------------
+ENV_COLUMNS = ("success_rate", "success_rate_ci_low", "success_rate_ci_high", "n", "successes")
+
+
+def env_table_rows(env: dict[str, Any], sides: Sequence[str]) -> tuple[list[str], list[list[Any]]]:
+    """The W&B table of the environment evaluation: one row per agent side (and the gap closed)."""
+    from genpi.environments.episode import ENDINGS
+
+    columns = ["agent", *ENV_COLUMNS, *(f"ending/{e}" for e in ENDINGS)]
+    rows = [[side, *(env[side].get(k) for k in ENV_COLUMNS), *(env[side]["endings"][e] for e in ENDINGS)]
+            for side in sides if side in env]
+    if "gap_closed" in env:
+        rows.append(["gap_closed", env["gap_closed"].get("success_rate"), *[None] * (len(columns) - 2)])
+    return columns, rows
+
+
+def env_section(out_dir: str | Path, env: dict[str, Any], info: dict[str, Any]) -> list[str]:
+    """Lines of report.md: the success table, the per-label breakdown and trajectories side by side."""
+    from genpi.environments import results
+
+    sides = info.get("sides") or [s for s in MODELS if s in env]
+    run = env.get("run") or {}
+    lines = [f"## Agents in the environment: {info.get('env')} ({info.get('split')}, {info.get('problems')} problems)",
+             "",
+             f"Each agent plays every problem in a fresh `{info.get('backend')}` sandbox, greedy, up to "
+             f"{info.get('round_limit')} rounds of at most {info.get('max_new_tokens')} new tokens; the problem's own "
+             "match / check scripts judge the episode. Success rates with their 95% Wilson intervals; the endings "
+             "count how episodes stopped. Every trajectory is in `episodes.jsonl`.",
+             "", results.success_table(env, sides), ""]
+    if run:
+        lines += [f"Lockstep: {run.get('episodes')} episodes in {run.get('rounds')} rounds, one batched generation "
+                  f"per round, {run.get('seconds', 0):.1f} s ({run.get('seconds_generation', 0):.1f} s generating, "
+                  f"{run.get('seconds_shell', 0):.1f} s in the sandbox).", ""]
+    lines += ["### Success rate per label", "", results.label_table(env, sides), ""]
+    path = Path(out_dir) / (info.get("episodes") or "episodes.jsonl")
+    n_show = int(info.get("show_trajectories", 1) or 0)
+    if n_show and path.is_file():
+        by_problem: dict[str, dict[str, dict[str, Any]]] = {}
+        for rec in results.read_episodes(path):
+            by_problem.setdefault(rec["problem"], {})[rec["side"]] = rec
+        # problems the teacher solved first: they show what the student should have done
+        order = sorted(by_problem, key=lambda p: (not by_problem[p].get("teacher", {}).get("success", False),
+                                                  not by_problem[p].get("student", {}).get("success", False)))
+        for pid in order[:n_show]:
+            recs = by_problem[pid]
+            first = next(iter(recs.values()))
+            lines += [f"### Trajectories of problem {pid}", "", _quote(first["description"]), ""]
+            lines += ["| " + " | ".join(s for s in sides if s in recs) + " |",
+                      "|" + " --- |" * sum(1 for s in sides if s in recs)]
+            cells = [results.trajectory_text(recs[s], 300).replace("|", "\\|").replace("\n", "<br>")
+                     for s in sides if s in recs]
+            lines += ["| " + " | ".join(cells) + " |", ""]
+    return lines

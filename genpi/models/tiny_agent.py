@@ -57,7 +57,8 @@ DEFAULT_PRETRAIN: dict[str, Any] = {
     "max_tokens": 1536,         # longest training sequence (prompt included); longer ones are cut
     "view_weights": "2,1,1",    # how often a step takes the teacher, student and env view (comma list)
     "seed": 0,                  # data order and sampling seed
-    "threads": 2,               # torch threads while pre-training: fixed, so that builds are reproducible
+    "threads": 1,               # torch threads while pre-training: fixed, so that builds are reproducible (1: no thread
+                                # synchronization, which a busy machine makes very slow)
     "eval_inputs": 16,          # held-out inputs per task for the reported format rates
     "eval_max_tokens": 96,      # greedy answer length for those rates
 }

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 SPLITS = ("train", "heldout", "pretrain")
+ENV_SPLIT = "env"  # genpi's own environment problems (genpi.environments.genpi_os); see ENV_SLOT_VALUES
 END = "<END>"
 
 
@@ -25,13 +26,21 @@ def _split_of(value: str) -> str:
 
 
 class Slots:
-    """Draws slot values from the part of each pool that belongs to one split."""
+    """Draws slot values from the part of each pool that belongs to one split.
+
+    The ``env`` split (:data:`ENV_SPLIT`) draws from :data:`ENV_SLOT_VALUES` instead: values that are in no pool,
+    so its inputs never coincide with an input of any other split (pre-training, the study's synthesis)."""
 
     def __init__(self, rng: random.Random, split: str):
         self.rng = rng
         self.split = split
 
     def pick(self, pool: list[str]) -> str:
+        if self.split == ENV_SPLIT:
+            name = next((k for k, v in globals().items() if v is pool), None)
+            if name not in ENV_SLOT_VALUES:
+                raise ValueError("the env split has slot values for the os task's pools only")
+            return self.rng.choice(ENV_SLOT_VALUES[name])
         mine = [v for v in pool if _split_of(v) == self.split] or pool
         return self.rng.choice(mine)
 
@@ -56,12 +65,34 @@ FILES = ["notes", "report", "config", "data", "access", "summary", "todo", "resu
 SHELLS = ["/bin/bash", "/bin/sh", "/usr/sbin/nologin", "/bin/zsh", "/bin/false"]
 
 
+# The "env" split's slot values for the os templates: none of them is in a pool above, so no corpus input (tiny agent
+# pre-training, the study's synthesis) ever held one. Directories lie where a sandboxed machine can write.
+ENV_SLOT_VALUES = {
+    "DIRS": [f"/{a}/{b}" for a in ("srv/site", "opt/tools", "home/qa", "var/spool")
+             for b in ("ledger", "inbox", "exports", "metrics", "uploads")],
+    "EXTS": ["tsv", "ini", "dat", "rst", "toml", "cfg", "out", "jsonl"],
+    "WORDS": ["alert", "panic", "refused", "expired", "offline", "fatal", "queued", "blocked"],
+    "USERS": ["kevin", "laura", "mike", "nina", "paul", "quinn", "rita", "sara", "tina", "uma", "wade", "xena",
+              "yusuf", "zoe"],
+    "PROCS": ["memcached", "haproxy", "rsyslogd", "gunicorn", "celery", "consul", "etcd", "squid"],
+    "FILES": ["ledger", "backlog", "metrics", "digest", "roster", "catalog", "journal", "manifest"],
+    "SHELLS": ["/bin/dash", "/usr/bin/fish", "/bin/tcsh", "/bin/ksh", "/usr/bin/zsh"],
+}
+
+
 def _os_bash(think: str, code: str) -> str:
     return f"Think: {think}\n\nAct: bash\n\n```bash\n{code}\n```"
 
 
 def _os_example(s: Slots) -> dict[str, Any]:
+    return os_example_with_slots(s)[0]
+
+
+def os_example_with_slots(s: Slots) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An ``os`` record and the slot values it was made of (``kind`` = the template, 0..8), so that a problem whose
+    machine state fits the question can be built around it (:mod:`genpi.environments.genpi_os`)."""
     d, ext, w, u, p = s.pick(DIRS), s.pick(EXTS), s.pick(WORDS), s.pick(USERS), s.pick(PROCS)
+    name = sh = None
     f = f"{d}/{s.pick(FILES)}.{ext}"
     n = s.num(0, 400)
     kind = s.rng.randrange(9)
@@ -121,8 +152,10 @@ def _os_example(s: Slots) -> dict[str, Any]:
     reason = ("Without the instructions the model explains in prose and names commands loosely; with them it acts as "
               "the shell agent: a 'Think:' line, then exactly one 'Act: bash' with a runnable code block, so the "
               "terminal can execute it and the answer can be checked.")
-    return {"pseudo_input": x, "teacher_output_single": first, "student_output_single": plain, "reason": reason,
-            "teacher_output_conv": conv}
+    record = {"pseudo_input": x, "teacher_output_single": first, "student_output_single": plain, "reason": reason,
+              "teacher_output_conv": conv}
+    return record, {"kind": kind, "dir": d, "ext": ext, "word": w, "user": u, "proc": p, "file": f, "name": name,
+                    "shell": sh, "code": code, "final": final}
 
 
 # -- WebShop ------------------------------------------------------------------------------------

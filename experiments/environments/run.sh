@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Agents in a real environment (issue 11): writes the figures of experiments/environments/results/.
+#   AGENTBENCH_OS=/path/to/AgentBench/data/os_interaction experiments/environments/run.sh [steps...]
+# Steps (default: all that can run here):
+#   check    genpi-env-check: AgentBench's dev split (reference agent, wrong-answer replay) and genpi's own problems
+#   bench    genpi-bench's lockstep figure: episodes/s batched vs one at a time, 32 episodes, one warm engine
+#   measure  tiny_agent on genpi's own problems: synthesize os data with the model itself, train one GenPI run
+#            (loss=$LOSS, default genpi_kl), then genpi-eval with eval.env.enabled=true (teacher, student, floor)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PY:-.venv/bin/python}
+OUT=experiments/environments/results
+AGENTBENCH_OS=${AGENTBENCH_OS:-../shared/agentbench/os_interaction}
+ROOT=${GENPI_OUTPUT_ROOT:-outputs}
+LOSS=${LOSS:-genpi_kl}
+STEPS=${*:-check bench measure}
+mkdir -p "$OUT"
+
+# genpi's own problems (deterministic: the same 120 problems on every machine)
+"$PY" -m genpi.environments.genpi_os --out "$ROOT/env/genpi_os"
+
+for step in $STEPS; do
+  case $step in
+  check)
+    if [ -f "$AGENTBENCH_OS/data/dev.json" ]; then
+      "$PY" -m genpi.env_check env.data_dir="$AGENTBENCH_OS" env.split=dev | tee "$OUT/env_check_agentbench_dev.txt"
+      "$PY" -m genpi.env_check env.data_dir="$AGENTBENCH_OS" env.split=dev check.agent=wrong \
+        | tee "$OUT/env_check_agentbench_dev_wrong.txt"
+    else
+      echo "no AgentBench data at $AGENTBENCH_OS: set AGENTBENCH_OS to skip nothing" >&2
+    fi
+    "$PY" -m genpi.env_check env=genpi_os | tee "$OUT/env_check_genpi_os.txt"
+    "$PY" -m genpi.env_check env=genpi_os check.agent=wrong | tee "$OUT/env_check_genpi_os_wrong.txt"
+    ;;
+  bench)
+    "$PY" -m genpi.bench --skip training memory topk roleswap --env-episodes 32 --env-model tiny_agent \
+      --out "$OUT/bench_env.json" >/dev/null
+    "$PY" - "$OUT/bench_env.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))["env_episodes"]
+print(f"{r['episodes']} episodes of {r['model']} ({r['engine']}, {r['backend']} sandbox): "
+      f"{r['batched']['episodes_per_s']:.3f} episodes/s batched, {r['one_at_a_time']['episodes_per_s']:.3f} one at a "
+      f"time, speedup {r['speedup']:.2f}x")
+PY
+    ;;
+  measure)
+    "$PY" -m genpi.synth task=os model=tiny_agent experiment_name=internalization synth.name=internalization \
+      synth.pseudo_inputs.source=templates synth.pseudo_inputs.split=heldout synth.pseudo_inputs.num_inputs=160 \
+      synth.outputs.sampling.max_tokens=96 synth.conversations.sampling.max_tokens=96 \
+      synth.conversations.env_sampling.max_tokens=128 synth.progress=false
+    "$PY" -m genpi.train experiment=internalization task=os loss="$LOSS" post_eval=false
+    RUN=$(ls -td "$ROOT"/runs/os-"$LOSS"-tiny_agent* | head -n 1)
+    REPORT=$("$PY" -m genpi.evaluate run_dir="$RUN" eval.engine=hf eval.savings.measure=false \
+      eval.max_new_tokens=96 eval.env.enabled=true env=genpi_os eval.env.max_new_tokens=96 | sed -n 's/^report: //p')
+    cp "$(dirname "$REPORT")/metrics.json" "$OUT/tiny_agent_genpi_os_metrics.json"
+    sed -n '/^## Agents in the environment/,/^## Examples/p' "$REPORT" | sed '$d' > "$OUT/tiny_agent_genpi_os.md"
+    cat "$OUT/tiny_agent_genpi_os.md"
+    ;;
+  *) echo "unknown step $step (check | bench | measure)" >&2; exit 2 ;;
+  esac
+done
