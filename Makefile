@@ -24,7 +24,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet --upgrade pip
 	@# torch first, pinned, in its own step: a bare `torch` would pull a multi-GB CUDA build.
 	$(PIP) install --quiet torch==$(TORCH_VERSION)
-	$(PIP) install --quiet -e ".[dev,$(VLLM_EXTRA)]"
+	@# -qq: setuptools prints a banner about editable installs in general (not about genpi) that -q lets through.
+	$(PIP) install -qq -e ".[dev,$(VLLM_EXTRA)]"
 ifneq ($(HAS_CUDA),yes)
 	@# PyPI's torchvision/torchaudio/torchcodec/triton are CUDA builds that break transformers' imports beside CPU torch.
 	$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec triton || true
