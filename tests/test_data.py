@@ -187,3 +187,34 @@ def test_save_to_disk_folder_loads_as_release_format(tmp_path):
     (loaded2,) = load_records(write_jsonl([rec2], tmp_path / "r.jsonl"))
     assert loaded2["teacher_output_conv"] == [{"role": "assistant", "content": "Act: finish"}]
     json.dumps(loaded2)
+
+
+def test_json_array_files_and_jsonl_read_the_same_records(tmp_path):
+    records = [{c: f"{c}-{i}" for c in COLUMNS} for i in range(3)]
+    as_jsonl = load_records(write_jsonl(records, tmp_path / "r.jsonl"))
+    array = tmp_path / "r.json"
+    array.write_text(json.dumps(records))
+    as_array = load_records(array)
+    assert as_array == as_jsonl and len(as_array) == 3
+    assert as_array.where == [f"{array}[{i}]" for i in range(3)] and as_jsonl.where[2].endswith("r.jsonl:3")
+    bad = [dict(r) for r in records]
+    bad[2]["teacher_output_single"] = None
+    array.write_text(json.dumps(bad))
+    with pytest.raises(GenpiError, match=r"r\.json\[2\]: column 'teacher_output_single' must be a string, not null"):
+        load_records(array)
+
+
+def test_duplicate_inputs_are_counted_and_optionally_dropped(tiny_tokenizer, tmp_path):
+    task = builtin_task("os")
+    records = load_records(task.sample_data_path())[:20]
+    doubled = write_jsonl([*records, *(dict(r, pseudo_input=r["pseudo_input"].upper()) for r in records[:5])],
+                          tmp_path / "dups.jsonl")
+    kept = GenPIDataModule(task, tiny_tokenizer, path=str(doubled), losses=("sft",), val_size=2, test_size=2)
+    kept.load()
+    assert kept.data_report()["data/duplicates"] == 5 and kept.data_report()["data/duplicates_dropped"] == 0
+    assert sum(len(v) for v in kept.splits.values()) == 25
+    dropped = GenPIDataModule(task, tiny_tokenizer, path=str(doubled), losses=("sft",), val_size=2, test_size=2,
+                              drop_duplicates=True)
+    dropped.load()
+    assert dropped.data_report()["data/duplicates_dropped"] == 5
+    assert sum(len(v) for v in dropped.splits.values()) == 20

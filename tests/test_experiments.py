@@ -102,6 +102,12 @@ def test_optuna_two_trials(tmp_path, tiny_path):
     assert "best_params" in best and "loss.kl.weight" in best
 
 
+def _run_folder(root: Path, run_name: str) -> Path:
+    """The one run folder of ``run_name`` (named ``<run_name>-<config hash>``)."""
+    (folder,) = (root / "runs").glob(f"{run_name}-*")
+    return folder
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_in_the_same_folder_with_the_same_wandb_run(tmp_path, tiny_path):
     common = ["loss=sft", "data.max_records=48", "data.batch_size=4", "trainer.max_epochs=4", "logger=many",
@@ -111,21 +117,21 @@ def test_killed_run_resumes_in_the_same_folder_with_the_same_wandb_run(tmp_path,
     e = dict(os.environ, WANDB_MODE="offline")
     p = subprocess.Popen([sys.executable, "-m", "genpi.train", f"paths.output_root={tmp_path}", *common,
                           "run_name=killed"], cwd=REPO, env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = tmp_path / "runs" / "killed" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
-    while not ckpt.is_file() and time.time() < deadline:
+    while not list((tmp_path / "runs").glob("killed-*/checkpoints/last.ckpt")) and time.time() < deadline:
         time.sleep(0.5)
     time.sleep(1.0)
     p.send_signal(signal.SIGKILL)
     p.wait()
-    assert not (tmp_path / "runs" / "killed" / "adapter").exists()  # it really died mid-way
+    killed = _run_folder(tmp_path, "killed")
+    assert not (killed / "adapter").exists()  # it really died mid-way
     again = cli([*common, "run_name=killed"], tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
-    m_ref = json.loads((tmp_path / "runs" / "ref" / "metrics.json").read_text())
-    m_res = json.loads((tmp_path / "runs" / "killed" / "metrics.json").read_text())
+    m_ref = json.loads((_run_folder(tmp_path, "ref") / "metrics.json").read_text())
+    m_res = json.loads((killed / "metrics.json").read_text())
     assert m_res["train/steps"] == m_ref["train/steps"]
-    run_ids = {d.name.split("-")[-1] for d in (tmp_path / "runs" / "killed" / "wandb").glob("offline-run-*")}
-    assert run_ids == {(tmp_path / "runs" / "killed" / "wandb_id.txt").read_text().strip()}
+    run_ids = {d.name.split("-", 3)[-1] for d in (killed / "wandb").glob("offline-run-*")}
+    assert run_ids == {(killed / "wandb_id.txt").read_text().strip()}
 
 
 @pytest.mark.slow
@@ -137,8 +143,8 @@ def test_ddp_two_cpu_processes_match_one_process(tmp_path, tiny_path):
     two = cli([*common, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
                "trainer.strategy=ddp", "data.batch_size=4", "run_name=two"], tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
-    m1 = json.loads((tmp_path / "runs" / "one" / "metrics.json").read_text())
-    m2 = json.loads((tmp_path / "runs" / "two" / "metrics.json").read_text())
+    m1 = json.loads((_run_folder(tmp_path, "one") / "metrics.json").read_text())
+    m2 = json.loads((_run_folder(tmp_path, "two") / "metrics.json").read_text())
     assert m2["train/steps"] == m1["train/steps"] == 3
     assert m2["val/kl"] == pytest.approx(m1["val/kl"], rel=1e-3)
     assert m2["val/loss"] == pytest.approx(m1["val/loss"], rel=1e-3)
