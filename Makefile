@@ -1,4 +1,4 @@
-# genpi: `make demo` runs the main job on the built-in tiny model; `make test` runs the tests.
+# genpi: `make demo` runs the whole method on the built-in prompt-following tiny model; `make test` runs the tests.
 # Both create .venv and install genpi with pinned versions first; a second call skips the install.
 
 PYTHON ?= python3
@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test lint bench clean-outputs
+.PHONY: install demo test lint bench tiny-agent clean-outputs
 
 install: $(STAMP)
 
@@ -32,7 +32,7 @@ endif
 	touch $(STAMP)
 
 demo: install
-	$(PY) -m genpi.pipeline
+	$(VENV)/bin/genpi-pipeline experiment=demo
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -41,7 +41,12 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 bench: install
-	$(PY) -m genpi.bench
+	$(VENV)/bin/genpi-bench
+
+# Pre-train model=tiny_agent here (about 9 minutes on 2 cores) and write it as the shipped weights
+# (genpi/models/artifacts/tiny_agent.{safetensors,json}); commit both to publish a new version.
+tiny-agent: install
+	$(PY) -m genpi.models.tiny_agent build --write-artifact
 
 clean-outputs:
 	rm -rf outputs/* multirun

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -11,9 +12,9 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+from genpi import schema
 from genpi.data.datamodule import Collator
 from genpi.data.tokenize import Limits, RecordEncoder, student_prefix_ids, teacher_prefix_ids, truncate_text
-from genpi.errors import GenpiError
 from genpi.evaluation import artifacts, generation, metrics, report, savings
 from genpi.hydra_utils import to_dict
 from genpi.models.factory import load_model, load_tokenizer, model_fingerprint, resolve_model_path
@@ -45,10 +46,9 @@ def run_evaluation(cfg: DictConfig) -> Path:
     t_start = time.perf_counter()
     out_dir = run_dir_of(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ev = to_dict(cfg.eval)
-    engine = generation.pick_engine(ev["engine"])
-    if ev["kl_on"] not in ("record", "generated"):
-        raise GenpiError(f"eval.kl_on={ev['kl_on']!r}: choose record or generated")
+    spec = schema.check(cfg, "eval")  # every key typed and in range before any model loads
+    ev = spec.eval
+    engine = generation.pick_engine(ev.engine)
 
     # 1. what to evaluate, refused early if it does not fit
     task = build_task(**to_dict(cfg.task))
@@ -57,12 +57,11 @@ def run_evaluation(cfg: DictConfig) -> Path:
     art = artifacts.locate(cfg.get("run_dir"), cfg.get("adapter"), cfg.paths.output_root, task.name, model_name,
                            out_dir, cfg.model)
     artifacts.check_compatible(art, task, model_name)
-    records, source = artifacts.eval_records(art, ev["inputs_file"], ev["split"], bool(ev["allow_overlap"]),
-                                             ev["max_examples"])
+    records, source = artifacts.eval_records(art, ev.inputs_file, ev.split, ev.allow_overlap, ev.max_examples)
     log.info("evaluating %s on %d inputs (%s), engine %s", art.adapter_dir, len(records), source["inputs"], engine)
 
     # 2. the exact token ids each model reads
-    limits = Limits(**(to_dict(cfg.data).get("limits") or {}))
+    limits = Limits(**dataclasses.asdict(spec.data.limits))
     encoder = RecordEncoder(tokenizer, task, limits)
     inputs = [truncate_text(tokenizer, r["pseudo_input"], limits.input_tokens)[0] for r in records]
     teacher_ids = [teacher_prefix_ids(tokenizer, task, x, encoder.prompt) for x in inputs]
@@ -70,35 +69,51 @@ def run_evaluation(cfg: DictConfig) -> Path:
     sets = [generation.PromptSet("teacher", teacher_ids, adapter=False),
             generation.PromptSet("student", student_ids, adapter=True),
             generation.PromptSet("floor", student_ids, adapter=False)]
-    sav_cfg = ev.get("savings") or {}
-    timing = (generation.TimingSpec(int(sav_cfg["new_tokens"]), int(sav_cfg["requests"]), int(sav_cfg["repeats"]))
-              if sav_cfg.get("measure", True) else None)
+    sav_cfg = ev.savings
+    timing = (generation.TimingSpec(sav_cfg.new_tokens, sav_cfg.requests, sav_cfg.repeats)
+              if sav_cfg.measure else None)
     stop_ids = _stop_ids(tokenizer)
-    max_new = int(ev["max_new_tokens"])
+    max_new = ev.max_new_tokens
 
     # 3. greedy answers (and timings): vLLM first, in its own process, so its memory is free for the KL pass
     if engine == "vllm":
-        vcfg = ev.get("vllm") or {}
-        job = generation.vllm_job(resolve_model_path(cfg.model), str(cfg.model.dtype), art.adapter_dir, sets, max_new,
-                                  stop_ids, timing, seed=int(cfg.seed),
-                                  enable_prefix_caching=bool(vcfg.get("enable_prefix_caching", False)),
-                                  max_model_len=vcfg.get("max_model_len"),
-                                  gpu_memory_utilization=float(vcfg.get("gpu_memory_utilization", 0.9)))
-        result = generation.run_vllm_worker(job, out_dir / "vllm", timeout_s=vcfg.get("timeout_s"),
-                                            kvcache_gb=vcfg.get("kvcache_gb"), multiprocessing=vcfg.get("multiprocessing"),
-                                            cpu_threads_bind=vcfg.get("cpu_threads_bind"))
+        vcfg = ev.vllm
+        model_path = resolve_model_path(cfg.model)
+
+        def run_vllm(job_sets, new_tokens, job_timing, prefix_caching, folder):
+            job = generation.vllm_job(model_path, str(cfg.model.dtype), art.adapter_dir, job_sets, new_tokens,
+                                      stop_ids, job_timing, seed=spec.seed, enable_prefix_caching=prefix_caching,
+                                      max_model_len=vcfg.max_model_len,
+                                      gpu_memory_utilization=vcfg.gpu_memory_utilization)
+            return generation.run_vllm_worker(job, out_dir / folder, timeout_s=vcfg.timeout_s,
+                                              kvcache_gb=vcfg.kvcache_gb, multiprocessing=vcfg.multiprocessing,
+                                              cpu_threads_bind=vcfg.cpu_threads_bind)
+
+        cache_runs = list(sav_cfg.prefix_caching) if timing else []
+        main_timed = vcfg.enable_prefix_caching in cache_runs
+        result = run_vllm(sets, max_new, timing if main_timed else None, vcfg.enable_prefix_caching, "vllm")
+        # Savings are timed both cache-cold (every request reads the prompt) and with prefix caching on (what a
+        # server with a fixed prompt keeps warm): each setting is one engine of its own, timed side by side inside.
+        timing_by_cache = {vcfg.enable_prefix_caching: result.get("timing")} if main_timed else {}
+        for caching in (c for c in cache_runs if c not in timing_by_cache):
+            timed = run_vllm([s for s in sets if s.name in ("teacher", "student")], 1, timing, caching,
+                             f"vllm-prefix-caching-{str(caching).lower()}")
+            timing_by_cache[caching] = timed.get("timing")
+        if timing_by_cache:
+            result["timing"] = timing_by_cache.get(False) or next(iter(timing_by_cache.values()))
+            result["timing_by_cache"] = timing_by_cache
         model = load_student(cfg.model, art.adapter_dir)
     else:
         model = load_student(cfg.model, art.adapter_dir)
         result = generation.hf_run(model, sets, max_new, stop_ids, tokenizer.pad_token_id, timing,
-                                   batch_size=int(ev["batch_size"]))
+                                   batch_size=ev.batch_size)
     t_generated = time.perf_counter()
     answers = {name: [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in result["outputs"][name]]
                for name in metrics.MODELS}
 
     # 4. KL to the teacher on the teacher's answers: the dataset's where it has them, else the greedy ones
     notes: list[str] = []
-    use_record = [ev["kl_on"] == "record" and bool(r.get("teacher_output_single")) for r in records]
+    use_record = [ev.kl_on == "record" and bool(r.get("teacher_output_single")) for r in records]
     kl_answers = [r["teacher_output_single"] if u else answers["teacher"][i]
                   for i, (r, u) in enumerate(zip(records, use_record))]
     kl_source = ("the dataset's" if all(use_record) else "greedy" if not any(use_record)
@@ -109,9 +124,9 @@ def run_evaluation(cfg: DictConfig) -> Path:
     examples_kl = [{"kl": encoder.kl({**{k: v for k, v in r.items() if not k.startswith("teacher_topk")},
                                       "teacher_output_single": a})}
                    for r, a in zip(records, kl_answers)]
-    bs = int(ev["batch_size"])
+    bs = ev.batch_size
     batches = (collate(examples_kl[i : i + bs]) for i in range(0, len(examples_kl), bs))
-    kl = metrics.kl_to_teacher(module, batches, chunk_size=int(ev["chunk_size"]))
+    kl = metrics.kl_to_teacher(module, batches, chunk_size=ev.chunk_size)
     t_kl = time.perf_counter()
 
     # 5. agreement and format, per example and per model
@@ -133,8 +148,13 @@ def run_evaluation(cfg: DictConfig) -> Path:
         sav.update(timing=result["timing"], timing_engine=engine,
                    timing_new_tokens=timing.new_tokens if timing else None,
                    timing_reduction=savings.timing_savings(result["timing"]))
+        if result.get("timing_by_cache"):
+            sav["timing_prefix_caching"] = {
+                ("warm" if caching else "cold"): {"timing": t, "timing_reduction": savings.timing_savings(t)}
+                for caching, t in result["timing_by_cache"].items() if t}
         if engine == "hf":
-            notes.append("latency measured with transformers (vLLM not used): install vllm for serving-engine figures")
+            notes.append("latency measured with transformers (vLLM not used): install vllm for serving-engine figures; "
+                         "no prefix caching (every request reads its prompt)")
 
     # 7. the report
     examples = report.example_rows([r["pseudo_input"] for r in records], answers, kl_answers, per_example, kl)
@@ -153,7 +173,7 @@ def run_evaluation(cfg: DictConfig) -> Path:
     }
     out = {**table, "savings": sav, "info": info, "n_examples": len(records)}
     report.write_examples(out_dir, examples)
-    path = report.write_report(out_dir, out, examples, plots, n_show=int(ev.get("show_examples", 3)))
+    path = report.write_report(out_dir, out, examples, plots, n_show=ev.show_examples)
     columns = list(table["teacher"])
     rows = [[m, *(table[m].get(k) for k in columns)] for m in (*metrics.MODELS, "gap_closed")]
     report_to_loggers(cfg, "eval", numeric_leaves({k: v for k, v in out.items() if k != "info"}, "eval"),

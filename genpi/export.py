@@ -18,6 +18,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+from genpi import schema
 from genpi.errors import GenpiError
 from genpi.evaluation import artifacts
 from genpi.hydra_utils import to_dict
@@ -87,7 +88,8 @@ def export_merged(adapter_dir: str | Path, model_cfg: Any, out_dir: str | Path, 
 
 def export(cfg: DictConfig) -> dict[str, Path | None]:
     """Find the adapter (as genpi-eval does), check it was trained on ``model``, write the requested folders."""
-    out_dir = Path(cfg.export.out_dir) if cfg.export.get("out_dir") else run_dir_of(cfg)
+    spec = schema.check(cfg, "export")  # every key typed and in range before any model loads
+    out_dir = Path(spec.export.out_dir) if spec.export.out_dir else run_dir_of(cfg)
     model_name = model_fingerprint(cfg.model)
     art = artifacts.locate(cfg.get("run_dir"), cfg.get("adapter"), cfg.paths.output_root, cfg.task.name, model_name,
                            out_dir, cfg.model)
@@ -96,10 +98,10 @@ def export(cfg: DictConfig) -> dict[str, Path | None]:
         raise GenpiError(f"adapter {art.adapter_dir} was trained on base model {trained_on}, but export loads "
                          f"{model_name}: set model= (or model.name_or_path=) to the base it was trained on")
     paths: dict[str, Path | None] = {"adapter": None, "merged": None}
-    if cfg.export.get("write_adapter", True):
+    if spec.export.write_adapter:
         paths["adapter"] = export_adapter(art, out_dir / "adapter")
-    if cfg.export.get("merged", False):
-        paths["merged"] = export_merged(art.adapter_dir, cfg.model, out_dir / "merged", cfg.export.get("dtype"))
+    if spec.export.merged:
+        paths["merged"] = export_merged(art.adapter_dir, cfg.model, out_dir / "merged", spec.export.dtype)
     # An adapter rebuilt from a checkpoint was a temporary: the exported copy is the one to keep.
     tmp = out_dir / "adapter_from_checkpoint"
     if art.from_checkpoint and tmp.is_dir() and paths["adapter"] is not None:

@@ -49,3 +49,4 @@ def to_dict(cfg: DictConfig | dict | None) -> dict[str, Any]:
 
 
 register_resolvers()
+import genpi.runs  # noqa: E402,F401  (registers genpi_config_hash)

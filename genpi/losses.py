@@ -134,22 +134,36 @@ def chunked_token_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tens
     return total / n
 
 
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(x))`` for ``x <= 0``, accurate at both ends (Maechler's two branches); -inf at x >= 0."""
+    x = x.clamp_max(0.0)
+    near = x > -math.log(2)
+    safe_near = torch.where(near, x, torch.full_like(x, -1.0))
+    safe_far = torch.where(near, torch.full_like(x, -1.0), x)
+    return torch.where(near, torch.log(-torch.expm1(safe_near)), torch.log1p(-torch.exp(safe_far)))
+
+
 def _topk_kl_rows(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor) -> torch.Tensor:
     """Per-row KL(teacher || student) over k+1 buckets: the k stored tokens and the rest of the vocabulary.
 
-    Teacher rest mass = 1 - sum(exp(topk_logprobs)) (clamped at 0); student rest mass = 1 - the student's
-    probability of the k stored ids. Exact when k = V; otherwise a lower bound of the full KL (merging
-    outcomes never increases a KL divergence).
+    The student's rest mass is a log-sum-exp over its logits outside the k stored ids, never ``1 - sum(top)``: that
+    difference cancels to 0 in float32 when the student is over-confident, and its gradient with it. The teacher's
+    rest is ``log(1 - sum(exp(topk_logprobs)))`` (all the stored rows give). Exact when k = V; otherwise a lower
+    bound of the full KL (merging outcomes never increases a KL divergence).
     """
-    s_logp = F.log_softmax(student_logits.float(), dim=-1)
-    s_top = s_logp.gather(-1, topk_ids.long())
+    logits = student_logits.float()
+    log_z = torch.logsumexp(logits, dim=-1)
+    s_top = logits.gather(-1, topk_ids.long()) - log_z.unsqueeze(-1)
+    outside = logits.scatter(-1, topk_ids.long(), float("-inf"))
+    s_rest = torch.logsumexp(outside, dim=-1) - log_z  # -inf when the k ids cover the vocabulary
     t_top = topk_logprobs.float()
-    eps = 1e-8
-    t_rest = (1 - t_top.exp().sum(-1)).clamp_min(0.0)
-    s_rest = (1 - s_top.exp().sum(-1)).clamp_min(eps)
+    t_rest = _log1mexp(torch.logsumexp(t_top, dim=-1))
     kl_top = (t_top.exp() * (t_top - s_top)).sum(-1)
-    kl_rest = torch.where(t_rest > eps, t_rest * (torch.log(t_rest.clamp_min(eps)) - torch.log(s_rest)),
-                          torch.zeros_like(t_rest))
+    has_rest = torch.isfinite(t_rest) & torch.isfinite(s_rest)
+    # where() with finite stand-ins on both branches: an -inf inside the unused branch would still poison gradients
+    t_rest_safe = torch.where(has_rest, t_rest, torch.zeros_like(t_rest))
+    s_rest_safe = torch.where(has_rest, s_rest, torch.zeros_like(s_rest))
+    kl_rest = torch.where(has_rest, t_rest_safe.exp() * (t_rest_safe - s_rest_safe), torch.zeros_like(t_rest))
     return kl_top + kl_rest
 
 

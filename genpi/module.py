@@ -4,30 +4,32 @@ with the prompt), weighted into KL + SFT + PG."""
 from __future__ import annotations
 
 import contextlib
-import math
+import dataclasses
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 
-from genpi import losses
-from genpi.data.tokenize import IGNORE
+from genpi import losses, schema
+from genpi.constants import IGNORE
 from genpi.errors import GenpiError
 from genpi.models.prefix import common_prefix_length, hidden_after_prefix, prefix_kv, shared_prefix_hidden
 
-TERMS = ("kl", "sft", "pg")
 # A shared prefix shorter than this is not worth a separate pass (chat headers, the PG instruction's first line).
 MIN_SHARED_PREFIX = 64
 
 
-def loss_weights(loss_cfg: dict[str, Any]) -> dict[str, float]:
-    return {t: float((loss_cfg.get(t) or {}).get("weight", 0.0)) for t in TERMS}
+def _typed_loss(loss: schema.Loss | dict[str, Any]) -> schema.Loss:
+    return loss if isinstance(loss, schema.Loss) else schema.Loss.partial(loss)
 
 
-def active_terms(loss_cfg: dict[str, Any]) -> tuple[str, ...]:
+def _typed_optim(optim: schema.Optim | dict[str, Any]) -> schema.Optim:
+    return optim if isinstance(optim, schema.Optim) else schema.read(optim, schema.Optim, "optim")
+
+
+def active_terms(loss: schema.Loss | dict[str, Any]) -> tuple[str, ...]:
     """The sequences the data module must build for training: a term of weight 0 is not built."""
-    w = loss_weights(loss_cfg)
-    return tuple(t for t in TERMS if w[t] > 0)
+    return _typed_loss(loss).active_terms
 
 
 class GenPIModule(pl.LightningModule):
@@ -35,27 +37,27 @@ class GenPIModule(pl.LightningModule):
 
     Args:
         model: a causal LM, usually a ``peft.PeftModel`` (the teacher is the base with the adapter off).
-        loss: the ``conf/loss`` group as a dict: ``{kl: {weight, kind, beta, temperature, teacher,
-            prefix_cache}, sft: {weight}, pg: {weight, reason}, chunk_size}``.
-        optim: ``{lr, weight_decay, betas, warmup_ratio, scheduler: cosine|linear|constant}``.
+        loss: the ``loss`` group, typed (:class:`genpi.schema.Loss`) or as a partial dict in which a term not
+            named is off (``{"kl": {"weight": 1.0}}``).
+        optim: the ``optim`` group (:class:`genpi.schema.Optim`, or a dict read into it).
         teacher_prompt_ids: the prompt's token ids, a common prefix of every teacher sequence.
     """
 
-    def __init__(self, model: torch.nn.Module, loss: dict[str, Any], optim: dict[str, Any],
-                 teacher_prompt_ids: list[int]):
+    def __init__(self, model: torch.nn.Module, loss: schema.Loss | dict[str, Any],
+                 optim: schema.Optim | dict[str, Any], teacher_prompt_ids: list[int]):
         super().__init__()
         self.model = model
-        self.loss_cfg = loss
-        self.optim_cfg = optim
-        self.weights = loss_weights(loss)
+        self.loss_cfg = _typed_loss(loss)
+        self.optim_cfg = _typed_optim(optim)
+        self.weights = self.loss_cfg.weights
         self.teacher_prompt_ids = list(teacher_prompt_ids)
-        self.chunk_size = int(loss.get("chunk_size", 1024))
-        kl = loss.get("kl") or {}
-        self.kl_kind = kl.get("kind", "forward_kl")
-        self.kl_beta = float(kl.get("beta", 0.5))
-        self.kl_temperature = float(kl.get("temperature", 1.0))
-        self.teacher_source = kl.get("teacher", "online")
-        self.prefix_cache = bool(kl.get("prefix_cache", True))
+        self.chunk_size = self.loss_cfg.chunk_size
+        kl = self.loss_cfg.kl
+        self.kl_kind = kl.kind
+        self.kl_beta = kl.beta
+        self.kl_temperature = kl.temperature
+        self.teacher_source = kl.teacher
+        self.prefix_cache = kl.prefix_cache
         self.has_adapter = hasattr(model, "disable_adapter")
         if self.weights["kl"] > 0 and self.teacher_source == "online" and not self.has_adapter:
             raise GenpiError(
@@ -65,7 +67,8 @@ class GenPIModule(pl.LightningModule):
         self._prompt_kv: tuple[tuple[Any, ...], list[tuple[torch.Tensor, torch.Tensor]]] | None = None
         # Checkpoints hold only trainable weights (the adapter), so loading one must not demand the base.
         self.strict_loading = False
-        self.save_hyperparameters({"loss": loss, "optim": optim})
+        self.save_hyperparameters({"loss": dataclasses.asdict(self.loss_cfg),
+                                   "optim": dataclasses.asdict(self.optim_cfg)})
 
     # -- model pieces -------------------------------------------------------------------
     @property
@@ -87,7 +90,8 @@ class GenPIModule(pl.LightningModule):
         return self.model.disable_adapter() if self.has_adapter else contextlib.nullcontext()
 
     # -- losses --------------------------------------------------------------------------
-    def ce_loss(self, part: dict[str, torch.Tensor]) -> torch.Tensor:
+    def ce_loss(self, part: dict[str, torch.Tensor], window_tokens: int | None = None,
+                accumulate: int = 1) -> torch.Tensor:
         """Token cross-entropy on the labelled positions of an SFT or PG batch.
 
         When every sequence starts with the same long untrained prefix (the prompt, in the ``w_prompt`` baseline),
@@ -103,17 +107,26 @@ class GenPIModule(pl.LightningModule):
         weight, bias = self.lm_head()
         loss = losses.chunked_token_cross_entropy(h[keep], weight, labels[keep],
                                                   chunk_size=self.chunk_size, lm_head_bias=bias)
-        return self._global_token_mean(loss, int(keep.sum()))
+        return self._global_token_mean(loss, int(keep.sum()), window_tokens, accumulate)
 
-    def _global_token_mean(self, loss: torch.Tensor, n_tokens: int) -> torch.Tensor:
-        """Rescale a rank's token mean so that DDP's gradient average is the mean over all ranks' tokens
-        (the same as one process on the global batch), not a mean of per-rank means."""
+    def _global_token_mean(self, loss: torch.Tensor, n_tokens: int, window_tokens: int | None = None,
+                           accumulate: int = 1) -> torch.Tensor:
+        """Rescale a micro-batch's token mean so that the optimizer step's gradient is the mean over every token
+        of its accumulation window and of all DDP ranks (as one process on the whole step's batch would compute),
+        not a mean of per-batch or per-rank means.
+
+        ``window_tokens`` is this rank's token total over the window's ``accumulate`` micro-batches (Lightning
+        divides each micro-batch's loss by ``accumulate``); None outside training, where the batch is the unit.
+        """
+        local = window_tokens if window_tokens is not None else n_tokens
+        scale = torch.tensor(float(n_tokens * (accumulate if window_tokens is not None else 1)) / max(local, 1),
+                             device=loss.device)
         trainer = self._trainer
-        if trainer is None or trainer.world_size <= 1:
-            return loss
-        n = torch.tensor(float(n_tokens), device=loss.device)
-        total = self.trainer.strategy.reduce(n.clone(), reduce_op="sum")
-        return loss * (n * trainer.world_size / total.clamp_min(1.0))
+        if trainer is not None and trainer.world_size > 1:
+            mine = torch.tensor(float(local), device=loss.device)
+            total = self.trainer.strategy.reduce(mine.clone(), reduce_op="sum")
+            scale = scale * mine * trainer.world_size / total.clamp_min(1.0)
+        return loss * scale
 
     @torch.no_grad()
     def teacher_hidden(self, kl: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -134,7 +147,8 @@ class GenPIModule(pl.LightningModule):
             self._prompt_kv = (key, prefix_kv(self.decoder(), torch.tensor([self.teacher_prompt_ids], device=device)))
         return self._prompt_kv[1]
 
-    def kl_loss(self, kl: dict[str, torch.Tensor], teacher: str | None = None) -> torch.Tensor:
+    def kl_loss(self, kl: dict[str, torch.Tensor], teacher: str | None = None, window_tokens: int | None = None,
+                accumulate: int = 1) -> torch.Tensor:
         """Distillation on the teacher's answer tokens: teacher after (prompt + input), student after (input)."""
         teacher = teacher or self.teacher_source
         student_h = self.hidden(kl["student_input_ids"], kl["student_attention_mask"])[kl["student_response_mask"]]
@@ -151,16 +165,25 @@ class GenPIModule(pl.LightningModule):
             loss = losses.chunked_distill_loss(student_h, teacher_h, weight, kind=self.kl_kind, beta=self.kl_beta,
                                                temperature=self.kl_temperature, chunk_size=self.chunk_size,
                                                lm_head_bias=bias)
-        return self._global_token_mean(loss, student_h.shape[0])
+        return self._global_token_mean(loss, student_h.shape[0], window_tokens, accumulate)
 
     def compute(self, batch: dict[str, Any], val: bool = False) -> dict[str, torch.Tensor]:
         """Each active term on its own sequences; in validation ``kl`` (online) is measured whatever its weight."""
         out: dict[str, torch.Tensor] = {}
+        window = {} if val else (batch.get("window") or {})
+        k = int(window.get("accumulate", 1))
         for term in ("sft", "pg"):
             if self.weights[term] > 0 and term in batch:
-                out[term] = self.ce_loss(batch[term])
+                out[term] = self.ce_loss(batch[term], window.get(term), k)
         if "kl" in batch and (self.weights["kl"] > 0 or val):
-            out["kl"] = self.kl_loss(batch["kl"], teacher="online" if val and self.has_adapter else None)
+            if not val:
+                out["kl"] = self.kl_loss(batch["kl"], window_tokens=window.get("kl"), accumulate=k)
+            elif self.has_adapter:
+                out["kl"] = self.kl_loss(batch["kl"], teacher="online")
+            elif "teacher_topk_ids" in batch["kl"]:
+                # full fine-tuning: the model with its adapter "off" is the trained model itself, so the only
+                # teacher left to compare with is the one stored at synthesis
+                out["kl"] = self.kl_loss(batch["kl"], teacher="cached")
         total = sum(self.weights[t] * v for t, v in out.items() if self.weights[t] > 0)
         out["loss"] = total if torch.is_tensor(total) else torch.zeros((), device=self.device)
         return out
@@ -182,28 +205,38 @@ class GenPIModule(pl.LightningModule):
                      sync_dist=True)
 
     def configure_optimizers(self):
+        from transformers import get_scheduler
+
         cfg = self.optim_cfg
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise GenpiError("no trainable parameters: enable model.lora or full fine-tuning")
-        opt = torch.optim.AdamW(params, lr=float(cfg.get("lr", 1e-4)), weight_decay=float(cfg.get("weight_decay", 0.0)),
-                                betas=tuple(cfg.get("betas", (0.9, 0.999))))
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(float(cfg.get("warmup_ratio", 0.03)) * total)
-        kind = cfg.get("scheduler", "cosine")
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            progress = (step - warmup) / max(1, total - warmup)
-            if kind == "cosine":
-                return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-            if kind == "linear":
-                return max(0.0, 1 - progress)
-            return 1.0
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        # transformers' schedules: linear warm-up from 0, then cosine / linear decay to 0, or constant
+        name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.scheduler]
+        sched = get_scheduler(name, opt, num_warmup_steps=int(cfg.warmup_ratio * total), num_training_steps=total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_checkpoint(checkpoint)
+
+    def check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint holds only the trainable weights, loaded non-strictly: check by name that they are this
+        run's (another LoRA rank, target set or full fine-tuning would otherwise load partly and silently)."""
+        stored = checkpoint.get("genpi_trainable_keys")
+        if stored is None:
+            return
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        missing, unexpected = sorted(trainable - set(stored)), sorted(set(stored) - trainable)
+        shapes = {n: tuple(p.shape) for n, p in self.named_parameters() if p.requires_grad}
+        reshaped = sorted(k for k, v in (checkpoint.get("state_dict") or {}).items()
+                          if k in shapes and tuple(v.shape) != shapes[k])
+        if missing or unexpected or reshaped:
+            example = (missing or unexpected or reshaped)[0]
+            raise GenpiError(f"the checkpoint holds the trainable weights of another setup ({len(missing)} of this "
+                             f"run's missing, {len(unexpected)} unknown, {len(reshaped)} of another shape, e.g. {example}): resume it with the model and "
+                             "model.lora settings it was trained with, or start a new run (another run_name)")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The frozen base weights are rebuilt from the model config; only what trains is saved.
@@ -213,7 +246,9 @@ class GenPIModule(pl.LightningModule):
 
 
 def _batch_size(batch: dict[str, Any]) -> int:
-    for part in batch.values():
+    for key, part in batch.items():
+        if key == "window":
+            continue
         for v in part.values():
             return int(v.shape[0])
     return 0
@@ -222,6 +257,8 @@ def _batch_size(batch: dict[str, Any]) -> int:
 def _tokens(batch: dict[str, Any]) -> int:
     n = 0
     for key, part in batch.items():
+        if key == "window":
+            continue
         if key == "kl":
             n += int(part["student_attention_mask"].sum()) + int(part["teacher_attention_mask"].sum())
         else:

@@ -16,8 +16,10 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+from genpi import schema
 from genpi.data.records import write_jsonl
 from genpi.hydra_utils import to_dict
+from genpi.redact import mask_tree
 from genpi.synthesis.card import build_card, print_summary, token_counter, write_card
 from genpi.synthesis.clients import ClientPool
 from genpi.synthesis.plan import Plan, make_plan
@@ -68,6 +70,8 @@ def run_synthesis(cfg: DictConfig | dict[str, Any]) -> Path:
     A rerun with the same config resumes from the store; a :class:`GenpiError` is raised at load time for
     bad settings and at the end of a stage that yields nothing.
     """
+    if isinstance(cfg, DictConfig):
+        schema.check(cfg, "synth")  # every key typed and in range before any model loads
     plan = plan_from_cfg(cfg)
     out = plan.out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -81,8 +85,9 @@ def run_synthesis(cfg: DictConfig | dict[str, Any]) -> Path:
         records = assemble(plan.task, rows)
         write_jsonl(records, out / "data.jsonl")
         count, unit = token_counter(plan.run_model)
-        config = {"task": plan.task.describe(), "model": plan.run_model, "synth": to_dict(cfg["synth"])}
+        config = {"task": plan.task.describe(), "model": plan.run_model, "synth": mask_tree(to_dict(cfg["synth"]))}
         card = build_card(plan.task.describe(), records, reports, count, unit, out, config)
+        card.update(data_contract_facts(plan, records))
         write_card(out, card)
     for col in card["empty_columns"]:
         log.warning("column %s is empty in %s: run its stage to fill it", col, out / "data.jsonl")
@@ -91,6 +96,21 @@ def run_synthesis(cfg: DictConfig | dict[str, Any]) -> Path:
     if isinstance(cfg, DictConfig) and cfg.get("logger"):
         report_card(cfg, card)
     return out
+
+
+def data_contract_facts(plan: Plan, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """What training checks a dataset against: repeated inputs, and the tokenizer the stored top-k ids belong to."""
+    from genpi.data.datamodule import input_key
+    from genpi.data.records import duplicate_inputs
+
+    facts: dict[str, Any] = {"duplicate_inputs": len(duplicate_inputs(records, input_key))}
+    stage = plan.stages.get("teacher_logits")
+    if stage is not None and records and all("teacher_topk_ids" in r for r in records):
+        from genpi.data.tokenize import tokenizer_fingerprint
+        from genpi.models.factory import load_tokenizer
+
+        facts["teacher_topk_tokenizer"] = tokenizer_fingerprint(load_tokenizer(stage.model))
+    return facts
 
 
 def report_card(cfg: DictConfig, card: dict[str, Any]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from pathlib import Path
@@ -12,43 +13,77 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from genpi import schema
 from genpi.data.datamodule import GenPIDataModule
 from genpi.data.tokenize import teacher_prompt
 from genpi.errors import GenpiError
 from genpi.hydra_utils import to_dict
 from genpi.models.factory import load_model_and_tokenizer, model_fingerprint
-from genpi.module import GenPIModule, active_terms
-from genpi.runs import last_checkpoint, read_json, update_json, wandb_run_id, write_json
+from genpi.module import GenPIModule
+from genpi.runs import (
+    config_hash,
+    differing_keys,
+    identity_keys,
+    last_checkpoint,
+    read_json,
+    update_json,
+    wandb_run_id,
+    write_json,
+)
 from genpi.tasks import build_task
 from genpi.tasks.base import task_fingerprint
 from genpi.tracking import numeric_leaves
-from genpi.wrappers import run_dir_of, task_wrapper
+from genpi.wrappers import launch_id, run_dir_of, task_wrapper
 
 log = logging.getLogger("genpi.train")
 
 
-def build_datamodule(cfg: DictConfig, task, tokenizer) -> GenPIDataModule:
-    loss = to_dict(cfg.loss)
-    data = to_dict(cfg.data)
-    w_prompt = loss.get("w_prompt") or {}
-    terms = active_terms(loss)
-    if w_prompt.get("enabled") and "sft" not in terms:
-        raise GenpiError("loss.w_prompt.enabled needs loss.sft.weight > 0 (the baseline is SFT with the prompt)")
+def build_datamodule(spec: schema.Train, task, tokenizer) -> GenPIDataModule:
+    data, loss = spec.data, spec.loss
     return GenPIDataModule(
-        task, tokenizer, losses=terms, pg_reason=bool((loss.get("pg") or {}).get("reason", True)),
-        sft_source=(loss.get("sft") or {}).get("source", "conversation"),
-        w_prompt_drop_prob=float(w_prompt.get("drop_prob", 0.0)) if w_prompt.get("enabled") else None, **data,
+        task, tokenizer, path=data.path, losses=loss.active_terms, batch_size=data.batch_size,
+        eval_batch_size=data.eval_batch_size, val_size=data.val_size, test_size=data.test_size, seed=data.seed,
+        limits=dataclasses.asdict(data.limits), pg_reason=loss.pg.reason, sft_source=loss.sft.source,
+        w_prompt_drop_prob=loss.w_prompt.drop_prob if loss.w_prompt.enabled else None,
+        group_by_length=data.group_by_length, max_records=data.max_records, num_workers=data.num_workers,
+        overfit=data.overfit, drop_duplicates=data.drop_duplicates,
     )
 
 
-def _loggers(cfg: DictConfig, run_dir: Path) -> list:
+def resume_point(spec: schema.Train, run_dir: Path, identity: dict[str, Any], fdr: bool) -> Path | None:
+    """The checkpoint this run continues from, after checking that the folder holds a run of the same config.
+
+    A folder whose ``run.json`` records other identity keys is refused with the differing keys (``resume=force``
+    continues anyway); a smoke test (``fast_dev_run``) never resumes; ``resume=false`` refuses an existing checkpoint.
+    """
+    if spec.ckpt_path:
+        if not Path(spec.ckpt_path).is_file():
+            raise GenpiError(f"checkpoint not found: {spec.ckpt_path} (set ckpt_path to an existing .ckpt, or null)")
+        return Path(spec.ckpt_path)
+    ckpt = None if fdr else last_checkpoint(run_dir)
+    if ckpt is None:
+        return None
+    if spec.resume is False:
+        raise GenpiError(f"run folder {run_dir} already holds a checkpoint: set resume=true to continue it, "
+                         "or change run_name to start a new run")
+    stored = (read_json(run_dir / "run.json").get("identity") or {}).get("keys")
+    if stored is not None and spec.resume != "force":
+        diff = differing_keys(stored, identity)
+        if diff:
+            raise GenpiError(f"run folder {run_dir} holds a run of another config ({'; '.join(diff[:6])}"
+                             f"{'; ...' if len(diff) > 6 else ''}): change run_name or hydra.run.dir to start a new "
+                             "run, or set resume=force to continue it under this config")
+    return ckpt
+
+
+def _loggers(cfg: DictConfig, run_dir: Path, identity_hash: str) -> list:
     out = []
     for name, lcfg in (cfg.get("logger") or {}).items():
         if lcfg is None:
             continue
         if name == "wandb":
             with open_dict(lcfg):
-                lcfg.id = lcfg.id or wandb_run_id(run_dir)
+                lcfg.id = lcfg.id or wandb_run_id(run_dir, identity_hash, launch_id())
                 lcfg.resume = "allow"
                 lcfg.tags = list(cfg.get("tags") or []) + _override_tags()
             out.append(hydra.utils.instantiate(lcfg, _convert_="partial"))
@@ -102,46 +137,50 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     Returns a dict with ``metrics`` and the objects built (for tests).
     """
-    pl.seed_everything(cfg.seed, workers=True)
+    spec = schema.check(cfg, "train")  # every key typed and in range before any model loads
+    pl.seed_everything(spec.seed, workers=True)
     torch.set_float32_matmul_precision("high")
     run_dir = run_dir_of(cfg)
+    identity = identity_keys(cfg)
+    identity_hash = config_hash(identity)
+    fdr = bool(cfg.trainer.get("fast_dev_run", False))
+    ckpt = resume_point(spec, run_dir, identity, fdr)  # a folder of another config is refused before loading
     task = build_task(**to_dict(cfg.task))
+    datamodule = build_datamodule(spec, task, tokenizer=None)
+    datamodule.load()  # every record read and checked before any model loads
     model, tokenizer = load_model_and_tokenizer(cfg.model, for_training=True)
-    datamodule = build_datamodule(cfg, task, tokenizer)
+    datamodule.tokenizer = tokenizer
+    if spec.loss.kl.teacher == "cached" and spec.loss.kl.weight > 0:
+        datamodule.check_topk_tokenizer()
     datamodule.setup("fit")
     prompt = teacher_prompt(tokenizer, task)
-    module = GenPIModule(model, to_dict(cfg.loss), to_dict(cfg.optim), prompt.ids)
+    module = GenPIModule(model, spec.loss, spec.optim, prompt.ids)
+    if ckpt:  # before anything is written: a checkpoint of another setup is refused in one line
+        module.check_checkpoint(torch.load(ckpt, map_location="cpu", weights_only=True))
 
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    fdr = bool(cfg.trainer.get("fast_dev_run", False))
-    loggers = [] if fdr else _loggers(cfg, run_dir)
+    loggers = [] if fdr else _loggers(cfg, run_dir, identity_hash)
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                                   plugins=_plugins())
 
-    ckpt = cfg.get("ckpt_path") or (last_checkpoint(run_dir) if not fdr else None)
-    if ckpt and not cfg.get("resume", True) and not cfg.get("ckpt_path"):
-        raise GenpiError(f"run folder {run_dir} already holds a checkpoint: set resume=true to continue it, "
-                         "or change run_name to start a new run")
-    if ckpt and not Path(ckpt).is_file():
-        raise GenpiError(f"checkpoint not found: {ckpt} (set ckpt_path to an existing .ckpt, or null)")
-
     metrics_path = run_dir / "metrics.json"
-    state = read_json(metrics_path)
-    metrics: dict[str, Any] = {}
-    if cfg.get("validate_before_fit", True) and not fdr:
+    state = read_json(metrics_path) if ckpt else {}  # a fresh start never keeps an earlier run's numbers
+    metrics: dict[str, Any] = {"run/config_hash": identity_hash, **datamodule.data_report()}
+    if spec.validate_before_fit and not fdr:
         if ckpt and "val/kl_start" in state:
-            metrics["val/kl_start"] = state["val/kl_start"]
+            metrics.update({k: v for k, v in state.items() if k.endswith("_start")})
         else:
             start = _validate(trainer, module, datamodule)
             metrics.update({f"{k}_start": float(v) for k, v in start.items()})
-    write_json(run_dir / "splits.json", datamodule.split_keys())
-    write_json(run_dir / "run.json", {
-        "task": task.name, "task_fingerprint": task_fingerprint(task), "prompt_id": task.prompt_id,
-        "model": model_fingerprint(cfg.model), "data": str(datamodule.source), "run_name": cfg.run_name,
-        "lora": bool(cfg.model.lora.enabled), "config": _loggable_config(cfg),
-    })
-    if metrics:
-        update_json(metrics_path, **metrics)
+    if not fdr:
+        write_json(run_dir / "splits.json", datamodule.split_keys())
+        write_json(run_dir / "run.json", {
+            "task": task.name, "task_fingerprint": task_fingerprint(task), "prompt_id": task.prompt_id,
+            "model": model_fingerprint(cfg.model), "data": str(datamodule.source), "run_name": spec.run_name,
+            "lora": spec.model.lora.enabled, "config": _loggable_config(cfg),
+            "identity": {"hash": identity_hash, "keys": identity},
+        })
+        write_json(metrics_path, metrics)
 
     log.info("training %s on %s (%d train / %d val records, terms %s)", task.name, datamodule.source,
              len(datamodule.datasets["train"]), len(datamodule.datasets["val"]), datamodule.losses)
@@ -161,7 +200,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         })
         metrics = update_json(metrics_path, **metrics)
         save_adapter(module, tokenizer, run_dir / "adapter", cfg)
-        if cfg.get("post_eval") and trainer.global_rank == 0:
+        if spec.post_eval and trainer.global_rank == 0:
             metrics = update_json(metrics_path, **post_evaluate(cfg, run_dir))
         for lg in loggers:
             if hasattr(lg, "log_metrics"):
@@ -183,7 +222,7 @@ def post_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     args = [sys.executable, "-m", "genpi.evaluate", f"run_dir={_quoted(run_dir)}",
             f"paths.output_root={_quoted(cfg.paths.output_root)}", f"task={cfg.task.name}", *_model_overrides(),
-            *(cfg.get("post_eval_overrides") or [])]
+            *(cfg.get("post_eval_overrides") or [])]  # schema-checked in train()
     proc = subprocess.run(args, capture_output=True, text=True)
     if proc.returncode != 0:
         lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip() and "HYDRA_FULL_ERROR" not in ln]
@@ -233,7 +272,7 @@ def save_adapter(module: GenPIModule, tokenizer, folder: Path, cfg: DictConfig) 
 def _hydra_main(cfg: DictConfig) -> float | None:
     out = train(cfg)
     print(f"run folder: {out['run_dir']}")
-    return out["metrics"].get(cfg.get("optimized_metric") or "val/kl")
+    return out["metrics"].get(cfg.optimized_metric or "val/kl")
 
 
 def main() -> None:

@@ -31,12 +31,20 @@ def _is_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def launch_id() -> str | None:
+    """The multirun's launch token (in its sweep folder's name), or None for a single run."""
+    import os
+
+    return os.environ.get("GENPI_LAUNCH_ID") if _is_multirun() else None
+
+
 def task_wrapper(fn):
     """Bad input prints one line and exits 2; any failure in a multirun job is written to the job's
     ``error.txt`` and the sweep goes on with the other jobs; W&B is always closed at the end."""
 
     @functools.wraps(fn)
     def wrapper(cfg: DictConfig):
+        _mask_saved_config()
         try:
             return fn(cfg)
         except GenpiError as err:
@@ -54,6 +62,26 @@ def task_wrapper(fn):
             _finish_wandb()
 
     return wrapper
+
+
+def _mask_saved_config() -> None:
+    """Hydra saves the config and the command line under ``<run folder>/.hydra/`` before genpi runs: credentials in
+    URLs (``base_url=http://user:secret@host/v1``) are masked there too."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from genpi.redact import mask_url
+
+    if not HydraConfig.initialized():
+        return
+    hc = HydraConfig.get()
+    folder = Path(hc.runtime.output_dir) / (hc.output_subdir or ".hydra") if hc.output_subdir else None
+    if folder is None or not folder.is_dir():
+        return
+    for path in folder.glob("*.yaml"):
+        text = path.read_text()
+        masked = mask_url(text)
+        if masked != text:
+            path.write_text(masked)
 
 
 def _record_failure(cfg: DictConfig, text: str) -> None:

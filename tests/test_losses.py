@@ -158,3 +158,34 @@ def test_topk_kl_is_exact_at_full_k_and_a_lower_bound_below():
         assert value <= full + 1e-6 and value >= previous - 1e-6  # more of the teacher seen, closer to the truth
         previous = value
     assert float(losses.topk_forward_kl(t, *reversed(t_logp.topk(4, dim=-1)))) == pytest.approx(0.0, abs=1e-6)
+
+
+def _topk_reference(student_logits: torch.Tensor, ids: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) over k+1 buckets in float64, the rest masses as sums of probabilities."""
+    s = torch.log_softmax(student_logits.double(), -1)
+    rest = torch.ones_like(s, dtype=torch.bool).scatter(-1, ids, False)
+    s_rest = torch.logsumexp(s.masked_fill(~rest, float("-inf")), -1)
+    t = teacher_logp.double()
+    t_rest = torch.log1p(-t.exp().sum(-1))
+    return ((t.exp() * (t - s.gather(-1, ids))).sum(-1) + t_rest.exp() * (t_rest - s_rest)).sum()
+
+
+def test_topk_rest_mass_matches_float64_on_over_confident_students():
+    torch.manual_seed(0)
+    n, v, k = 6, 512, 4
+    logits = torch.randn(n, v)
+    ids = torch.stack([torch.randperm(v)[:k] for _ in range(n)])
+    logits.scatter_(-1, ids[:, :1], 35.0)  # the student puts all but ~1e-13 of its mass on one stored token
+    teacher = torch.log_softmax(torch.randn(n, v) * 2, -1)
+    teacher_top = teacher.gather(-1, ids)  # the teacher leaves a real share of its mass outside the k ids
+    student = logits.clone().requires_grad_(True)
+    got = losses.topk_forward_kl(student, ids, teacher_top) * n
+    got.backward()
+    ref_student = logits.double().requires_grad_(True)
+    want = _topk_reference(ref_student, ids, teacher_top)
+    want.backward()
+    assert float(got) == pytest.approx(float(want), rel=1e-5)
+    assert torch.allclose(student.grad.double(), ref_student.grad, atol=1e-6, rtol=1e-4)
+    # the old 1 - sum(top) form cancels to 0 here: its rest-mass gradient vanished and the loss was off
+    s_top = torch.log_softmax(logits, -1).gather(-1, ids)
+    assert float((1 - s_top.exp().sum(-1)).clamp_min(0).max()) < 1e-7

@@ -74,6 +74,41 @@ def test_a_term_of_weight_zero_runs_no_pass(tiny_tokenizer, monkeypatch):
     calls = []
     monkeypatch.setattr(module, "kl_loss", lambda *a, **k: calls.append("kl") or torch.zeros(()))
     real_ce = module.ce_loss
-    monkeypatch.setattr(module, "ce_loss", lambda part: calls.append("ce") or real_ce(part))
+    monkeypatch.setattr(module, "ce_loss", lambda part, *a: calls.append("ce") or real_ce(part, *a))
     out = module.compute(batch)
     assert calls == ["ce"] and set(out) == {"sft", "loss"}
+
+
+def test_gradient_accumulation_2x4_equals_one_batch_of_8(tiny_tokenizer):
+    """Token-exact accumulation: two micro-batches of 4, each weighted by its share of the window's tokens, give the
+    loss and the gradients of one batch of 8 (a mean of the two per-batch means would not: their token counts
+    differ)."""
+    from genpi.data.datamodule import LengthGroupedBatchSampler, TokenWindowSampler
+
+    module, task = _module(tiny_tokenizer, {"sft": {"weight": 0.7}, "pg": {"weight": 0.3}, "kl": {"weight": 1.0}},
+                           prefix_cache=True)
+    dm = GenPIDataModule(task, tiny_tokenizer, losses=("sft", "pg", "kl"), batch_size=4, val_size=1, test_size=1)
+    dm.setup()
+    ds = dm.datasets["train"]
+    windows = TokenWindowSampler(LengthGroupedBatchSampler(ds.lengths(), 4, seed=0), ds, accumulate=2)
+    first, second = list(windows)[:2]
+    collate = Collator(tiny_tokenizer.pad_token_id)
+    micro = [collate([ds[key] for key in batch]) for batch in (first, second)]
+    assert micro[0]["window"] == micro[1]["window"] and micro[0]["window"]["accumulate"] == 2
+    n_sft = [int((m["sft"]["labels"] != -100).sum()) for m in micro]
+    assert n_sft[0] != n_sft[1]  # unequal token counts: where a mean of means would be wrong
+
+    params = [p for p in module.model.parameters() if p.requires_grad]
+    accumulated = 0.0
+    for batch in micro:  # what Lightning does with accumulate_grad_batches=2: backward of loss / 2, grads summed
+        loss = module.compute(batch)["loss"] / 2
+        loss.backward()
+        accumulated += float(loss)
+    grads_accumulated = [p.grad.clone() for p in params]
+    module.model.zero_grad(set_to_none=True)
+    whole = collate([ds[i] for i, _ in first + second])
+    loss = module.compute(whole)["loss"]
+    loss.backward()
+    assert accumulated == pytest.approx(float(loss), abs=1e-5)
+    for a, b in zip(grads_accumulated, [p.grad for p in params]):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)

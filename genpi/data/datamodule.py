@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import math
 import random
 from collections.abc import Iterator
@@ -13,12 +15,37 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from genpi.data.records import load_records
+from genpi.data.records import duplicate_inputs, load_records
 from genpi.data.tokenize import IGNORE, Limits, RecordEncoder, keep_prompt
 from genpi.errors import GenpiError
 from genpi.tasks.base import Task
 
 SPLITS = ("train", "val", "test")
+log = logging.getLogger(__name__)
+
+
+def check_prompt(records: list[dict[str, Any]], task: Task, source: str) -> None:
+    """A dataset trains the prompt it was made for: records whose ``context`` (or, without one, ``context_id``)
+    names another prompt than the task's are refused; records with neither are trained as the task's, said in the
+    log."""
+    want = " ".join(task.prompt_text.split())
+    where = getattr(records, "where", None) or [f"{source}[{i}]" for i in range(len(records))]
+    unlabelled = 0
+    for rec, at in zip(records, where):
+        context, context_id = rec.get("context"), rec.get("context_id")
+        if context:
+            if " ".join(str(context).split()) != want:
+                raise GenpiError(f"{at}: the record was made for another prompt than task {task.name}'s "
+                                 f"(context_id {context_id!r}, task prompt_id {task.prompt_id!r}): pick the task the "
+                                 f"dataset was synthesized for (task=...), or a dataset of this task (data.path=...)")
+        elif context_id not in (None, "") and str(context_id) != task.prompt_id:
+            raise GenpiError(f"{at}: context_id {context_id!r} is not task {task.name}'s prompt ({task.prompt_id!r}): "
+                             "pick the task the dataset was synthesized for, or a dataset of this task")
+        else:
+            unlabelled += 1
+    if unlabelled:
+        log.warning("%s: %d records name no prompt (no context, no context_id); they are trained as task %s's",
+                    source, unlabelled, task.name)
 
 
 def input_key(pseudo_input: str) -> str:
@@ -59,8 +86,11 @@ class EncodedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.examples[i]
+    def __getitem__(self, key: int | tuple[int, dict[str, int]]) -> dict[str, Any]:
+        if isinstance(key, tuple):  # (index, token totals of its accumulation window), from TokenWindowSampler
+            i, window = key
+            return {**self.examples[i], "window": window}
+        return self.examples[key]
 
     def lengths(self) -> list[int]:
         return [example_length(e) for e in self.examples]
@@ -137,6 +167,47 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         return math.ceil(len(self.lengths) / size)
 
 
+def target_tokens(example: dict[str, Any]) -> dict[str, int]:
+    """The tokens each loss term of one example averages over: labelled positions (sft, pg), answer tokens (kl)."""
+    out = {}
+    for part in ("sft", "pg"):
+        if part in example:
+            out[part] = sum(1 for t in example[part]["labels"][1:] if t != IGNORE)
+    if "kl" in example:
+        out["kl"] = int(example["kl"]["response_len"])
+    return out
+
+
+class TokenWindowSampler(Sampler[list[tuple[int, dict[str, int]]]]):
+    """The batches of ``batch_sampler``, each index paired with the token totals of its accumulation window (the
+    ``accumulate`` consecutive batches of one optimizer step), so that the training module can weight every
+    micro-batch by its share of the window's tokens: the step's gradient is then the token mean over the whole
+    window, as one batch of ``accumulate`` times the size would give, not a mean of per-batch means."""
+
+    def __init__(self, batch_sampler: LengthGroupedBatchSampler, dataset: EncodedDataset, accumulate: int):
+        self.batch_sampler = batch_sampler
+        self.dataset = dataset
+        self.accumulate = max(1, int(accumulate))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batch_sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self):
+        batches = list(self.batch_sampler)
+        for start in range(0, len(batches), self.accumulate):
+            group = batches[start : start + self.accumulate]
+            totals: dict[str, int] = {"accumulate": self.accumulate}
+            for batch in group:
+                for i in batch:
+                    for term, n in target_tokens(self.dataset[i]).items():
+                        totals[term] = totals.get(term, 0) + n
+            for batch in group:
+                yield [(i, totals) for i in batch]
+
+
 def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
     width = max(len(s) for s in seqs)
     return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
@@ -185,6 +256,8 @@ class Collator:
                 kl["teacher_topk_ids"] = torch.tensor([row for r in rows for row in r["teacher_topk_ids"]])
                 kl["teacher_topk_logprobs"] = torch.tensor([row for r in rows for row in r["teacher_topk_logprobs"]])
             batch["kl"] = kl
+        if "window" in examples[0]:
+            batch["window"] = dict(examples[0]["window"])
         return batch
 
 
@@ -204,7 +277,8 @@ class GenPIDataModule(pl.LightningDataModule):
                  batch_size: int = 8, eval_batch_size: int | None = None, val_size: float | int = 0.1,
                  test_size: float | int = 0.1, seed: int = 0, limits: dict | None = None, pg_reason: bool = True,
                  w_prompt_drop_prob: float | None = None, group_by_length: bool = True, max_records: int | None = None,
-                 num_workers: int = 0, overfit: bool = False, sft_source: str = "conversation"):
+                 num_workers: int = 0, overfit: bool = False, sft_source: str = "conversation",
+                 drop_duplicates: bool = False):
         super().__init__()
         self.task = task
         self.tokenizer = tokenizer
@@ -223,6 +297,8 @@ class GenPIDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.overfit = overfit
         self.sft_source = sft_source
+        self.drop_duplicates = drop_duplicates
+        self.duplicates = 0
         self.splits: dict[str, list[dict[str, Any]]] = {}
         self.datasets: dict[str, EncodedDataset] = {}
         self.encoder: RecordEncoder | None = None
@@ -236,10 +312,28 @@ class GenPIDataModule(pl.LightningDataModule):
             raise GenpiError(f"task {self.task.name!r} has no built-in sample data: set data.path to a dataset")
         return sample
 
+    def required_texts(self) -> tuple[str, ...]:
+        """The columns whose text every record must have for the losses this run trains (and val/kl measures)."""
+        need = {"pseudo_input", "teacher_output_single"}  # the input, and the answer val/kl is measured on
+        if "sft" in self.losses:
+            need.add("teacher_output_conv" if self.sft_source == "conversation" else "teacher_output_single")
+        if "pg" in self.losses:
+            need.update(("student_output_single", "teacher_output_single") + (("reason",) if self.pg_reason else ()))
+        return tuple(sorted(need))
+
     def load(self) -> None:
         if self.splits:
             return
-        records = load_records(self.source)
+        records = load_records(self.source, nonempty=self.required_texts())
+        check_prompt(records, self.task, str(self.source))
+        dups = duplicate_inputs(records, input_key)
+        self.duplicates = len(dups)
+        if dups:
+            log.info("%s: %d of %d records repeat an earlier record's input%s", self.source, len(dups), len(records),
+                     " (dropped: data.drop_duplicates=true)" if self.drop_duplicates else "")
+        if self.drop_duplicates and dups:
+            gone = set(dups)
+            records = [r for i, r in enumerate(records) if i not in gone]
         if self.max_records:
             records = records[: self.max_records]
         if self.overfit:
@@ -247,8 +341,6 @@ class GenPIDataModule(pl.LightningDataModule):
             self.splits = {"train": records, "val": records, "test": []}
         else:
             self.splits = split_records(records, self.val_size, self.test_size, self.seed)
-        self.encoder = RecordEncoder(self.tokenizer, self.task, self.limits, pg_reason=self.pg_reason,
-                                     sft_source=self.sft_source)
 
     def encode(self, records: list[dict[str, Any]], losses: tuple[str, ...]) -> EncodedDataset:
         assert self.encoder is not None
@@ -268,10 +360,39 @@ class GenPIDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self.load()
+        if self.encoder is None:
+            self.encoder = RecordEncoder(self.tokenizer, self.task, self.limits, pg_reason=self.pg_reason,
+                                         sft_source=self.sft_source)
         if "train" not in self.datasets:
             self.datasets["train"] = self.encode(self.splits["train"], self.losses)
             self.datasets["val"] = self.encode(self.splits["val"], tuple(sorted(set(self.losses) | {"kl"})))
             self.encoder.report.log(f"data from {self.source}")
+
+    def check_topk_tokenizer(self) -> None:
+        """Stored top-k ids index the vocabulary of the tokenizer that made them: the data card's tokenizer must
+        be this model's. A dataset without a card (or an older card) cannot be checked: said in the log."""
+        from genpi.data.tokenize import tokenizer_fingerprint
+
+        src = self.source
+        card_path = (src if src.is_dir() else src.parent) / "card.json"
+        made_with = None
+        if card_path.is_file():
+            made_with = json.loads(card_path.read_text()).get("teacher_topk_tokenizer")
+        if made_with is None:
+            log.warning("%s: no data card names the tokenizer of the stored top-k ids; trusting they are this "
+                        "model's", src)
+            return
+        mine = tokenizer_fingerprint(self.tokenizer)
+        if made_with != mine:
+            raise GenpiError(f"the teacher top-k ids in {src} come from another tokenizer (card {made_with}, this "
+                             f"model's {mine}): rerun the synth teacher_logits stage with this model, or set "
+                             "loss.kl.teacher=online")
+
+    def data_report(self) -> dict[str, Any]:
+        """What metrics.json records about the data: its source, duplicates and whether they were dropped."""
+        self.load()
+        return {"data/source": str(self.source), "data/duplicates": self.duplicates,
+                "data/duplicates_dropped": self.duplicates if self.drop_duplicates else 0}
 
     def truncation_counts(self) -> dict[str, int]:
         return self.encoder.report.as_dict() if self.encoder else {}
@@ -282,17 +403,21 @@ class GenPIDataModule(pl.LightningDataModule):
             return trainer.world_size, trainer.global_rank
         return 1, 0
 
-    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, batch_size: int, shuffle: bool, accumulate: int | None = None) -> DataLoader:
         ds = self.datasets[split]
         world, rank = self._world()
         sampler = LengthGroupedBatchSampler(ds.lengths(), batch_size, seed=self.seed, shuffle=shuffle,
                                             group_by_length=self.group_by_length, num_replicas=world, rank=rank,
                                             pad_last=not shuffle)
+        if accumulate is not None:
+            sampler = TokenWindowSampler(sampler, ds, accumulate)
         return DataLoader(ds, batch_sampler=sampler, collate_fn=Collator(self.tokenizer.pad_token_id),
                           num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, shuffle=True)
+        trainer = getattr(self, "trainer", None)
+        accumulate = int(trainer.accumulate_grad_batches) if trainer is not None else 1
+        return self._loader("train", self.batch_size, shuffle=True, accumulate=accumulate)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", self.eval_batch_size, shuffle=False)

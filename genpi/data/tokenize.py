@@ -20,6 +20,7 @@ earlier turns changes when turns are added (a system prompt moved to the last us
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from bisect import bisect_right
 from collections import Counter
@@ -27,12 +28,12 @@ from itertools import accumulate
 from dataclasses import dataclass, field
 from typing import Any
 
+from genpi.constants import IGNORE  # noqa: F401  (re-exported: older imports name it here)
 from genpi.errors import GenpiError
 from genpi.tasks.base import Message, Task
 
 log = logging.getLogger(__name__)
 
-IGNORE = -100
 _SENTINEL = "\u2063GENPI_INPUT\u2063"
 
 PG_INSTRUCTION = (
@@ -41,6 +42,15 @@ PG_INSTRUCTION = (
     "### Input\n{input}\n\n### Answer without instructions\n{student}\n\n### Answer with instructions\n{teacher}"
 )
 PG_REASON_HEADER = "\n\n### Why the instructions change the answer\n"
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of a tokenizer's vocabulary and special tokens: stored top-k token ids mean the same tokens only
+    under the tokenizer with the same fingerprint."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    special = [tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token]
+    blob = json.dumps([vocab, special], ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def render(tokenizer, messages: list[Message], add_generation_prompt: bool = False) -> str:

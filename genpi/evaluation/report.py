@@ -231,6 +231,34 @@ def paper_table(savings: dict[str, Any], task: str, model: str) -> str:
     return "\n".join(lines)
 
 
+def _cell(text: str, limit: int = 300) -> str:
+    """Text for one markdown table cell: newlines as <br>, pipes escaped, cut at ``limit`` characters."""
+    text = text if len(text) <= limit else text[:limit] + " …"
+    return text.replace("|", "\\|").replace("\r", "").replace("\n", "<br>") or "(empty)"
+
+
+def story_section(metrics: dict[str, Any], examples: Sequence[dict[str, Any]]) -> list[str]:
+    """The report's opening: does the student without the prompt behave as the teacher with it? One table
+    (format rate and the KL gap closed, teacher / student / floor) and one held-out input side by side: the first
+    one whose teacher answer passes the format check (the first input if none does)."""
+    rows = [("answers in the task's format", "format_rate", True), ("KL to the teacher per token", "kl_forward", False)]
+    lines = ["## In one table", "",
+             "| | teacher (base + prompt) | student (base + adapter, no prompt) | floor (base, no prompt) | gap closed |",
+             "|---|---|---|---|---|"]
+    for label, key, pct in rows:
+        if key in metrics.get("teacher", {}):
+            lines.append(f"| {label} | " + " | ".join(_fmt(metrics[m].get(key), pct=pct) for m in MODELS)
+                         + f" | {_fmt(metrics['gap_closed'].get(key), pct=True)} |")
+    if examples:
+        ex = next((e for e in examples if e.get("teacher_format_ok")), examples[0])
+        lines += ["", "One held-out input (the first whose teacher answer is in the task's format):", "",
+                  _quote(ex["input"]), "", "| teacher (prompt) | student (adapter, no prompt) | floor (no prompt) |",
+                  "|---|---|---|",
+                  "| " + " | ".join(("✓ " if ex.get(f"{m}_format_ok") else "✗ ") + _cell(ex[m]) for m in MODELS) + " |",
+                  "", "✓ / ✗: the answer passes / fails the task's format check."]
+    return lines + [""]
+
+
 def _quote(text: str, limit: int = 400) -> str:
     text = text if len(text) <= limit else text[:limit] + " …"
     return "\n".join("    " + ln for ln in (text.splitlines() or [""]))
@@ -263,6 +291,7 @@ def write_report(out_dir: str | Path, metrics: dict[str, Any], examples: Sequenc
         "the prompt. Gap closed = (floor - student) / (floor - teacher): 100% = the student matches the teacher, "
         "0% = no better than the floor, negative = worse than the floor; – when the floor equals the teacher.",
         "",
+        *story_section(metrics, examples),
         "## How close the student comes to the teacher",
         "",
         metrics_table(metrics),

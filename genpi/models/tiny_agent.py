@@ -99,27 +99,115 @@ def agent_hash(arch: dict[str, Any], pretrain: dict[str, Any], tasks: dict[str, 
 
 
 def agent_folder(model_cfg: dict[str, Any] | None = None, cache: Path | None = None) -> Path:
-    """Where the tiny_agent of ``model_cfg`` (its ``tiny`` and ``tiny_agent`` keys) is or would be built."""
+    """Where the tiny_agent of ``model_cfg`` (its ``tiny`` and ``tiny_agent`` keys) is or would be: the shipped
+    weights' folder (``tiny_agent-w<sha>``) when :func:`shipped_weights` applies, else a local pre-training's
+    (``tiny_agent-<content hash>``). Builds at most the tiny base (seconds) to compare tokenizers."""
     cfg = dict(model_cfg or {})
-    digest = agent_hash(arch_config(cfg.get("tiny")), pretrain_config(cfg.get("tiny_agent")))
-    return (Path(cache).expanduser() if cache else cache_dir()) / "models" / f"tiny_agent-{digest}"
+    arch, pretrain = arch_config(cfg.get("tiny")), pretrain_config(cfg.get("tiny_agent"))
+    root = (Path(cache).expanduser() if cache else cache_dir()) / "models"
+    record, _why = shipped_weights(arch, pretrain, build_tiny(cfg.get("tiny"), cache))
+    if record is not None:
+        return root / f"tiny_agent-w{record['weights_sha256'][:12]}"
+    return root / f"tiny_agent-{agent_hash(arch, pretrain)}"
+
+
+# -- the shipped weights ----------------------------------------------------------------------------
+# Pre-training takes about 9 minutes on a 2-core CPU, too long for a first `make demo`. The weights it produced are
+# therefore shipped in the package (7 MB), with a record of what made them; `python -m genpi.models.tiny_agent build
+# --write-artifact` (`make tiny-agent`) reproduces them. They are used only when the record matches the requested
+# architecture and pre-training settings and the tokenizer built here is byte-identical to the one they were trained
+# with; their SHA-256 is checked on every load. Otherwise the model is pre-trained here as before.
+
+ARTIFACT_DIR = Path(__file__).resolve().parent / "artifacts"
+ARTIFACT_WEIGHTS = ARTIFACT_DIR / "tiny_agent.safetensors"
+ARTIFACT_RECORD = ARTIFACT_DIR / "tiny_agent.json"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def tokenizer_sha256(model_folder: Path) -> str:
+    """The SHA-256 of a model folder's ``tokenizer.json``: what the shipped weights' token ids mean."""
+    return _sha256(Path(model_folder) / "tokenizer.json")
+
+
+def shipped_weights(arch: dict[str, Any], pretrain: dict[str, Any], base: Path) -> tuple[dict[str, Any] | None, str]:
+    """The shipped weights' record if they apply to this request, else ``(None, why not)``."""
+    if not ARTIFACT_RECORD.is_file() or not ARTIFACT_WEIGHTS.is_file():
+        return None, f"no shipped weights in {ARTIFACT_DIR}"
+    record = json.loads(ARTIFACT_RECORD.read_text())
+    if record.get("builder") != BUILDER_VERSION:
+        return None, f"the shipped weights are of builder {record.get('builder')}, this is {BUILDER_VERSION}"
+    if record.get("arch") != arch or record.get("pretrain") != pretrain:
+        return None, "model.tiny / model.tiny_agent differ from the settings the shipped weights were trained with"
+    if record.get("tokenizer_sha256") != tokenizer_sha256(base):
+        return None, "the tokenizer built here differs from the one the shipped weights were trained with"
+    return record, ""
+
+
+def _assemble_shipped(tmp: Path, base: Path, record: dict[str, Any]) -> None:
+    """A tiny_agent folder from the base's config and tokenizer files and the shipped weights."""
+    import shutil
+
+    for f in base.iterdir():
+        if f.name not in ("model.safetensors", "genpi_tiny.json"):
+            shutil.copy2(f, tmp / f.name)
+    shutil.copy2(ARTIFACT_WEIGHTS, tmp / "model.safetensors")
+    if _sha256(tmp / "model.safetensors") != record["weights_sha256"]:
+        raise GenpiError(f"{ARTIFACT_WEIGHTS} changed while it was copied: retry")
+    (tmp / MARKER).write_text(json.dumps({**record, "name": tmp.name, "source": "shipped"}, indent=2) + "\n")
 
 
 def build_tiny_agent(model_cfg: dict[str, Any] | None = None, cache: Path | None = None,
-                     log: Callable[[str], None] | None = print) -> Path:
-    """The tiny_agent folder (weights, tokenizer, generation config, ``genpi_tiny_agent.json``), pre-trained on
-    first use (a few minutes; a second process waits for the first instead of training too)."""
+                     log: Callable[[str], None] | None = print, use_shipped: bool = True) -> Path:
+    """The tiny_agent folder (weights, tokenizer, generation config, ``genpi_tiny_agent.json``): the shipped
+    weights when they apply (SHA-256 checked), else pre-trained here on first use (about 9 minutes on 2 cores; a
+    second process waits for the first instead of training too)."""
     cfg = dict(model_cfg or {})
     arch, pretrain = arch_config(cfg.get("tiny")), pretrain_config(cfg.get("tiny_agent"))
-    folder = agent_folder(cfg, cache)
+    say = log or (lambda _msg: None)
+    base = build_tiny(cfg.get("tiny"), cache)
+    root = (Path(cache).expanduser() if cache else cache_dir()) / "models"
+    record, why = shipped_weights(arch, pretrain, base) if use_shipped else (None, "use_shipped=False")
+    if record is not None:
+        if _sha256(ARTIFACT_WEIGHTS) != record["weights_sha256"]:
+            record, why = None, f"{ARTIFACT_WEIGHTS.name} does not match the SHA-256 in {ARTIFACT_RECORD.name}"
+    if record is not None:
+        folder = root / f"tiny_agent-w{record['weights_sha256'][:12]}"
+        if is_built(folder, MARKER) and _sha256(folder / "model.safetensors") == record["weights_sha256"]:
+            return folder
+        if is_built(folder, MARKER):  # the cached copy was altered: rebuild it from the shipped file
+            import shutil
+
+            shutil.rmtree(folder, ignore_errors=True)
+        return build_once(folder, lambda tmp: _assemble_shipped(tmp, base, record), marker=MARKER, lock=True)
+    folder = root / f"tiny_agent-{agent_hash(arch, pretrain)}"
     if is_built(folder, MARKER):
         return folder
-    base = build_tiny(cfg.get("tiny"), cache)
-    say = log or (lambda _msg: None)
-    say(f"genpi: pre-training the tiny_agent model once ({pretrain['steps']} steps, a few minutes); "
-        f"it is cached at {folder}")
+    say(f"genpi: pre-training the tiny_agent model here ({why}): {pretrain['steps']} steps, about 9 minutes "
+        f"on 2 cores, once; it is cached at {folder}")
     return build_once(folder, lambda tmp: _pretrain_into(tmp, base, arch, pretrain, folder.name, say),
                       marker=MARKER, lock=True)
+
+
+def write_artifact(model_cfg: dict[str, Any] | None = None, cache: Path | None = None,
+                   log: Callable[[str], None] | None = print) -> dict[str, Any]:
+    """Pre-train here (never the shipped weights) and write the result as the shipped artifact and its record."""
+    import shutil
+
+    cfg = dict(model_cfg or {})
+    folder = build_tiny_agent(cfg, cache, log, use_shipped=False)
+    card = read_card(folder)
+    base = build_tiny(cfg.get("tiny"), cache)
+    ARTIFACT_DIR.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(folder / "model.safetensors", ARTIFACT_WEIGHTS)
+    record = {key: card[key] for key in ("builder", "arch", "pretrain", "weights_sha256", "seconds", "loss_first",
+                                         "loss_last", "format_rates", "parameters")}
+    record["tokenizer_sha256"] = tokenizer_sha256(base)
+    record["versions"] = {lib: _lib_version(lib) for lib in ("torch", "transformers", "tokenizers", "safetensors")}
+    ARTIFACT_RECORD.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return record
 
 
 # -- the corpus ----------------------------------------------------------------------------------
@@ -287,3 +375,25 @@ def format_rates(model, tokenizer, tasks: dict[str, Any], n_inputs: int, max_tok
 def read_card(folder: Path) -> dict[str, Any]:
     """The build record (``genpi_tiny_agent.json``) of a tiny_agent folder."""
     return json.loads((Path(folder) / MARKER).read_text())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m genpi.models.tiny_agent build [--write-artifact]``: build (or reuse) the model; with
+    ``--write-artifact``, pre-train here and replace the shipped weights and their record."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m genpi.models.tiny_agent", description=main.__doc__)
+    ap.add_argument("command", choices=["build"])
+    ap.add_argument("--write-artifact", action="store_true",
+                    help="pre-train here and write genpi/models/artifacts/tiny_agent.{safetensors,json}")
+    args = ap.parse_args(argv)
+    if args.write_artifact:
+        record = write_artifact()
+        print(f"wrote {ARTIFACT_WEIGHTS} (sha256 {record['weights_sha256']}) and {ARTIFACT_RECORD}")
+        print(json.dumps(record["format_rates"], indent=1))
+    else:
+        print(build_tiny_agent())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,26 +1,26 @@
 """Client for any OpenAI-compatible server (vLLM's server, SGLang, OpenAI itself).
 
-Requests run in a bounded thread pool; each one is retried with exponential backoff and jitter on
-429, 408/409, 5xx, timeouts and connection errors. The API key comes from the environment variable
-named in the config and is never logged or written anywhere.
+Requests run in a bounded thread pool. Retries are the OpenAI SDK's own (exponential backoff with jitter, the
+server's ``Retry-After`` honoured, on 408/409/429, 5xx, timeouts and refused connections); what is left after them
+ends in one clear error. The API key comes from the environment variable named in the config and is never logged
+or written anywhere; a credential inside ``base_url`` (``http://user:secret@host/v1``) is masked wherever the URL
+is shown (:func:`genpi.redact.mask_url`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import random
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from genpi.errors import GenpiError
+from genpi.redact import mask_url
 from genpi.synthesis.clients.base import ChatClient, Message, Sampling, TopK
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-RETRY_STATUS = {408, 409, 429}
 
 
 class OpenAIClient(ChatClient):
@@ -33,8 +33,8 @@ class OpenAIClient(ChatClient):
             (local servers accept any).
         max_concurrency: requests in flight at once.
         timeout: seconds per request before it counts as a (retryable) timeout.
-        max_retries: retries per request after the first try.
-        backoff: first retry delay in seconds, doubled on each retry (with jitter), capped at ``backoff_max``.
+        max_retries: retries per request after the first try (the SDK's; its delays start at 0.5 s and double up
+            to 8 s, or follow the server's ``Retry-After``).
     """
 
     name = "openai"
@@ -47,47 +47,32 @@ class OpenAIClient(ChatClient):
         max_concurrency: int = 8,
         timeout: float = 120.0,
         max_retries: int = 5,
-        backoff: float = 1.0,
-        backoff_max: float = 30.0,
     ):
         import openai
 
         if not model:
             raise GenpiError("synth client openai needs a model name: set synth.clients.openai.model or model.name_or_path")
-        self.base_url = base_url
+        self.base_url = mask_url(base_url)  # what is shown; the client alone holds the URL as given
         self.model = model
         self.max_concurrency = max(1, int(max_concurrency))
         self.max_retries = max(0, int(max_retries))
-        self.backoff = float(backoff)
-        self.backoff_max = float(backoff_max)
-        # The SDK's own retries are off: ours count every failure kind the same way and end in one clear error.
-        self.client = openai.OpenAI(
-            base_url=base_url, api_key=os.environ.get(api_key_env) or "EMPTY", timeout=float(timeout), max_retries=0
-        )
+        self.client = openai.OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env) or "EMPTY",
+                                    timeout=float(timeout), max_retries=self.max_retries)
 
-    # -- retries ---------------------------------------------------------------------------
+    # -- errors left after the SDK's retries ----------------------------------------------------
     def _retrying(self, call: Callable[[], T]) -> T:
         import openai
 
-        last: Exception | None = None
-        for attempt in range(self.max_retries + 1):
-            try:
-                return call()
-            except (openai.APIConnectionError, openai.APITimeoutError) as err:  # includes timeouts
-                last, wait = err, None
-            except openai.APIStatusError as err:
-                if err.status_code not in RETRY_STATUS and err.status_code < 500:
-                    raise GenpiError(
-                        f"server {self.base_url} refused the request with HTTP {err.status_code}: {_short(err)}"
-                    ) from None
-                last, wait = err, _retry_after(err)
-            if attempt < self.max_retries:
-                delay = min(self.backoff_max, self.backoff * 2**attempt) * (0.5 + random.random() / 2)
-                if wait is not None:
-                    delay = min(self.backoff_max, max(delay, wait))
-                log.warning("request to %s failed (%s); retry %d/%d in %.1fs", self.base_url, _short(last),
-                            attempt + 1, self.max_retries, delay)
-                time.sleep(delay)
+        try:
+            return call()
+        except (openai.APIConnectionError, openai.APITimeoutError) as err:  # includes timeouts
+            last: Exception = err
+        except openai.APIStatusError as err:
+            if err.status_code not in (408, 409, 429) and err.status_code < 500:  # the SDK retries none of these
+                raise GenpiError(
+                    f"server {self.base_url} refused the request with HTTP {err.status_code}: {_short(err)}"
+                ) from None
+            last = err
         raise GenpiError(
             f"server {self.base_url} failed after {self.max_retries + 1} tries ({_short(last)}): start it, or set "
             "synth.clients.openai.base_url to a running OpenAI-compatible server"
@@ -152,14 +137,6 @@ class OpenAIClient(ChatClient):
         self.client.close()
 
 
-def _retry_after(err: Any) -> float | None:
-    try:
-        value = err.response.headers.get("retry-after")
-        return float(value) if value is not None else None
-    except (AttributeError, TypeError, ValueError):
-        return None
-
-
 def _short(err: Exception | None) -> str:
     text = str(err).splitlines()[0] if err is not None and str(err) else type(err).__name__
-    return text[:200]
+    return mask_url(text)[:200]
