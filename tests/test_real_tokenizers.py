@@ -418,13 +418,12 @@ def test_export_loads_in_vllm_and_answers_like_transformers(name, trained_runs, 
     import torch
     from peft import PeftModel
 
+    import genpi.export  # noqa: F401  (registers the export config's resolvers)
     from genpi.data.tokenize import student_prefix_ids
     from genpi.evaluation.generation import hf_generate
     from genpi.export import export
     from genpi.models.factory import load_model, resolve_model_path
     from genpi.synthesis.clients.base import end_of_turn_ids
-
-    import genpi.export  # noqa: F401,I001  (registers the export config's resolvers)
 
     tok = real_tokenizers[name]
     folders = export(compose_cfg("export", [f"model={name}", f"run_dir={trained_runs[name]}", "export.merged=true"],
@@ -497,3 +496,11 @@ def test_real_vocabulary_sizes_come_from_the_packages_files():
     sizes = vocab_sizes()
     assert sizes["tiny_llama3_vocab"] == 128_256 and sizes["tiny_llama4_vocab"] == 202_048
     assert sizes["tiny_mistral_vocab"] == 32_768
+
+
+@pytest.mark.parametrize("option", FAMILIES + ["tiny_llama4_vocab"])
+def test_model_options_pass_the_schema_check(tmp_path, option):
+    from genpi import schema
+
+    spec = schema.check(compose_cfg("train", [f"model={option}"], tmp_path), "train")
+    assert spec.model.name_or_path == option
