@@ -360,18 +360,23 @@ def vllm_env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def trained_runs(tmp_path_factory) -> dict[str, Path]:
-    """A 2-step KL run per model, whose adapter moved (a high learning rate), for evaluation and export."""
+def trained_runs(tmp_path_factory):
+    """``trained_runs(name)``: a 2-step KL run of that model, whose adapter moved (a high learning rate), for
+    evaluation and export; trained on first use, once per module."""
     from genpi.train import train
 
-    runs = {}
-    for name in FAMILIES:
-        out = train(compose_cfg("train", [f"model={name}", "loss=kl", "trainer.max_steps=2", "trainer.max_epochs=1",
-                                          "data.max_records=24", "data.batch_size=4", "optim.lr=5e-2",
-                                          "validate_before_fit=false", "logger=csv"],
-                                tmp_path_factory.mktemp(f"train-{name}")))
-        runs[name] = Path(out["run_dir"])
-    return runs
+    runs: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in runs:
+            out = train(compose_cfg("train", [f"model={name}", "loss=kl", "trainer.max_steps=2", "trainer.max_epochs=1",
+                                              "data.max_records=24", "data.batch_size=4", "optim.lr=5e-2",
+                                              "validate_before_fit=false", "logger=csv"],
+                                    tmp_path_factory.mktemp(f"train-{name}")))
+            runs[name] = Path(out["run_dir"])
+        return runs[name]
+
+    return get
 
 
 @pytest.mark.slow
@@ -379,7 +384,7 @@ def trained_runs(tmp_path_factory) -> dict[str, Path]:
 def test_evaluation_runs_on_the_real_vocabulary(name, trained_runs, tmp_path):
     from genpi.evaluate import run_evaluation
 
-    cfg = compose_cfg("eval", [f"model={name}", f"run_dir={trained_runs[name]}", "eval.engine=hf",
+    cfg = compose_cfg("eval", [f"model={name}", f"run_dir={trained_runs(name)}", "eval.engine=hf",
                                "eval.max_new_tokens=8", "eval.savings.new_tokens=4", "eval.savings.requests=1",
                                "eval.savings.repeats=1"], tmp_path)
     metrics = json.loads((Path(run_evaluation(cfg)).parent / "metrics.json").read_text())
@@ -426,13 +431,13 @@ def test_export_loads_in_vllm_and_answers_like_transformers(name, trained_runs, 
     from genpi.synthesis.clients.base import end_of_turn_ids
 
     tok = real_tokenizers[name]
-    folders = export(compose_cfg("export", [f"model={name}", f"run_dir={trained_runs[name]}", "export.merged=true"],
+    folders = export(compose_cfg("export", [f"model={name}", f"run_dir={trained_runs(name)}", "export.merged=true"],
                                  tmp_path))
     task = builtin_task("os")
     prompts = [student_prefix_ids(tok, task, x) for x in ["How many files are in /etc?", "Who is logged in?"]]
     torch.manual_seed(0)
     model = PeftModel.from_pretrained(load_model({"name_or_path": name}, for_training=False),
-                                      str(trained_runs[name] / "adapter")).eval()
+                                      str(trained_runs(name) / "adapter")).eval()
     want = hf_generate(model, prompts, 12, end_of_turn_ids(tok), tok.pad_token_id)
     (tmp_path / "prompts.json").write_text(json.dumps(prompts))
     script = tmp_path / "run_vllm.py"
