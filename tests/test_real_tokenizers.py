@@ -509,3 +509,26 @@ def test_model_options_pass_the_schema_check(tmp_path, option):
 
     spec = schema.check(compose_cfg("train", [f"model={option}"], tmp_path), "train")
     assert spec.model.name_or_path == option
+
+
+def test_loss_memory_at_a_real_vocabulary_uses_the_models_head_and_agrees_chunked():
+    from genpi.models.real_vocab import loss_memory_child
+
+    chunked = loss_memory_child("tiny_mistral_vocab", "chunked", 48, 16)
+    full = loss_memory_child("tiny_mistral_vocab", "unchunked", 48, 16)
+    assert chunked["vocab"] == full["vocab"] == 32_768 and chunked["hidden"] == 64
+    for key in ("kl", "ce", "grad_norm"):
+        assert chunked[key] == pytest.approx(full[key], rel=1e-4), key
+    assert full["ce"] > 5  # a random model over 32k ids: near log(32768) = 10.4, not a degenerate 0
+
+
+@pytest.mark.slow
+def test_genpi_bench_reports_memory_at_the_real_vocabulary(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "genpi.bench", "--skip", "training", "memory", "topk", "roleswap",
+                           "--real-vocab-models", "tiny_mistral_vocab", "--real-vocab-tokens", "64", "--chunk", "16",
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(out.read_text())["real_vocab_memory"]["models"]["tiny_mistral_vocab"]
+    assert row["unchunked"]["vocab"] == 32_768 and row["max_value_diff"] < 1e-3
+    assert row["unchunked"]["delta_mb"] > 0 and row["chunked"]["delta_mb"] >= 0

@@ -395,6 +395,7 @@ def loss_memory_child(name: str, mode: str, n_tokens: int, chunk: int) -> dict[s
     with torch.no_grad():
         hidden = model.model(input_ids=torch.tensor([ids[:-1]])).last_hidden_state[0]
     weight = model.lm_head.weight.detach()
+    torch.manual_seed(0)  # the same student in both modes, so their values can be compared
     student = (hidden + 0.01 * torch.randn_like(hidden)).requires_grad_(True)
     targets = torch.tensor(ids[1:])
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
