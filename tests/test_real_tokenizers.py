@@ -360,18 +360,23 @@ def vllm_env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def trained_runs(tmp_path_factory) -> dict[str, Path]:
-    """A 2-step KL run per model, whose adapter moved (a high learning rate), for evaluation and export."""
+def trained_runs(tmp_path_factory):
+    """``trained_runs(name)``: a 2-step KL run of that model, whose adapter moved (a high learning rate), for
+    evaluation and export; trained on first use, once per module."""
     from genpi.train import train
 
-    runs = {}
-    for name in FAMILIES:
-        out = train(compose_cfg("train", [f"model={name}", "loss=kl", "trainer.max_steps=2", "trainer.max_epochs=1",
-                                          "data.max_records=24", "data.batch_size=4", "optim.lr=5e-2",
-                                          "validate_before_fit=false", "logger=csv"],
-                                tmp_path_factory.mktemp(f"train-{name}")))
-        runs[name] = Path(out["run_dir"])
-    return runs
+    runs: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in runs:
+            out = train(compose_cfg("train", [f"model={name}", "loss=kl", "trainer.max_steps=2", "trainer.max_epochs=1",
+                                              "data.max_records=24", "data.batch_size=4", "optim.lr=5e-2",
+                                              "validate_before_fit=false", "logger=csv"],
+                                    tmp_path_factory.mktemp(f"train-{name}")))
+            runs[name] = Path(out["run_dir"])
+        return runs[name]
+
+    return get
 
 
 @pytest.mark.slow
@@ -379,7 +384,7 @@ def trained_runs(tmp_path_factory) -> dict[str, Path]:
 def test_evaluation_runs_on_the_real_vocabulary(name, trained_runs, tmp_path):
     from genpi.evaluate import run_evaluation
 
-    cfg = compose_cfg("eval", [f"model={name}", f"run_dir={trained_runs[name]}", "eval.engine=hf",
+    cfg = compose_cfg("eval", [f"model={name}", f"run_dir={trained_runs(name)}", "eval.engine=hf",
                                "eval.max_new_tokens=8", "eval.savings.new_tokens=4", "eval.savings.requests=1",
                                "eval.savings.repeats=1"], tmp_path)
     metrics = json.loads((Path(run_evaluation(cfg)).parent / "metrics.json").read_text())
@@ -418,22 +423,21 @@ def test_export_loads_in_vllm_and_answers_like_transformers(name, trained_runs, 
     import torch
     from peft import PeftModel
 
+    import genpi.export  # noqa: F401  (registers the export config's resolvers)
     from genpi.data.tokenize import student_prefix_ids
     from genpi.evaluation.generation import hf_generate
     from genpi.export import export
     from genpi.models.factory import load_model, resolve_model_path
     from genpi.synthesis.clients.base import end_of_turn_ids
 
-    import genpi.export  # noqa: F401,I001  (registers the export config's resolvers)
-
     tok = real_tokenizers[name]
-    folders = export(compose_cfg("export", [f"model={name}", f"run_dir={trained_runs[name]}", "export.merged=true"],
+    folders = export(compose_cfg("export", [f"model={name}", f"run_dir={trained_runs(name)}", "export.merged=true"],
                                  tmp_path))
     task = builtin_task("os")
     prompts = [student_prefix_ids(tok, task, x) for x in ["How many files are in /etc?", "Who is logged in?"]]
     torch.manual_seed(0)
     model = PeftModel.from_pretrained(load_model({"name_or_path": name}, for_training=False),
-                                      str(trained_runs[name] / "adapter")).eval()
+                                      str(trained_runs(name) / "adapter")).eval()
     want = hf_generate(model, prompts, 12, end_of_turn_ids(tok), tok.pad_token_id)
     (tmp_path / "prompts.json").write_text(json.dumps(prompts))
     script = tmp_path / "run_vllm.py"
@@ -497,3 +501,34 @@ def test_real_vocabulary_sizes_come_from_the_packages_files():
     sizes = vocab_sizes()
     assert sizes["tiny_llama3_vocab"] == 128_256 and sizes["tiny_llama4_vocab"] == 202_048
     assert sizes["tiny_mistral_vocab"] == 32_768
+
+
+@pytest.mark.parametrize("option", FAMILIES + ["tiny_llama4_vocab"])
+def test_model_options_pass_the_schema_check(tmp_path, option):
+    from genpi import schema
+
+    spec = schema.check(compose_cfg("train", [f"model={option}"], tmp_path), "train")
+    assert spec.model.name_or_path == option
+
+
+def test_loss_memory_at_a_real_vocabulary_uses_the_models_head_and_agrees_chunked():
+    from genpi.models.real_vocab import loss_memory_child
+
+    chunked = loss_memory_child("tiny_mistral_vocab", "chunked", 48, 16)
+    full = loss_memory_child("tiny_mistral_vocab", "unchunked", 48, 16)
+    assert chunked["vocab"] == full["vocab"] == 32_768 and chunked["hidden"] == 64
+    for key in ("kl", "ce", "grad_norm"):
+        assert chunked[key] == pytest.approx(full[key], rel=1e-4), key
+    assert full["ce"] > 5  # a random model over 32k ids: near log(32768) = 10.4, not a degenerate 0
+
+
+@pytest.mark.slow
+def test_genpi_bench_reports_memory_at_the_real_vocabulary(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "genpi.bench", "--skip", "training", "memory", "topk", "roleswap",
+                           "--real-vocab-models", "tiny_mistral_vocab", "--real-vocab-tokens", "64", "--chunk", "16",
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(out.read_text())["real_vocab_memory"]["models"]["tiny_mistral_vocab"]
+    assert row["unchunked"]["vocab"] == 32_768 and row["max_value_diff"] < 1e-3
+    assert row["unchunked"]["delta_mb"] > 0 and row["chunked"]["delta_mb"] >= 0

@@ -24,8 +24,8 @@ import json
 import logging
 from bisect import bisect_right
 from collections import Counter
-from itertools import accumulate
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any
 
 from genpi.constants import IGNORE  # noqa: F401  (re-exported: older imports name it here)

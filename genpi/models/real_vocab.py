@@ -395,6 +395,7 @@ def loss_memory_child(name: str, mode: str, n_tokens: int, chunk: int) -> dict[s
     with torch.no_grad():
         hidden = model.model(input_ids=torch.tensor([ids[:-1]])).last_hidden_state[0]
     weight = model.lm_head.weight.detach()
+    torch.manual_seed(0)  # the same student in both modes, so their values can be compared
     student = (hidden + 0.01 * torch.randn_like(hidden)).requires_grad_(True)
     targets = torch.tensor(ids[1:])
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -435,3 +436,65 @@ def bench_memory(models: list[str], n_tokens: int, chunk: int) -> dict[str, Any]
             row["max_value_diff"] = max(abs(row["unchunked"][k] - row["chunked"][k]) for k in ("kl", "ce"))
         out["models"][name] = row
     return out
+
+
+def describe(names: list[str] | None = None) -> list[dict[str, Any]]:
+    """One row per family: its tokenizer file and package version, vocabulary, parameters, build seconds (0 when
+    it was cached), and each built-in task's teacher prompt in its tokens (the shared prefix the teacher caches,
+    which :func:`genpi.data.tokenize.teacher_prompt` may stop a few tokens early)."""
+    import time
+
+    from genpi.data.tokenize import render, teacher_prompt
+    from genpi.models.factory import load_tokenizer
+    from genpi.tasks import TASK_NAMES
+    from genpi.tasks.base import builtin_task
+
+    rows = []
+    for name in names or list(FAMILIES):
+        fam = family(name)
+        start = time.perf_counter()
+        folder = build_real_vocab(name)
+        built_s = time.perf_counter() - start
+        meta = json.loads((folder / MARKER).read_text())
+        tok = load_tokenizer({"name_or_path": name})
+        prompts = {}
+        for task_name in TASK_NAMES:
+            task = builtin_task(task_name)
+            prompt = teacher_prompt(tok, task)
+            whole = render(tok, task.teacher_messages("\u2063"), add_generation_prompt=True).split("\u2063")[0]
+            prompts[task_name] = {"shared_prefix_tokens": len(prompt.ids),
+                                  "prompt_tokens": len(tok(whole, add_special_tokens=False)["input_ids"])}
+        rows.append({"model": name, "tokenizer": f"{fam.package}=={meta['package_version']}:{fam.file}",
+                     "vocab_size": meta["vocab_size"], "parameters": meta["parameters"],
+                     "build_seconds": round(built_s, 1), "end_of_turn": fam.eos, "prompts": prompts})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m genpi.models.real_vocab [--out DIR] [names...]``: build the models and write their table."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("names", nargs="*", default=list(FAMILIES))
+    ap.add_argument("--out", default=None, help="folder for tokenizers.json and tokenizers.md")
+    args = ap.parse_args(argv)
+    rows = describe(args.names)
+    tasks = list(rows[0]["prompts"]) if rows else []
+    lines = ["| model | tokenizer file | ids | parameters | end of turn | "
+             + " | ".join(f"{t} prompt (shared prefix)" for t in tasks) + " |",
+             "| --- | --- | ---: | ---: | --- | " + " | ".join("---:" for _ in tasks) + " |"]
+    for r in rows:
+        cells = [f"{r['prompts'][t]['prompt_tokens']} ({r['prompts'][t]['shared_prefix_tokens']})" for t in tasks]
+        lines.append(f"| {r['model']} | {r['tokenizer']} | {r['vocab_size']:,} | {r['parameters']:,} | "
+                     f"`{r['end_of_turn']}` | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "tokenizers.json").write_text(json.dumps(rows, indent=2) + "\n")
+        (out / "tokenizers.md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
