@@ -201,7 +201,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             if hasattr(lg, "log_metrics"):
                 lg.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)},
                                step=trainer.global_step)
-        log.info("metrics: %s", metrics_path)
+        if rank_zero:
+            log.info("metrics: %s", metrics_path)
     return {"metrics": metrics, "run_dir": run_dir, "trainer": trainer, "module": module, "datamodule": datamodule,
             "task": task, "tokenizer": tokenizer}
 
