@@ -186,7 +186,10 @@ def setup_script(tmpfs_mb: int, workdir: str, privileged: bool = True) -> str:
     attrs: dict[tuple[int, int, int], list[str]] = {}
     for rel in [top for top in OVERLAID] + parents:
         top, _, rest = rel.partition("/")
-        st = os.stat(f"/{rel}")
+        try:
+            st = os.stat(f"/{rel}")
+        except OSError:
+            continue
         attrs.setdefault((st.st_mode & 0o7777, st.st_uid, st.st_gid), []).append(
             f"$L/{top}/upper" + (f"/{q(rest)}" if rest else ""))
     for (mode, uid, gid), paths in attrs.items():
