@@ -244,11 +244,11 @@ def test_no_network(sandbox):
     try:
         with sandbox.open() as shell:
             probe = ("import socket\n"
-                     "for addr in [('127.0.0.1', %d), ('1.1.1.1', 53), ('8.8.8.8', 443)]:\n"
+                     f"for addr in [('127.0.0.1', {port}), ('1.1.1.1', 53), ('8.8.8.8', 443)]:\n"
                      "    try:\n"
                      "        socket.create_connection(addr, 2); print('reached', addr)\n"
                      "    except OSError as err:\n"
-                     "        print('unreachable', addr[0])\n") % port
+                     "        print('unreachable', addr[0])\n")
             result = shell.run(f"python3 -c {shlex_quote(probe)}; ls /sys/class/net")
             assert "reached" not in result.output
             assert result.output.count("unreachable") == 3 and result.output.endswith("lo\n")
