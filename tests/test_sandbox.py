@@ -133,10 +133,12 @@ def test_scripts_run_in_the_same_machine(sandbox):
 @pytest.mark.slow  # about 30 s: rm leaves a whiteout in the overlay for each of the host's ~140k files under /usr
 def test_rm_rf_root_leaves_host_untouched(sandbox, confined):
     with sandbox.open() as shell:
-        result = shell.run("rm -rf --no-preserve-root / 2>/dev/null; echo done", timeout=60)
-        assert result.output.endswith("done\n") and result.exit_code == 0 and not result.timed_out
-        # The machine itself is wiped (the shell lives on in memory: builtins only).
-        assert shell.run("[ -e /usr/bin/bash ] || [ -e /etc/passwd ] || echo wiped").output == "wiped\n"
+        result = shell.run("rm -rf --no-preserve-root / 2>/dev/null; echo done", timeout=110)
+        # About 30 s on an idle 2-core machine; on a saturated one the episode's limit may end it first.
+        completed = result.exit_code == 0 and result.output.endswith("done\n") and not result.timed_out
+        assert completed or (result.timed_out and result.exit_code is None)
+        if completed:  # the machine itself is wiped (the shell lives on in memory: builtins only)
+            assert shell.run("[ -e /usr/bin/bash ] || [ -e /etc/passwd ] || echo wiped").output == "wiped\n"
     assert_host_untouched(confined)
     assert Path("/usr/bin/bash").exists() and Path("/root").is_dir()
 
@@ -215,6 +217,11 @@ def test_environment_is_clean_and_secrets_masked(sandbox, monkeypatch):
         names = {line.split("=", 1)[0] for line in shell.run("env").output.splitlines()}
         assert names <= {"PATH", "HOME", "USER", "LOGNAME", "SHELL", "TERM", "LANG", "HOSTNAME", "PWD", "SHLVL", "_",
                          "OLDPWD"}
+        from genpi.environments.sandbox.local import hidden_entries
+
+        hidden = " ".join(f"/{rel}" for rel in hidden_entries())  # what the host keeps from other users
+        if hidden:
+            assert shell.run(f"ls -d {hidden} 2>/dev/null | wc -l").output == "0\n"
         hashes = shell.run("cut -d: -f2 /etc/shadow /etc/gshadow | sort -u").output.split()
         assert set(hashes) <= {"*", "!", "!*", ""}, "password hashes are visible"
         assert shell.run("ls -A /root").output.split() == sorted(os.listdir("/etc/skel"))
@@ -237,11 +244,11 @@ def test_no_network(sandbox):
     try:
         with sandbox.open() as shell:
             probe = ("import socket\n"
-                     "for addr in [('127.0.0.1', %d), ('1.1.1.1', 53), ('8.8.8.8', 443)]:\n"
+                     f"for addr in [('127.0.0.1', {port}), ('1.1.1.1', 53), ('8.8.8.8', 443)]:\n"
                      "    try:\n"
                      "        socket.create_connection(addr, 2); print('reached', addr)\n"
                      "    except OSError as err:\n"
-                     "        print('unreachable', addr[0])\n") % port
+                     "        print('unreachable', addr[0])\n")
             result = shell.run(f"python3 -c {shlex_quote(probe)}; ls /sys/class/net")
             assert "reached" not in result.output
             assert result.output.count("unreachable") == 3 and result.output.endswith("lo\n")

@@ -168,27 +168,50 @@ def setup_script(tmpfs_mb: int, workdir: str, privileged: bool = True) -> str:
         "mount --bind $R $R",
     ]
     overlaid = OVERLAID if privileged else tuple(t for t in OVERLAID if t != "etc")
-    for top in OVERLAID:
-        lines += [f"mkdir -p $L/{top}/upper $L/{top}/work $R/{top}",
-                  f"chmod --reference=/{top} $L/{top}/upper; chown --reference=/{top} $L/{top}/upper || true"]
+    # Few processes: each costs milliseconds, and a busy machine multiplies that by the number of episodes.
+    hidden = hidden_entries()
+    whiteouts = [rel for rel in hidden if privileged or not rel.startswith("etc/")]
+    parents = set()  # directories (relative to /) that the whiteouts need in the upper layers, ancestors too
+    for rel in whiteouts:
+        parent = os.path.dirname(rel)
+        while "/" in parent:
+            parents.add(parent)
+            parent = os.path.dirname(parent)
+    parents = sorted(parents)
+    made = [f"$L/{top}/upper" for top in OVERLAID] + [f"$L/{top}/work" for top in OVERLAID]
+    made += [f"$R/{top}" for top in OVERLAID + FRESH + ("proc", "dev", "sys")]
+    made += [f"$L/{q(rel.partition('/')[0])}/upper/{q(rel.partition('/')[2])}" for rel in parents]
+    lines.append("mkdir -p " + " ".join(made))
+    # Directories made in the upper layers take the mode (and, where ids are mapped, the owner) of the host's.
+    attrs: dict[tuple[int, int, int], list[str]] = {}
+    for rel in [top for top in OVERLAID] + parents:
+        top, _, rest = rel.partition("/")
+        try:
+            st = os.stat(f"/{rel}")
+        except OSError:
+            continue
+        attrs.setdefault((st.st_mode & 0o7777, st.st_uid, st.st_gid), []).append(
+            f"$L/{top}/upper" + (f"/{q(rest)}" if rest else ""))
+    for (mode, uid, gid), paths in attrs.items():
+        lines.append(f"chmod {mode:o} " + " ".join(paths))
+        if privileged:
+            lines.append(f"chown {uid}:{gid} " + " ".join(paths))
     if not privileged:
         # The copy lands in the upper layer's place (no overlay is mounted for /etc); unreadable entries stay out.
         lines.append("cp -R --no-dereference --preserve=mode,timestamps,links /etc/. $L/etc/upper/ 2>/dev/null || true")
         lines.append("mount --bind $L/etc/upper $R/etc")
-    for rel in hidden_entries():
-        top, _, rest = rel.partition("/")
-        if not privileged and top == "etc":
-            lines.append(f"rm -rf $L/etc/upper/{q(rest)}")
-            continue
-        parent = os.path.dirname(rest)
-        if parent:
-            lines.append(f"mkdir -p $L/{top}/upper/{q(parent)}")
-        lines.append(f"mknod $L/{top}/upper/{q(rest)} c 0 0")  # an overlay whiteout: the entry does not exist inside
+        hidden_etc = [q(rel.partition("/")[2]) for rel in hidden if rel.startswith("etc/")]
+        if hidden_etc:
+            lines.append("(cd $L/etc/upper && rm -rf " + " ".join(hidden_etc) + ")")
+    if whiteouts:  # overlay whiteouts: the entries do not exist inside
+        lines.append("for w in " + " ".join(q(f"{rel.partition('/')[0]}/upper/{rel.partition('/')[2]}")
+                                            for rel in whiteouts) + "; do mknod $L/$w c 0 0; done")
+    shadow_files = []
     for name, text in (("shadow", shadow), ("gshadow", gshadow)):
         for suffix in ("", "-"):
             lines.append(f"printf %s {q(text)} > $L/etc/upper/{name}{suffix}")
-            lines.append(f"chown 0:shadow $L/etc/upper/{name}{suffix} 2>/dev/null || true; "
-                         f"chmod 640 $L/etc/upper/{name}{suffix}")
+            shadow_files.append(f"$L/etc/upper/{name}{suffix}")
+    lines.append(f"chmod 640 {' '.join(shadow_files)}; chown 0:shadow {' '.join(shadow_files)} 2>/dev/null || true")
     if not privileged:
         # Copy-up cannot give files to unmapped owners, so existing files of the host stay read-only; but a
         # directory present in the upper layer lends the merged directory its owner (the sandbox's root), so new
@@ -196,22 +219,14 @@ def setup_script(tmpfs_mb: int, workdir: str, privileged: bool = True) -> str:
         # The host sends their list (computed once per sandbox) on stdin after the go-ahead: its size, a newline,
         # the list (head -c reads no further, so stdin stays open for pid 1).
         lines.append("read -r size; head -c $size | (cd $L && xargs -0 mkdir -p 2>/dev/null) || true")
-    # Parent directories created in the upper layers take their owner and mode from the host's.
-    lines.append("for top in " + " ".join(OVERLAID if privileged else ()) + "; do (cd $L/$top/upper && find . "
-                 "-mindepth 1 -type d "
-                 "-exec sh -c 'for d; do chmod --reference=\"/$0/$d\" \"$d\"; chown --reference=\"/$0/$d\" \"$d\"; "
-                 "done' $top {} + 2>/dev/null) || true; done")
     for top in overlaid:
         lines.append(f"mount -t overlay overlay -o lowerdir=/{top},upperdir=$L/{top}/upper,workdir=$L/{top}/work,"
                      f"userxattr $R/{top}")
-    for top in FRESH:
-        lines.append(f"mkdir -p $R/{top}")
     lines += ["cp -a /etc/skel/. $R/root/ 2>/dev/null || true", "chmod 1777 $R/tmp; chmod 700 $R/root"]
     for entry in sorted(os.listdir("/")):
         if os.path.islink(f"/{entry}") and entry not in OVERLAID + FRESH:
             lines.append(f"ln -s {q(os.readlink('/' + entry))} $R/{q(entry)}")
     lines += [
-        "mkdir -p $R/proc $R/dev $R/sys",
         "mount -t proc -o nosuid,nodev,noexec proc $R/proc",
         # No user namespaces inside: a nested one would give the agent a full set of capabilities there (over
         # locked mounts only). Best effort: with several identity-mapped sandboxes alive the kernel can resolve this
@@ -222,7 +237,8 @@ def setup_script(tmpfs_mb: int, workdir: str, privileged: bool = True) -> str:
         f"for d in {' '.join(PROC_READ_ONLY)}; do if [ -d $R/proc/$d ]; then mount --bind $R/proc/$d $R/proc/$d; "
         "mount -o remount,bind,ro $R/proc/$d; fi; done",
         "mount -t tmpfs -o size=1m,mode=755,nosuid,noexec genpi-dev $R/dev",
-        f"for n in {' '.join(DEVICES)}; do touch $R/dev/$n; mount --bind /dev/$n $R/dev/$n; done",
+        "touch " + " ".join(f"$R/dev/{n}" for n in DEVICES),
+        f"for n in {' '.join(DEVICES)}; do mount --bind /dev/$n $R/dev/$n; done",
         "ln -s /proc/self/fd $R/dev/fd; ln -s /proc/self/fd/0 $R/dev/stdin; ln -s /proc/self/fd/1 $R/dev/stdout; "
         "ln -s /proc/self/fd/2 $R/dev/stderr",
         "mkdir -p $R/dev/pts $R/dev/shm",

@@ -17,7 +17,7 @@ import select
 import subprocess
 import termios
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from genpi.environments.sandbox.base import ShellBase, ShellResult
 
