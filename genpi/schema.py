@@ -433,6 +433,7 @@ class Eval:
     show_examples: int = field(default=3, metadata=rng(ge=0))
     vllm: EvalVllm = field(default_factory=EvalVllm)
     savings: EvalSavings = field(default_factory=EvalSavings)
+    env: EvalEnv = field(default_factory=lambda: EvalEnv())  # declared with the env group below (issue 11)
 
 
 @dataclass

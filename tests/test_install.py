@@ -194,3 +194,15 @@ def test_a_wheel_ships_every_config_and_composes_when_installed(tmp_path):
     out = _run([str(venv / "bin" / "genpi-train"), "task=os", "loss=genpi_kl", "debug=fdr", "--cfg", "job"], elsewhere)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "name: genpi_kl" in out.stdout
+
+
+@pytest.mark.slow
+def test_a_users_config_folder_adds_options_to_the_installed_script(tmp_path):
+    """The Hydra way to bring your own configs (README): `--config-dir DIR` with group folders inside."""
+    (tmp_path / "myconf" / "model").mkdir(parents=True)
+    (tmp_path / "myconf" / "model" / "my_llm.yaml").write_text(
+        "defaults:\n  - hf\n  - _self_\nname_or_path: /models/my-llm\ndtype: bfloat16\n")
+    exe = Path(sys.executable).parent / "genpi-train"
+    out = _run([str(exe), "--config-dir", str(tmp_path / "myconf"), "model=my_llm", "--cfg", "job"], tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "name_or_path: /models/my-llm" in out.stdout and "dtype: bfloat16" in out.stdout
