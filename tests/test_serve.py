@@ -50,13 +50,14 @@ def _serve_cmd(output_root: Path, *overrides: str) -> list[str]:
     # no prefix caching: every request is computed in full, as genpi-eval's reference answers are (a cached prefix
     # may round differently, and a random tiny model's greedy choice can flip on such a difference)
     return [sys.executable, "-m", "genpi.serve", f"paths.output_root={output_root}", f"task.prompt_path={PROMPT}",
-            "serve.echo_log=false", 'serve.extra_args=["--no-enable-prefix-caching"]', *overrides]
+            "serve.echo_log=false", 'serve.extra_args=["--no-enable-prefix-caching"]',
+            "serve.ready_timeout_s=3000", *overrides]  # a machine shared with other jobs can start vLLM slowly
 
 
 class Server:
     """A genpi-serve process started as a user starts it; ``url`` once it printed its ``serving on`` line."""
 
-    def __init__(self, cmd: list[str], env: dict[str, str], log_path: Path, timeout_s: float = 900) -> None:
+    def __init__(self, cmd: list[str], env: dict[str, str], log_path: Path, timeout_s: float = 3100) -> None:
         self.log_path = log_path
         self.stdout: list[str] = []
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=log_path.open("w"), text=True)
