@@ -18,13 +18,11 @@ from omegaconf import DictConfig
 
 from genpi import schema
 from genpi.errors import GenpiError
+from genpi.evaluation import artifacts  # also registers the genpi_eval_name resolver serve.yaml's run_name uses
 from genpi.hydra_utils import to_dict
 from genpi.serving.server import MIDDLEWARE, ServePlan, check_port, run, server_module
 from genpi.tasks import build_task
 from genpi.wrappers import run_dir_of, task_wrapper
-
-# genpi.evaluation and genpi.models import torch and Lightning: loaded inside plan_server, after the serve options
-# are checked, so a bad option fails in about a second.
 
 log = logging.getLogger("genpi.serve")
 
@@ -55,7 +53,6 @@ def plan_server(cfg: DictConfig) -> ServePlan:
     """Check the config and decide what vLLM serves; nothing is loaded and nothing is started here."""
     opts = schema.read(cfg.get("serve"), schema.Serve, "serve")
     server_module()
-    from genpi.evaluation import artifacts
     from genpi.evaluation.generation import VLLM_DTYPES, lora_rank, vllm_max_lora_rank
     from genpi.models.factory import model_fingerprint, resolve_model_path
 
