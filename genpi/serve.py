@@ -18,10 +18,8 @@ from omegaconf import DictConfig
 
 from genpi import schema
 from genpi.errors import GenpiError
-from genpi.evaluation import artifacts
-from genpi.evaluation.generation import VLLM_DTYPES, lora_rank, vllm_max_lora_rank
+from genpi.evaluation import artifacts  # also registers the genpi_eval_name resolver serve.yaml's run_name uses
 from genpi.hydra_utils import to_dict
-from genpi.models.factory import model_fingerprint, resolve_model_path
 from genpi.serving.server import MIDDLEWARE, ServePlan, check_port, run, server_module
 from genpi.tasks import build_task
 from genpi.wrappers import run_dir_of, task_wrapper
@@ -55,6 +53,9 @@ def plan_server(cfg: DictConfig) -> ServePlan:
     """Check the config and decide what vLLM serves; nothing is loaded and nothing is started here."""
     opts = schema.read(cfg.get("serve"), schema.Serve, "serve")
     server_module()
+    from genpi.evaluation.generation import VLLM_DTYPES, lora_rank, vllm_max_lora_rank
+    from genpi.models.factory import model_fingerprint, resolve_model_path
+
     task = build_task(**to_dict(cfg.task))
     model_name = model_fingerprint(cfg.model)
     workdir = run_dir_of(cfg)

@@ -50,13 +50,14 @@ def _serve_cmd(output_root: Path, *overrides: str) -> list[str]:
     # no prefix caching: every request is computed in full, as genpi-eval's reference answers are (a cached prefix
     # may round differently, and a random tiny model's greedy choice can flip on such a difference)
     return [sys.executable, "-m", "genpi.serve", f"paths.output_root={output_root}", f"task.prompt_path={PROMPT}",
-            "serve.echo_log=false", 'serve.extra_args=["--no-enable-prefix-caching"]', *overrides]
+            "serve.echo_log=false", 'serve.extra_args=["--no-enable-prefix-caching"]',
+            "serve.ready_timeout_s=3000", *overrides]  # a machine shared with other jobs can start vLLM slowly
 
 
 class Server:
     """A genpi-serve process started as a user starts it; ``url`` once it printed its ``serving on`` line."""
 
-    def __init__(self, cmd: list[str], env: dict[str, str], log_path: Path, timeout_s: float = 900) -> None:
+    def __init__(self, cmd: list[str], env: dict[str, str], log_path: Path, timeout_s: float = 3100) -> None:
         self.log_path = log_path
         self.stdout: list[str] = []
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=log_path.open("w"), text=True)
@@ -174,32 +175,53 @@ def student(run_dir, output_root):
 
 
 @pytest.fixture(scope="module")
-def tokenizer(run_dir):
+def tokenizer():
     from genpi.models.factory import load_tokenizer
 
     return load_tokenizer({"name_or_path": "tiny"})
 
 
-@pytest.fixture(scope="module")
-def reference(os_task, run_dir, tokenizer, output_root):
-    """What genpi's evaluation answers, greedy, through its vLLM worker: the student (adapter, no prompt) and the
-    teacher (base, with the prompt as genpi's teacher sees it), for each problem; and the token ids each reads."""
-    from genpi.data.tokenize import encode, render, student_prefix_ids
+def _greedy(tokenizer, sets, adapter_dir, workdir: Path) -> dict[str, list[str]]:
+    """genpi-eval's greedy answers for these prompt sets, through its vLLM worker."""
     from genpi.evaluate import _stop_ids
     from genpi.evaluation import generation
     from genpi.models.factory import resolve_model_path
 
-    student_ids = [student_prefix_ids(tokenizer, os_task, x) for x in PROBLEMS]
-    teacher_ids = [encode(tokenizer, render(tokenizer, os_task.teacher_messages(x), add_generation_prompt=True))
-                   for x in PROBLEMS]
-    sets = [generation.PromptSet("student", student_ids, adapter=True),
-            generation.PromptSet("teacher", teacher_ids, adapter=False)]
-    job = generation.vllm_job(resolve_model_path({"name_or_path": "tiny"}), "float32", run_dir / "adapter", sets,
-                              MAX_TOKENS, _stop_ids(tokenizer))
-    result = generation.run_vllm_worker(job, output_root / "reference", timeout_s=900)
-    answers = {name: [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in result["outputs"][name]]
-               for name in ("student", "teacher")}
-    return {"answers": answers, "student_ids": student_ids, "teacher_ids": teacher_ids}
+    job = generation.vllm_job(resolve_model_path({"name_or_path": "tiny"}), "float32", adapter_dir, sets, MAX_TOKENS,
+                              _stop_ids(tokenizer))
+    result = generation.run_vllm_worker(job, workdir, timeout_s=3000)
+    return {s.name: [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in result["outputs"][s.name]]
+            for s in sets}
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(os_task, tokenizer):
+    """The token ids genpi-eval builds: the student's (no prompt) and the teacher's (the prompt, then the input)."""
+    from genpi.data.tokenize import encode, render, student_prefix_ids
+
+    return {"student": [student_prefix_ids(tokenizer, os_task, x) for x in PROBLEMS],
+            "teacher": [encode(tokenizer, render(tokenizer, os_task.teacher_messages(x), add_generation_prompt=True))
+                        for x in PROBLEMS]}
+
+
+@pytest.fixture(scope="module")
+def reference(run_dir, tokenizer, prompt_ids, output_root):
+    """What genpi's evaluation answers, greedy, for the student (adapter, no prompt), and the ids it reads."""
+    from genpi.evaluation.generation import PromptSet
+
+    answers = _greedy(tokenizer, [PromptSet("student", prompt_ids["student"], adapter=True)], run_dir / "adapter",
+                      output_root / "reference")
+    return {"answers": answers, "student_ids": prompt_ids["student"], "teacher_ids": prompt_ids["teacher"]}
+
+
+@pytest.fixture(scope="module")
+def teacher_reference(tokenizer, prompt_ids, output_root):
+    """genpi-eval's teacher (the base with the prompt), greedy; no adapter, so no training run is needed."""
+    from genpi.evaluation.generation import PromptSet
+
+    answers = _greedy(tokenizer, [PromptSet("teacher", prompt_ids["teacher"], adapter=False)], None,
+                      output_root / "teacher_reference")
+    return {"answers": answers, "student_ids": prompt_ids["student"], "teacher_ids": prompt_ids["teacher"]}
 
 
 @pytest.fixture(scope="module")
@@ -306,7 +328,8 @@ def test_bad_inputs_fail_in_one_line(student, run_dir, output_root):
         assert "serving on" not in proc.stdout and "Traceback" not in proc.stderr
 
 
-def test_teacher_mode_answers_as_the_teacher(teacher, reference, os_task):
+def test_teacher_mode_answers_as_the_teacher(teacher, teacher_reference, os_task):
+    reference = teacher_reference
     for k, problem in enumerate(PROBLEMS):
         status, headers, body = chat(teacher.url, [{"role": "user", "content": problem}], "genpi-teacher",
                                      key=None)

@@ -5,12 +5,13 @@ Both servers load the same base model and the same LoRA adapter; both keep vLLM'
 the plain server reads the shared prompt from its cache after the first request: the realistic baseline). Each
 request is the first request of an AgentBench OS episode (the prompt's transcript, then the open turn with a
 problem of the dev split), greedy, with a fixed answer length (``ignore_eos``) so both servers decode the same
-number of tokens. Rounds alternate between the servers, so a slow-down of the machine hits both alike.
+number of tokens. Rounds alternate between the servers, so a slow-down of the machine hits both alike; the median
+round is the figure to quote on a busy machine.
 
     python experiments/serve/bench_serve.py --run-dir <genpi-train run> --prompt ../shared/agentbench/os.prompt.txt \
         --problems ../shared/agentbench/os_interaction/data/dev.json
 
-writes ``experiments/serve/results/serve_bench.json``.
+writes ``experiments/serve/results/serve_bench_prefix_cache_on.json`` (``--prefix-caching off``: ``..._off.json``).
 """
 
 from __future__ import annotations
@@ -81,7 +82,9 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=16, help="requests in flight")
     ap.add_argument("--max-tokens", type=int, default=32, help="answer tokens per request (end of turn ignored)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds per server, alternating")
-    ap.add_argument("--out", default=str(ROOT / "experiments" / "serve" / "results" / "serve_bench.json"))
+    ap.add_argument("--prefix-caching", choices=("on", "off"), default="on",
+                    help="vLLM's prefix caching on both servers (on: vLLM's default)")
+    ap.add_argument("--out", default=None, help="default: experiments/serve/results/serve_bench_prefix_cache_<on|off>.json")
     args = ap.parse_args()
 
     sys.path.insert(0, str(ROOT))
@@ -104,23 +107,29 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
            "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "GENPI_SERVE_API_KEY": ""}
+    args.out = args.out or str(ROOT / "experiments" / "serve" / "results"
+                               / f"serve_bench_prefix_cache_{args.prefix_caching}.json")
     out_dir = Path(args.out).parent
     out_dir.mkdir(parents=True, exist_ok=True)
     logs = Path(os.environ.get("TMPDIR", "/tmp"))
     genpi_port, plain_port = free_port(), free_port()
     genpi_cmd = [sys.executable, "-m", "genpi.serve", f"run_dir={args.run_dir}", f"task.prompt_path={args.prompt}",
-                 f"serve.port={genpi_port}", "serve.echo_log=false", f"paths.output_root={logs / 'genpi-serve-bench'}"]
+                 f"serve.port={genpi_port}", "serve.echo_log=false", "serve.ready_timeout_s=3000",
+                 f"paths.output_root={logs / 'genpi-serve-bench'}"]
     plain_cmd = [sys.executable, "-m", server_module(), "--model", base, "--port", str(plain_port), "--host",
                  "127.0.0.1", "--dtype", "float32", "--enforce-eager", "--served-model-name", "plain-base",
                  "--enable-lora", "--max-loras", "1", "--max-lora-rank", str(vllm_max_lora_rank(lora_rank(adapter))),
                  "--lora-modules", f"plain-student={adapter}"]
+    if args.prefix_caching == "off":
+        genpi_cmd.append('serve.extra_args=["--no-enable-prefix-caching"]')
+        plain_cmd.append("--no-enable-prefix-caching")
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=(logs / f"bench-{name}.log").open("w"))
              for name, cmd in (("genpi", genpi_cmd), ("plain", plain_cmd))]
     servers = {"genpi_serve_stripped": (f"http://127.0.0.1:{genpi_port}", "genpi-student", procs[0]),
                "plain_vllm_full_prompt": (f"http://127.0.0.1:{plain_port}", "plain-student", procs[1])}
     try:
         for url, _, proc in servers.values():
-            wait_healthy(url, proc, 1800)
+            wait_healthy(url, proc, 3000)  # a busy machine can take many minutes to start vLLM
         for url, model, _ in servers.values():  # warm-up: LoRA loading, first allocations, the plain server's cache
             load_round(url, model, requests[:2], 2, 2)
         samples: dict[str, list[dict]] = {name: [] for name in servers}
@@ -139,7 +148,8 @@ def main() -> None:
     result = {"setup": {"model": "tiny (1.8M-parameter Llama, float32)", "adapter": "LoRA r=16 via --lora-modules",
                         "requests_per_round": args.requests, "concurrency": args.concurrency,
                         "answer_tokens": args.max_tokens, "rounds": args.rounds, "prompt": Path(args.prompt).name,
-                        "prefix_caching": "vLLM default (on) for both servers", "machine_cpus": os.cpu_count()}}
+                        "prefix_caching": f"{args.prefix_caching} for both servers (vLLM's default: on)",
+                        "machine_cpus": os.cpu_count(), "load_average_1min_at_end": os.getloadavg()[0]}}
     for name, rows in samples.items():
         result[name] = {"requests_per_s_best": max(r["requests_per_s"] for r in rows),
                         "requests_per_s_median": statistics.median(r["requests_per_s"] for r in rows),
