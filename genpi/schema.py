@@ -394,7 +394,7 @@ class EvalVllm:
 
     enable_prefix_caching: bool = False
     max_model_len: int | None = field(default=None, metadata=rng(gt=0))
-    kvcache_gb: float | None = field(default=1, metadata=rng(gt=0))
+    kvcache_gb: int | None = field(default=1, metadata=rng(gt=0))  # vLLM reads a whole number of GiB
     multiprocessing: bool | None = None
     cpu_threads_bind: str | None = None
     gpu_memory_utilization: float = field(default=0.9, metadata=rng(gt=0, le=1))
@@ -453,7 +453,7 @@ class SynthVllm:
     max_model_len: int | None = field(default=None, metadata=rng(gt=0))
     gpu_memory_utilization: float = field(default=0.9, metadata=rng(gt=0, le=1))
     multiprocessing: bool | None = None
-    cpu_kvcache_gb: float | None = field(default=1, metadata=rng(gt=0))
+    cpu_kvcache_gb: int | None = field(default=1, metadata=rng(gt=0))  # vLLM reads a whole number of GiB
 
 
 @dataclass

@@ -180,7 +180,9 @@ def test_cli_prints_the_report_path(run_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("report: ")][-1]
     path = Path(line.split(": ", 1)[1])
-    assert path.is_file() and path.parent == tmp_path / "eval" / run_dir.name
+    # the evaluation's folder: what it evaluates (the run's name) and a hash of how
+    assert path.is_file() and path.parent.parent == tmp_path / "eval"
+    assert path.parent.name.startswith(f"{run_dir.name}-") and len(path.parent.name) == len(run_dir.name) + 9
     m = json.loads((path.parent / "metrics.json").read_text())
     assert "timing" not in m["savings"]
     bad = subprocess.run([sys.executable, "-m", "genpi.evaluate", f"run_dir={run_dir}", "task=kg",
