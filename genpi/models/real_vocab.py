@@ -439,8 +439,8 @@ def bench_memory(models: list[str], n_tokens: int, chunk: int) -> dict[str, Any]
 
 
 def describe(names: list[str] | None = None) -> list[dict[str, Any]]:
-    """One row per family: its tokenizer file and package version, vocabulary, parameters, build seconds (0 when
-    it was cached), and each built-in task's teacher prompt in its tokens (the shared prefix the teacher caches,
+    """One row per family: its tokenizer file and package version, vocabulary, parameters, seconds to build (or,
+    when cached, to hash the tokenizer file and find the folder), and each built-in task's teacher prompt in its tokens (the shared prefix the teacher caches,
     which :func:`genpi.data.tokenize.teacher_prompt` may stop a few tokens early)."""
     import time
 
