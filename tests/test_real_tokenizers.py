@@ -445,7 +445,7 @@ def test_export_loads_in_vllm_and_answers_like_transformers(name, trained_runs, 
     proc = subprocess.run([sys.executable, str(script), resolve_model_path({"name_or_path": name}),
                            str(folders["merged"]), str(folders["adapter"]), str(tmp_path / "prompts.json"),
                            str(tmp_path / "out.json")], cwd=REPO, env=vllm_env(), capture_output=True, text=True,
-                          timeout=600)
+                          timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads((tmp_path / "out.json").read_text())
     assert got["merged"] == want and got["lora"] == want
