@@ -439,8 +439,8 @@ def bench_memory(models: list[str], n_tokens: int, chunk: int) -> dict[str, Any]
 
 
 def describe(names: list[str] | None = None) -> list[dict[str, Any]]:
-    """One row per family: its tokenizer file and package version, vocabulary, parameters, build seconds (0 when
-    it was cached), and each built-in task's teacher prompt in its tokens (the shared prefix the teacher caches,
+    """One row per family: its tokenizer file and package version, vocabulary, parameters, seconds to build (or,
+    when cached, to hash the tokenizer file and find the folder), and each built-in task's teacher prompt in its tokens (the shared prefix the teacher caches,
     which :func:`genpi.data.tokenize.teacher_prompt` may stop a few tokens early)."""
     import time
 
@@ -470,6 +470,20 @@ def describe(names: list[str] | None = None) -> list[dict[str, Any]]:
     return rows
 
 
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """:func:`describe`'s rows as a markdown table (pipes inside token names escaped)."""
+    tasks = list(rows[0]["prompts"]) if rows else []
+    lines = ["| model | tokenizer file | ids | parameters | end of turn | "
+             + " | ".join(f"{t} prompt (shared prefix)" for t in tasks) + " |",
+             "| --- | --- | ---: | ---: | --- | " + " | ".join("---:" for _ in tasks) + " |"]
+    for r in rows:
+        cells = [f"{r['prompts'][t]['prompt_tokens']} ({r['prompts'][t]['shared_prefix_tokens']})" for t in tasks]
+        eot = r["end_of_turn"].replace("|", "\\|")
+        lines.append(f"| {r['model']} | {r['tokenizer']} | {r['vocab_size']:,} | {r['parameters']:,} | "
+                     f"`{eot}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m genpi.models.real_vocab [--out DIR] [names...]``: build the models and write their table."""
     import argparse
@@ -479,15 +493,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=None, help="folder for tokenizers.json and tokenizers.md")
     args = ap.parse_args(argv)
     rows = describe(args.names)
-    tasks = list(rows[0]["prompts"]) if rows else []
-    lines = ["| model | tokenizer file | ids | parameters | end of turn | "
-             + " | ".join(f"{t} prompt (shared prefix)" for t in tasks) + " |",
-             "| --- | --- | ---: | ---: | --- | " + " | ".join("---:" for _ in tasks) + " |"]
-    for r in rows:
-        cells = [f"{r['prompts'][t]['prompt_tokens']} ({r['prompts'][t]['shared_prefix_tokens']})" for t in tasks]
-        lines.append(f"| {r['model']} | {r['tokenizer']} | {r['vocab_size']:,} | {r['parameters']:,} | "
-                     f"`{r['end_of_turn']}` | " + " | ".join(cells) + " |")
-    table = "\n".join(lines)
+    table = markdown_table(rows)
     print(table)
     if args.out:
         out = Path(args.out)
