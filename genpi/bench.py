@@ -520,8 +520,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--chunk", type=int, default=1024)
     ap.add_argument("--topk-model", default="tiny_agent", help="model of the top-k comparison (a peaked one)")
     ap.add_argument("--topk-task", default="os")
-    ap.add_argument("--teacher-shapes", nargs="+", default=["tiny", "wide"], choices=["tiny", "wide"],
-                    help="teacher attention: model shapes timed")
+    ap.add_argument("--teacher-shapes", nargs="*", default=["tiny", "wide"], choices=["tiny", "wide"],
+                    help="teacher attention: model shapes timed (none: memory only)")
     ap.add_argument("--teacher-prompts", nargs="+", type=int, default=[256, 1024, 4096],
                     help="teacher attention: prompt lengths P")
     ap.add_argument("--teacher-suffix", type=int, default=192, help="teacher attention: x + y tokens per example")

@@ -22,14 +22,23 @@ KERNELS = ("torch_flash_cpu", "eager")
 
 
 def _random_model(kind: str, heads: int = 8, kv_heads: int = 2, hidden: int = 64, layers: int = 2):
-    """A random-weight float32 model of ``kind`` (llama | qwen2), built in memory in a fraction of a second."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    """A random-weight float32 model of ``kind`` (llama | qwen2 | mistral), built in memory in a fraction of a second."""
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     torch.manual_seed(0)
     common = dict(vocab_size=512, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                   num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=2048)
     if kind == "qwen2":  # Qwen2: biases on q/k/v, another RoPE base
         model = Qwen2ForCausalLM(Qwen2Config(**common, rope_theta=1_000_000.0))
+    elif kind == "mistral":  # a sliding window that the test's sequences fit in
+        model = MistralForCausalLM(MistralConfig(**common, sliding_window=1024))
     else:
         model = LlamaForCausalLM(LlamaConfig(**common))
     return model.eval()
@@ -85,6 +94,13 @@ def test_equal_to_naive_with_qwen_style_attention(kernel):
     assert _max_logit_diff(model, ids, mask, 128, kernel) < 1e-5
 
 
+def test_equal_to_naive_with_a_sliding_window_longer_than_the_sequence():
+    model = _random_model("mistral", heads=4, kv_heads=1)
+    ids, mask = _batch(100, [30, 12], model.config.vocab_size)
+    assert choose_teacher_attention("auto", model.config, mask, 100)[0] == "shared"
+    assert _max_logit_diff(model, ids, mask, 100, "torch_flash_cpu") < 1e-5
+
+
 def test_the_shared_pass_differs_from_a_pass_without_the_prompt(tiny_model):
     """Guards the equality tests: the prompt changes the suffix's logits, so they compare something real."""
     ids, mask = _batch(64, [16, 16], tiny_model.config.vocab_size)
@@ -118,8 +134,9 @@ def test_falls_back_to_the_cached_prompt_with_the_reason(tiny_model, caplog):
     from transformers import MistralConfig
 
     windowed = MistralConfig(sliding_window=16, hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
-    path, why = choose_teacher_attention("auto", windowed, mask, 4)
+    path, why = choose_teacher_attention("auto", windowed, torch.ones(2, 40, dtype=torch.long), 4)
     assert path == "cached" and "sliding-window" in why
+    assert choose_teacher_attention("auto", windowed, mask, 4)[0] == "shared"  # 10 positions: the window hides none
     assert choose_teacher_attention("naive", tiny_model.config, mask, 4)[0] == "naive"
 
 

@@ -10,6 +10,12 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# `--memory-only`: the memory figures alone, into bench_memory.json (they need no quiet machine).
+if [[ "${1:-}" == "--memory-only" ]]; then
+  shift
+  exec "$PY" -m genpi.bench --only teacher_attention --out experiments/bench/results/bench_memory.json \
+    --teacher-shapes --teacher-mem-shapes wide --teacher-mem-prompt 1024 --teacher-mem-batches 1 2 4 "$@"
+fi
 exec "$PY" -m genpi.bench --only teacher_attention --out experiments/bench/results/bench.json \
   --teacher-shapes wide tiny --teacher-prompts 1024 4096 256 --teacher-batch 1 --teacher-steps 20 \
   --teacher-warmup 2 --teacher-mem-shapes wide --teacher-mem-prompt 1024 --teacher-mem-batches 1 2 4 "$@"

@@ -128,7 +128,7 @@ def choose_teacher_attention(requested: str, config, attention_mask: torch.Tenso
     elif not is_right_padded(attention_mask):
         why = "rows are not right padded"
     else:
-        why = unsupported_reason(config)
+        why = unsupported_reason(config, attention_mask.shape[1])
     if why is None:
         return "shared", "applies"
     if why not in _logged_fallbacks:

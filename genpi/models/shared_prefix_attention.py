@@ -63,14 +63,19 @@ def register() -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)
 
 
-def unsupported_reason(config: Any) -> str | None:
-    """Why shared-prefix attention cannot run this model exactly, or None when it can."""
+def unsupported_reason(config: Any, sequence_len: int | None = None) -> str | None:
+    """Why shared-prefix attention cannot run this model exactly on sequences of ``sequence_len`` positions (prompt
+    included; None: any length), or None when it can."""
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         return f"model_type={model_type!r} is not one of {', '.join(SUPPORTED_MODEL_TYPES)}"
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", model_type == "mistral"):
-        return f"sliding-window attention (window {config.sliding_window}) would hide part of the prompt"
-    if any(t != "full_attention" for t in (getattr(config, "layer_types", None) or [])):
+    window = getattr(config, "sliding_window", None)
+    windowed = window and getattr(config, "use_sliding_window", model_type == "mistral")
+    if windowed and (sequence_len is None or sequence_len > window):
+        return f"sliding-window attention (window {window}) would hide part of the prompt"
+    if any(t not in ("full_attention", "sliding_attention") for t in (getattr(config, "layer_types", None) or [])):
+        return "some layers are neither full nor sliding-window attention (layer_types)"
+    if not windowed and any(t != "full_attention" for t in (getattr(config, "layer_types", None) or [])):
         return "some layers are not full attention (layer_types)"
     if getattr(config, "attention_dropout", 0.0):
         return "attention dropout is on"
@@ -136,9 +141,10 @@ def shared_prefix_attention(module: torch.nn.Module, query: torch.Tensor, key: t
     """
     if shared_prefix_kv is None:
         raise RuntimeError(f"{ATTENTION_NAME} attention needs shared_prefix_kv (use genpi.models.prefix)")
-    if sliding_window is not None or dropout:
-        raise RuntimeError(f"{ATTENTION_NAME}: sliding windows and attention dropout are not supported")
     prefix_key, prefix_value = shared_prefix_kv[module.layer_idx]
+    if dropout or (sliding_window is not None and sliding_window < prefix_key.shape[-2] + query.shape[-2]):
+        raise RuntimeError(f"{ATTENTION_NAME}: attention dropout, and a sliding window shorter than the sequence, "
+                           "are not supported (genpi.models.prefix.choose_teacher_attention falls back before)")
     scale = float(scaling if scaling is not None else query.shape[-1] ** -0.5)
     kernel = resolve_kernel(shared_prefix_kernel, query.device, query.dtype)
     out = cascade_attention(query, key, value, prefix_key, prefix_value, scale, kernel)
