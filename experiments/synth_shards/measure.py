@@ -91,12 +91,17 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"repeat {r}: the sharded dataset differs from the unsharded one ({root_two})")
         cards = {"one": card(root_one), "shards": card(root_two)}
         print(f"repeat {r}: one process {one[-1]:.1f} s, 2 shards {shards[-1]:.1f} s", flush=True)
-    loads.append(os.getloadavg()[0])
+        write(args, argv, work, one, shards, loads + [os.getloadavg()[0]], cards)  # each repeat, in case of a stop
+
+
+def write(args, argv, work, one: list[float], shards: list[float], loads: list[float],
+          cards: dict[str, Any]) -> None:
     result = {
         "what": "genpi-synth wall time: 1 process x 1 thread vs 2 local shards (submitit) x 1 thread, same dataset",
         "command": "python experiments/synth_shards/measure.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "workload": work,
         "records": cards["one"]["records"],
+        "repeats_done": len(one),
         "one_process_seconds": one,
         "two_shards_seconds": shards,
         "speedup_of_medians": round(statistics.median(one) / statistics.median(shards), 3),
