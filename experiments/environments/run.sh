@@ -4,6 +4,7 @@
 # Steps (default: all that can run here):
 #   check    genpi-env-check: AgentBench's dev split (reference agent, wrong-answer replay) and genpi's own problems
 #   bench    genpi-bench's lockstep figure: episodes/s batched vs one at a time, 32 episodes, one warm engine
+#            (model $BENCH_MODEL, default tiny_agent)
 #   measure  tiny_agent on genpi's own problems: synthesize os data with the model itself, train one GenPI run
 #            (loss=$LOSS, default genpi_kl), then genpi-eval with eval.env.enabled=true (teacher, student, floor)
 set -euo pipefail
@@ -33,7 +34,7 @@ for step in $STEPS; do
     "$PY" -m genpi.env_check env=genpi_os check.agent=wrong | tee "$OUT/env_check_genpi_os_wrong.txt"
     ;;
   bench)
-    "$PY" -m genpi.bench --skip training memory topk roleswap --env-episodes 32 --env-model tiny_agent \
+    "$PY" -m genpi.bench --skip training memory topk roleswap --env-episodes 32 --env-model "${BENCH_MODEL:-tiny_agent}" \
       --out "$OUT/bench_env.json" >/dev/null
     "$PY" - "$OUT/bench_env.json" <<'PY'
 import json, sys
