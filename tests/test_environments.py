@@ -456,3 +456,19 @@ def test_vllm_worker_serves_the_student_adapter_per_request(tiny_path, tmp_path,
                            for r in results.read_episodes(tmp_path / f"{engine}.jsonl")}
     assert replies["vllm"] == replies["hf"]
     assert replies["vllm"][("dev-001-0", "student")] != replies["vllm"][("dev-001-0", "floor")]
+
+
+def test_env_yaml_defaults_agree_with_the_schema():
+    from omegaconf import OmegaConf
+
+    from genpi import schema
+
+    conf = REPO / "genpi" / "conf"
+    env_yaml = OmegaConf.to_container(OmegaConf.load(conf / "env" / "os_interaction.yaml"))
+    assert env_yaml == schema.defaults(schema.Env)
+    eval_yaml = OmegaConf.to_container(OmegaConf.load(conf / "eval.yaml"))["eval"]["env"]
+    assert eval_yaml == schema.defaults(schema.EvalEnv)
+    with pytest.raises(GenpiError, match=r"^eval.env.sides=\['teacher', 'judge'\] is not allowed"):
+        schema.read({"sides": ["teacher", "judge"]}, schema.EvalEnv, "eval.env")
+    with pytest.raises(GenpiError, match=r"^env.observation='Output:' is not allowed: a text containing \{output\}"):
+        schema.read({"observation": "Output:"}, schema.Env, "env")
