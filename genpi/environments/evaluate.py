@@ -3,7 +3,7 @@
 :func:`play` runs the episodes given a ``generate`` function; :func:`run_env_evaluation` picks the engine:
 transformers in this process, or vLLM in a worker process (``python -m genpi.environments.vllm_worker``) that
 builds the engine under its ``__main__`` guard and runs the same :func:`play` there, so the episode loop sits next
-to the engine and each round is one ``LLM.generate`` call (the adapter given per request).
+to the engine and each round is one ``LLM.generate`` call per adapter state.
 """
 
 from __future__ import annotations
