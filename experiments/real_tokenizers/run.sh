@@ -7,4 +7,4 @@ cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 OUT=experiments/real_tokenizers/results
 "$PY" -m genpi.models.real_vocab --out "$OUT"
-"$PY" -m genpi.bench --only real_vocab --real-vocab-tokens "${TOKENS:-1024}" --out "$OUT/memory.json"
+"$PY" -m genpi.bench --only real_vocab --real-vocab-tokens "${TOKENS:-1024}" --chunk "${CHUNK:-128}" --out "$OUT/memory.json"
