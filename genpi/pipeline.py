@@ -48,6 +48,7 @@ def _compose(config_name: str, overrides: list[str]) -> DictConfig:
 
     import genpi.hydra_utils  # noqa: F401  (registers genpi's resolvers)
     import genpi.runs  # noqa: F401  (the config-hash resolver of run folders)
+    from genpi.evaluation import artifacts  # noqa: F401  (the resolver naming evaluation folders)
 
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module="genpi.conf", version_base="1.3"):
