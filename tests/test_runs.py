@@ -114,6 +114,7 @@ def test_case2_a_debug_run_leaves_nothing_a_real_run_picks_up(tmp_path, tiny_pat
     assert real["metrics"]["train/steps"] == len(real["datamodule"].train_dataloader())
 
 
+@pytest.mark.slow  # three training runs
 def test_case8_resume_appends_history_and_keeps_one_config(tmp_path, tiny_path):
     common = [*SMALL, "trainer.max_epochs=2", "model.lora.dropout=0.0", "optim.warmup_ratio=0.0"]
     whole = run_train(tmp_path / "whole", common)
