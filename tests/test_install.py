@@ -83,7 +83,9 @@ def readme_commands() -> list[tuple[str, list[str], bool]]:
     for block in re.findall(r"```(?:bash|sh|console)?\n(.*?)```", text, flags=re.S):
         for line in block.splitlines():
             line = line.split(" #", 1)[0].strip()
-            words = shlex.split(line) if line else []
+            if "genpi-" not in line:
+                continue
+            words = shlex.split(line)
             while words and re.match(r"^[A-Z_]+=", words[0]):  # environment assignments before the command
                 words.pop(0)
             if not words:
