@@ -343,6 +343,16 @@ class Lora:
     target_modules: str | list[str] = "all-linear"
 
 
+def check_heads(arch: Any, at: str) -> None:
+    """Attention heads that divide the width, key/value heads that divide the heads (any tiny architecture)."""
+    if arch.hidden_size % arch.num_attention_heads:
+        raise bad(f"{at}.num_attention_heads", arch.num_attention_heads,
+                  f"a divisor of {at}.hidden_size={arch.hidden_size}")
+    if arch.num_attention_heads % arch.num_key_value_heads:
+        raise bad(f"{at}.num_key_value_heads", arch.num_key_value_heads,
+                  f"a divisor of {at}.num_attention_heads={arch.num_attention_heads}")
+
+
 @dataclass
 class TinyArch:
     """``model.tiny``: the built-in tiny Llama's architecture (used when ``name_or_path`` is tiny/tiny_agent)."""
@@ -357,12 +367,7 @@ class TinyArch:
     seed: int = 0
 
     def validate(self, at: str) -> None:
-        if self.hidden_size % self.num_attention_heads:
-            raise bad(f"{at}.num_attention_heads", self.num_attention_heads,
-                      f"a divisor of {at}.hidden_size={self.hidden_size}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise bad(f"{at}.num_key_value_heads", self.num_key_value_heads,
-                      f"a divisor of {at}.num_attention_heads={self.num_attention_heads}")
+        check_heads(self, at)
 
 
 @dataclass
@@ -647,12 +652,7 @@ class RealVocabArch:
     seed: int = 0
 
     def validate(self, at: str) -> None:
-        if self.hidden_size % self.num_attention_heads:
-            raise bad(f"{at}.hidden_size", self.hidden_size,
-                      f"a multiple of num_attention_heads={self.num_attention_heads}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise bad(f"{at}.num_attention_heads", self.num_attention_heads,
-                      f"a multiple of num_key_value_heads={self.num_key_value_heads}")
+        check_heads(self, at)
 
 
 # --- trainer: how the ranks of a job are launched (issue 16) ---

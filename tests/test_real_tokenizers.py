@@ -134,7 +134,7 @@ def test_model_folder_loads_as_a_plain_transformers_model(name, real_tokenizers)
 
 @pytest.mark.parametrize("tiny, message", [
     ({"vocab_size": 4096}, "model.tiny has unknown keys ['vocab_size'] for a real-vocabulary model"),
-    ({"hidden_size": 66}, "model.tiny.hidden_size=66 is not allowed: a multiple of num_attention_heads=4"),
+    ({"hidden_size": 66}, "model.tiny.num_attention_heads=4 is not allowed: a divisor of model.tiny.hidden_size=66"),
     ({"seed": "x"}, "model.tiny.seed='x' is not allowed: a whole number"),
     ({"num_hidden_layers": 0}, "model.tiny.num_hidden_layers=0 is not allowed: > 0"),
 ])
