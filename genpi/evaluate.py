@@ -16,7 +16,6 @@ from genpi import schema
 from genpi.data.datamodule import Collator
 from genpi.data.tokenize import Limits, RecordEncoder, student_prefix_ids, teacher_prefix_ids, truncate_text
 from genpi.environments import evaluate as env_eval
-from genpi.errors import GenpiError
 from genpi.evaluation import artifacts, generation, metrics, report, savings
 from genpi.hydra_utils import to_dict
 from genpi.models.factory import load_model, load_tokenizer, model_fingerprint, resolve_model_path

@@ -293,9 +293,8 @@ def _from_sentencepiece(fam: Family, model_max_length: int):
 def _build_into(folder: Path, name: str, arch: dict[str, Any], digest: str) -> None:
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-    from transformers.utils import logging as hf_logging
 
-    from genpi.models.tiny import _init_weights
+    from genpi.models.tiny import _init_weights, save_quietly
 
     fam = family(name)
     tok = build_tokenizer(name, arch["max_position_embeddings"])
@@ -314,14 +313,7 @@ def _build_into(folder: Path, name: str, arch: dict[str, Any], digest: str) -> N
     model.tie_weights()
     model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=stop_ids,
                                                pad_token_id=tok.pad_token_id, do_sample=False)
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model.save_pretrained(str(folder), safe_serialization=True)
-        tok.save_pretrained(str(folder))
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
+    save_quietly(model, tok, folder)
     (folder / MARKER).write_text(json.dumps({
         "builder": BUILDER_VERSION, "hash": digest, "family": name, "tokenizer": f"{fam.package}:{fam.file}",
         "package_version": _lib_version(fam.package), "vocab_size": len(tok), "arch": arch,

@@ -253,7 +253,6 @@ def _init_weights(model, seed: int, std: float) -> None:
 def _build_into(folder: Path, arch: dict[str, Any], sources: list[tuple[str, list[str]]], digest: str) -> None:
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-    from transformers.utils import logging as hf_logging
 
     tok = build_tokenizer(arch["vocab_size"], sources, arch["max_position_embeddings"])
     eot, end_of_text = tok.convert_tokens_to_ids(EOT), tok.convert_tokens_to_ids(EOT_TEXT)
@@ -270,18 +269,25 @@ def _build_into(folder: Path, arch: dict[str, Any], sources: list[tuple[str, lis
     # Chat generation stops at the end of the assistant's turn (or of the text).
     model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=[eot, end_of_text],
                                                pad_token_id=tok.pad_token_id, do_sample=False)
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model.save_pretrained(str(folder), safe_serialization=True)
-        tok.save_pretrained(str(folder))
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
+    save_quietly(model, tok, folder)
     n_params = sum(p.numel() for p in model.parameters())
     (folder / MARKER).write_text(json.dumps({"builder": BUILDER_VERSION, "hash": digest, "arch": arch,
                                              "parameters": n_params,
                                              "corpus": [name for name, _ in sources]}, indent=2) + "\n")
+
+
+def save_quietly(model, tokenizer, folder: Path) -> None:
+    """``save_pretrained`` of a model and its tokenizer into ``folder`` without transformers' progress bars."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(str(folder), safe_serialization=True)
+        tokenizer.save_pretrained(str(folder))
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _publish_permissions(folder: Path) -> None:
