@@ -15,7 +15,7 @@ def test_bench_small_setting_reports_every_figure(tmp_path, tiny_path):
     out = tmp_path / "bench.json"
     main(["--prompt-tokens", "160", "--input-tokens", "24", "--response-tokens", "12", "--records", "12",
           "--batch-size", "4", "--steps", "1", "--mem-tokens", "2048", "--mem-vocab", "32000", "--chunk", "128",
-          "--topk-model", "tiny", "--skip", "roleswap", "teacher_attention", "env", "--out", str(out)])
+          "--topk-model", "tiny", "--skip", "roleswap", "teacher_attention", "env", "real_vocab", "--out", str(out)])
     report = json.loads(out.read_text())
     training = report["training"]
     assert training["teacher_pass"]["max_abs_diff"] < 1e-5  # the cached prompt gives the same teacher

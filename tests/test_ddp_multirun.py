@@ -179,7 +179,8 @@ def test_ddp_job_hands_the_job_to_its_ranks_and_restores_the_environment(tmp_pat
         record = json.loads(os.environ[launching.JOB_ENV])
         # what Lightning's launcher leaves in rank 0's environment once it started the ranks
         os.environ.update(LOCAL_RANK="0", NODE_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="1234")
-    assert record["dir"] == str(tmp_path / "runs" / "os-genpi-tiny-s3")
+    run_dir = Path(record["dir"])  # runs/<run_name>-<config hash> (run identity)
+    assert run_dir.parent == tmp_path / "runs" and run_dir.name.startswith("os-genpi-tiny-s3-")
     assert record["name"]
     assert not [n for n in launching.LAUNCHER_ENV if n in os.environ]  # the next job starts its own ranks
     monkeypatch.setenv("MASTER_PORT", "29500")  # set by the user or a cluster: kept
