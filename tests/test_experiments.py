@@ -160,12 +160,20 @@ def test_wandb_offline_files_carry_group_job_type_tags_and_config(tmp_path, tiny
     wandb.finish()  # what task_wrapper does after every job: the run's files are complete only then
     run_dir = out["run_dir"]
     (offline,) = list((run_dir / "wandb").glob("offline-run-*"))
+    import time
+
     run_rec, configs = None, []
-    for rec in read_wandb_records(next(offline.glob("*.wandb"))):
-        if rec.WhichOneof("record_type") == "run":
-            run_rec = rec.run
-        if rec.WhichOneof("record_type") == "config":
-            configs.append({u.key: u.value_json for u in rec.config.update})
+    for _ in range(60):  # wandb's service may still be writing the log on a busy machine: wait for the run record
+        run_rec, configs = None, []
+        for rec in read_wandb_records(next(offline.glob("*.wandb"))):
+            if rec.WhichOneof("record_type") == "run":
+                run_rec = rec.run
+            if rec.WhichOneof("record_type") == "config":
+                configs.append({u.key: u.value_json for u in rec.config.update})
+        if run_rec is not None:
+            break
+        time.sleep(1)
+    assert run_rec is not None, f"no run record in {offline}"
     assert run_rec.run_group == "wb" and run_rec.job_type == "train" and "mytag" in run_rec.tags
     assert run_rec.run_id == (run_dir / "wandb_id.txt").read_text().strip()
     merged = {k: v for c in configs for k, v in c.items()}
