@@ -8,7 +8,6 @@ to the engine and each round is one ``LLM.generate`` call per adapter state.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -127,40 +126,16 @@ def run_vllm_worker(spec: dict[str, Any], model_cfg: dict[str, Any], adapter_dir
                     multiprocessing: bool | None = None, **_: Any) -> dict[str, Any]:
     """Run :func:`play` in ``python -m genpi.environments.vllm_worker`` (see :mod:`genpi.evaluation.generation`
     for why vLLM lives in its own process)."""
-    import os
-    import subprocess
-    import sys
-
-    from genpi.evaluation.generation import _cuda, lora_rank, vllm_max_lora_rank
+    from genpi.evaluation import generation
+    from genpi.evaluation.generation import lora_rank, vllm_max_lora_rank
     from genpi.models.factory import resolve_model_path
-    from genpi.paths import repo_root
 
-    workdir.mkdir(parents=True, exist_ok=True)
     job = {"spec": spec, "model": resolve_model_path(model_cfg), "dtype": str(model_cfg.get("dtype", "float32")),
            "adapter": str(adapter_dir) if adapter_dir is not None else None,
            "max_lora_rank": vllm_max_lora_rank(lora_rank(adapter_dir)) if adapter_dir is not None else None}
-    job_path, result_path, log_path = workdir / "job.json", workdir / "result.json", workdir / "worker.log"
-    job_path.write_text(json.dumps(job))
-    result_path.unlink(missing_ok=True)
-    env = dict(os.environ)
-    if not _cuda() and kvcache_gb is not None:
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kvcache_gb))
-    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if (_cuda() if multiprocessing is None else multiprocessing) else "0"
-    env["PYTHONPATH"] = os.pathsep.join([str(repo_root()), *filter(None, [env.get("PYTHONPATH")])])
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    with log_path.open("w") as logf:
-        try:
-            proc = subprocess.run([sys.executable, "-m", "genpi.environments.vllm_worker", str(job_path),
-                                   str(result_path)], stdout=logf, stderr=subprocess.STDOUT, env=env,
-                                  timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            raise GenpiError(f"the vLLM environment worker did not finish within {timeout_s} s; its log: "
-                             f"{log_path}") from None
-    if proc.returncode != 0 or not result_path.is_file():
-        tail = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()][-8:]
-        raise GenpiError(f"the vLLM environment worker failed (exit {proc.returncode}); see {log_path}; last "
-                         "lines:\n" + "\n".join(tail))
-    return json.loads(result_path.read_text())
+    return generation.run_vllm_worker(job, workdir, timeout_s=timeout_s, kvcache_gb=kvcache_gb,
+                                      multiprocessing=multiprocessing, worker="genpi.environments.vllm_worker",
+                                      what="the vLLM environment worker")
 
 
 # -- from the Hydra config ------------------------------------------------------------------------

@@ -255,8 +255,10 @@ def _cuda() -> bool:
 
 def run_vllm_worker(job: dict[str, Any], workdir: str | Path, timeout_s: float | None = 1800,
                     kvcache_gb: float | None = 1, multiprocessing: bool | None = None,
-                    cpu_threads_bind: str | None = None) -> dict[str, Any]:
-    """Run a :func:`vllm_job` in a fresh ``python -m genpi.evaluation.vllm_worker`` process.
+                    cpu_threads_bind: str | None = None, worker: str = "genpi.evaluation.vllm_worker",
+                    what: str = "the vLLM worker") -> dict[str, Any]:
+    """Run a :func:`vllm_job` in a fresh ``python -m <worker>`` process (default
+    ``genpi.evaluation.vllm_worker``; the environments' episode loop has its own worker module).
 
     The job, the result and the worker's log are kept in ``workdir`` (``vllm_job.json``,
     ``vllm_result.json``, ``vllm_worker.log``); a failure raises :class:`GenpiError` with the log's tail.
@@ -286,14 +288,14 @@ def run_vllm_worker(job: dict[str, Any], workdir: str | Path, timeout_s: float |
     t0 = time.perf_counter()
     with log_path.open("w") as logf:
         try:
-            proc = subprocess.run([sys.executable, "-m", "genpi.evaluation.vllm_worker", str(job_path), str(result_path)],
+            proc = subprocess.run([sys.executable, "-m", worker, str(job_path), str(result_path)],
                                   stdout=logf, stderr=subprocess.STDOUT, env=env, timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            raise GenpiError(f"the vLLM worker did not finish within {timeout_s} s (eval.vllm.timeout_s); "
+            raise GenpiError(f"{what} did not finish within {timeout_s} s (eval.vllm.timeout_s); "
                              f"its log: {log_path}") from None
     if proc.returncode != 0 or not result_path.is_file():
         tail = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()][-8:]
-        raise GenpiError(f"the vLLM worker failed (exit {proc.returncode}); see {log_path}; last lines:\n"
+        raise GenpiError(f"{what} failed (exit {proc.returncode}); see {log_path}; last lines:\n"
                          + "\n".join(tail))
     result = json.loads(result_path.read_text())
     result["worker_wall_s"] = time.perf_counter() - t0
