@@ -643,8 +643,9 @@ class RealVocabArch:
 
     hidden_size: int = field(default=64, metadata=rng(gt=0))
     num_hidden_layers: int = field(default=2, metadata=rng(gt=0))
-    num_attention_heads: int = field(default=4, metadata=rng(gt=0))
-    num_key_value_heads: int = field(default=2, metadata=rng(gt=0))
+    # Head size 32 (64 / 2): vLLM's CPU attention kernels start at 32, so a smaller head cannot be served there.
+    num_attention_heads: int = field(default=2, metadata=rng(gt=0))
+    num_key_value_heads: int = field(default=1, metadata=rng(gt=0))
     intermediate_size: int = field(default=176, metadata=rng(gt=0))
     max_position_embeddings: int = field(default=4096, metadata=rng(gt=0))
     rope_theta: float = field(default=500000.0, metadata=rng(gt=0))

@@ -155,9 +155,17 @@ def output_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run_dir(os_task, output_root):
-    """A run whose adapter internalized AgentBench's OS prompt (two steps: the test is about serving, not skill)."""
+    """A run whose adapter internalized AgentBench's OS prompt (two steps: the test is about serving, not skill).
+
+    Its records are the built-in OS samples with their prompt label removed: genpi refuses records labelled with
+    another prompt than the task's, and trains unlabelled ones as the task's."""
+    data = output_root / "agentbench_os.jsonl"
+    with (ROOT / "genpi" / "tasks" / "samples" / "os.jsonl").open(encoding="utf-8") as src:
+        rows = [{**json.loads(line), "context": "", "context_id": ""} for line in src]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows[:16]), encoding="utf-8")
     proc = subprocess.run([sys.executable, "-m", "genpi.train", f"paths.output_root={output_root}",
-                           f"task.prompt_path={PROMPT}", "trainer.max_steps=2", "data.max_records=16",
+                           f"task.prompt_path={PROMPT}", f"data.path={data}", "trainer.max_steps=2",
+                           "data.max_records=16",
                            "validate_before_fit=false", "logger=csv"],
                           env=_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -319,13 +327,25 @@ def test_bad_inputs_fail_in_one_line(student, run_dir, output_root):
         f"port {port} on 127.0.0.1 is in use": [f"run_dir={run_dir}", f"serve.port={port}"],
         "serve.mode='coach' is not allowed": ["serve.mode=coach"],
     }
+    # The table runs in-process (the checks genpi-serve makes before starting anything); one case goes through
+    # the command line, for its one-line message and exit status.
+    from genpi import schema
+    from genpi.errors import GenpiError
+    from genpi.serve import plan_server
+    from tests.helpers import compose_cfg
+
     for expected, overrides in cases.items():
-        proc = subprocess.run(_serve_cmd(output_root, *overrides), env=_env(), capture_output=True, text=True,
-                              timeout=300)
-        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-        assert proc.returncode == 2, proc.stderr[-2000:]
-        assert len(lines) == 1 and lines[0].startswith("genpi: error: ") and expected in lines[0], proc.stderr
-        assert "serving on" not in proc.stdout and "Traceback" not in proc.stderr
+        cfg = compose_cfg("serve", [f"task.prompt_path={PROMPT}", *overrides], output_root / "bad")
+        with pytest.raises(GenpiError) as err:
+            schema.read(cfg.get("serve"), schema.Serve, "serve")
+            plan_server(cfg)
+        assert expected in str(err.value) and "\n" not in str(err.value)
+    proc = subprocess.run(_serve_cmd(output_root, *cases["serve.mode='coach' is not allowed"]), env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("genpi: error: ") and "serve.mode='coach'" in lines[0], proc.stderr
+    assert "serving on" not in proc.stdout and "Traceback" not in proc.stderr
 
 
 def test_teacher_mode_answers_as_the_teacher(teacher, teacher_reference, os_task):

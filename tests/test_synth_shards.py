@@ -147,15 +147,19 @@ class SeededLists(ChatClient):
         return [f"1. task {s % 11}\n2. TASK  {s % 7}\n3. job {s % 13}" for s in seeds for _ in range(sampling.n)]
 
 
-def _pseudo_inputs(tmp_path, shard: int, num_shards: int, client: ChatClient, wait_minutes: float = 1.0):
+def _rounds_cfg(tmp_path):
+    return compose_cfg("synth", ["synth.pseudo_inputs.source=generate", "synth.pseudo_inputs.num_inputs=12",
+                                 "synth.pseudo_inputs.requests_per_round=2", "synth.pseudo_inputs.sampling.n=1",
+                                 "synth.stages=[pseudo_inputs]", "synth.progress=false"], tmp_path)
+
+
+def _pseudo_inputs(tmp_path, shard: int, num_shards: int, client: ChatClient, wait_minutes: float = 1.0, cfg=None):
     from genpi.hydra_utils import to_dict
     from genpi.synthesis import clients
     from genpi.synthesis.plan import make_plan
     from genpi.synthesis.stages import StageContext, pseudo_inputs
 
-    cfg = compose_cfg("synth", ["synth.pseudo_inputs.source=generate", "synth.pseudo_inputs.num_inputs=12",
-                                "synth.pseudo_inputs.requests_per_round=2", "synth.pseudo_inputs.sampling.n=1",
-                                "synth.stages=[pseudo_inputs]", "synth.progress=false"], tmp_path)
+    cfg = cfg if cfg is not None else _rounds_cfg(tmp_path)  # Hydra's compose is not thread-safe: threads get one
     task = unit_task(parser="numbered_list", demonstrations=["free -m", "ls /tmp"])
     plan = make_plan(task, to_dict(cfg.synth), to_dict(cfg.model))
     plan.out_dir.mkdir(parents=True, exist_ok=True)
@@ -170,15 +174,21 @@ def _pseudo_inputs(tmp_path, shard: int, num_shards: int, client: ChatClient, wa
 def test_generated_rounds_are_sharded_and_deduplicated_once_as_one_run(tmp_path):
     whole, whole_ctx, _ = _pseudo_inputs(tmp_path / "one", 0, 1, SeededLists())
     results: dict[int, list] = {}
+    failures: dict[int, BaseException] = {}
+    cfg = _rounds_cfg(tmp_path / "three")
 
     def run(i: int) -> None:
-        results[i] = _pseudo_inputs(tmp_path / "three", i, 3, SeededLists())
+        try:
+            results[i] = _pseudo_inputs(tmp_path / "three", i, 3, SeededLists(), wait_minutes=10.0, cfg=cfg)
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread below
+            failures[i] = e
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=120)
+        t.join(timeout=900)
+    assert not failures, failures
     assert sorted(results) == [0, 1, 2]
     for rows, ctx, _ in results.values():
         assert [r["pseudo_input"] for r in rows] == [r["pseudo_input"] for r in whole]

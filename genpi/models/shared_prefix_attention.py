@@ -36,7 +36,6 @@ The function plugs into transformers through its ``AttentionInterface`` under :d
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -52,10 +51,10 @@ KERNELS = ("auto", "torch_flash_cpu", "flash_attn", "torch_flash_cuda", "eager")
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
-@functools.cache
 def register() -> None:
     """Make :data:`ATTENTION_NAME` known to transformers (attention function and its mask: sdpa's boolean mask,
-    which this function does not read but transformers builds for every registered name)."""
+    which this function does not read but transformers builds for every registered name). Done at every use, not
+    once per process: the registry is global, and re-registering is a dictionary assignment."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 

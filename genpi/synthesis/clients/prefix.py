@@ -25,7 +25,9 @@ from typing import Any
 
 import torch
 
-NAME = "genpi_shared_prefix"
+# Not the training teacher's name (genpi.models.shared_prefix_attention.ATTENTION_NAME): transformers keeps one
+# function per name, so sharing it let whichever registered last run the other's forward.
+NAME = "genpi_shared_prefix_decode"
 _QUERY_CHUNK_ELEMENTS = 1 << 25  # scores held at once during a long prefill: 128 MB in float32
 
 
