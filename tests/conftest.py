@@ -34,6 +34,18 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 else:
     torch.set_num_threads(2)
 
+def pytest_collection_modifyitems(config, items):
+    """Files with vLLM tests first, then files with slow tests, then the rest (stable within each): under
+    pytest-xdist (whole files per worker) the longest files start first instead of leaving one worker alone at
+    the end."""
+    weight: dict[str, int] = {}
+    for item in items:
+        path = str(item.path)
+        rank = 0 if item.get_closest_marker("vllm") else 1 if item.get_closest_marker("slow") else 2
+        weight[path] = min(weight.get(path, 2), rank)
+    items.sort(key=lambda item: weight[str(item.path)])
+
+
 TINY_CFG = {"name_or_path": "tiny"}
 # The real-tokenizer models the tests pair with tiny random weights (genpi/models/real_vocab.py).
 REAL_VOCAB_FAMILIES = ["tiny_llama3_vocab", "tiny_chatml", "tiny_mistral_vocab"]

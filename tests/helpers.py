@@ -61,3 +61,19 @@ def read_wandb_records(path: Path) -> list:
             rec.ParseFromString(parts)
             records.append(rec)
     return records
+
+
+def wait_for_wandb_records(path: Path, kinds: tuple[str, ...] = ("run",), timeout_s: float = 120.0) -> list:
+    """The records of a W&B offline log once it holds a record of each of ``kinds``: wandb's service process writes
+    the log after the run's own process has moved on, later still on a busy machine."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            records = read_wandb_records(path)
+        except (AssertionError, ValueError, IndexError):  # caught mid-write
+            records = []
+        if set(kinds) <= {r.WhichOneof("record_type") for r in records} or time.monotonic() > deadline:
+            return records
+        time.sleep(0.5)

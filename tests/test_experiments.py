@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from tests.helpers import CONF, compose_cfg, read_wandb_records
+from tests.helpers import CONF, compose_cfg, wait_for_wandb_records
 from tests.test_train import run_train
 
 REPO = CONF.parent
@@ -120,13 +120,16 @@ def test_killed_run_resumes_in_the_same_folder_with_the_same_wandb_run(tmp_path,
     ref = cli([*common, "run_name=ref"], tmp_path)
     assert ref.returncode == 0, ref.stderr[-3000:]
     e = dict(os.environ, WANDB_MODE="offline")
+    # Its own process group, killed whole as a scheduler kills a job: the run and its wandb service process (a
+    # service left alive would still hold the run id the resumed run asks for).
     p = subprocess.Popen([sys.executable, "-m", "genpi.train", f"paths.output_root={tmp_path}", *common,
-                          "run_name=killed"], cwd=REPO, env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                          "run_name=killed"], cwd=REPO, env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
     deadline = time.time() + 300
     while not list((tmp_path / "runs").glob("killed-*/checkpoints/last.ckpt")) and time.time() < deadline:
         time.sleep(0.5)
     time.sleep(1.0)
-    p.send_signal(signal.SIGKILL)
+    os.killpg(p.pid, signal.SIGKILL)
     p.wait()
     killed = _run_folder(tmp_path, "killed")
     assert not (killed / "adapter").exists()  # it really died mid-way
@@ -165,19 +168,12 @@ def test_wandb_offline_files_carry_group_job_type_tags_and_config(tmp_path, tiny
     wandb.finish()  # what task_wrapper does after every job: the run's files are complete only then
     run_dir = out["run_dir"]
     (offline,) = list((run_dir / "wandb").glob("offline-run-*"))
-    import time
-
     run_rec, configs = None, []
-    for _ in range(60):  # wandb's service may still be writing the log on a busy machine: wait for the run record
-        run_rec, configs = None, []
-        for rec in read_wandb_records(next(offline.glob("*.wandb"))):
-            if rec.WhichOneof("record_type") == "run":
-                run_rec = rec.run
-            if rec.WhichOneof("record_type") == "config":
-                configs.append({u.key: u.value_json for u in rec.config.update})
-        if run_rec is not None:
-            break
-        time.sleep(1)
+    for rec in wait_for_wandb_records(next(offline.glob("*.wandb")), ("run", "config")):
+        if rec.WhichOneof("record_type") == "run":
+            run_rec = rec.run
+        if rec.WhichOneof("record_type") == "config":
+            configs.append({u.key: u.value_json for u in rec.config.update})
     assert run_rec is not None, f"no run record in {offline}"
     assert run_rec.run_group == "wb" and run_rec.job_type == "train" and "mytag" in run_rec.tags
     assert run_rec.run_id == (run_dir / "wandb_id.txt").read_text().strip()

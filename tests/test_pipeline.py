@@ -75,9 +75,9 @@ def test_the_pipeline_runs_an_experiment_on_one_model_and_task(tmp_path):
     """`genpi-pipeline experiment=demo model=tiny` (a small setting): the three stages ran on the same model
     and task; a second call reuses the finished training run and evaluation and says so."""
     args = [sys.executable, "-m", "genpi.pipeline", "experiment=demo", "model=tiny", "task=kg",
-            "synth.pseudo_inputs.num_inputs=24", "synth.conversations.max_turns=2", "trainer.max_epochs=1",
-            "validate_before_fit=false", "eval.engine=hf", "eval.savings.measure=false", "eval.max_examples=4",
-            "eval.max_new_tokens=16"]
+            "synth.pseudo_inputs.num_inputs=12", "synth.conversations.max_turns=2", "trainer.max_epochs=1",
+            "validate_before_fit=false", "eval.engine=hf", "eval.savings.measure=false", "eval.max_examples=2",
+            "eval.max_new_tokens=8"]
     env = {**os.environ, "GENPI_OUTPUT_ROOT": str(tmp_path / "out")}
     first = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=2400)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]

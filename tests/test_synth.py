@@ -421,13 +421,13 @@ def test_pseudo_inputs_from_templates_are_held_out_and_extend_in_order(tmp_path,
 
 
 def test_synth_reports_its_card_to_wandb_as_a_synth_job(tmp_path, tiny_path, monkeypatch):
-    from tests.helpers import read_wandb_records
+    from tests.helpers import wait_for_wandb_records
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     out = synth(tmp_path, ["synth.stages=[pseudo_inputs,outputs]", "logger=wandb", "experiment_name=study",
                            *small(n=3)])
     (log,) = list((out / "wandb").glob("offline-run-*/*.wandb"))
-    records = read_wandb_records(log)
+    records = wait_for_wandb_records(log, ("run", "history"))
     run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
     assert run.run_group == "study" and run.job_type == "synth"
     logged = {i.key or "/".join(i.nested_key) for r in records if r.WhichOneof("record_type") == "history"
