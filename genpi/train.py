@@ -31,6 +31,7 @@ from genpi.runs import (
     wandb_run_id,
     write_json,
 )
+from genpi.synthesis.clients.base import end_of_turn_ids
 from genpi.tasks import build_task
 from genpi.tasks.base import task_fingerprint
 from genpi.tracking import numeric_leaves
@@ -149,7 +150,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         datamodule.check_topk_tokenizer()
     datamodule.setup("fit")
     prompt = teacher_prompt(tokenizer, task)
-    module = GenPIModule(model, spec.loss, spec.optim, prompt.ids)
+    module = GenPIModule(model, spec.loss, spec.optim, prompt.ids, stop_ids=end_of_turn_ids(tokenizer),
+                         pad_id=tokenizer.pad_token_id, seed=spec.seed)
     if ckpt:  # before anything is written: a checkpoint of another setup is refused in one line
         module.check_checkpoint(torch.load(ckpt, map_location="cpu", weights_only=True))
 
