@@ -508,12 +508,12 @@ def bench_onpolicy(args) -> dict[str, Any]:
         m = GenPIModule(model, {"kl": {**kl, "on_policy": on_policy}}, {"lr": 1e-5}, prompt.ids,
                         stop_ids=end_of_turn_ids(tok), pad_id=tok.pad_token_id, seed=0)
 
-        def step():
+        def step(record: bool) -> None:
             opt.zero_grad(set_to_none=True)
             loss = m.compute(kl_batch)["loss"]
             t0 = time.perf_counter()
             loss.backward()
-            if on_policy:
+            if on_policy and record:
                 phases["backward_s"].append(time.perf_counter() - t0)
                 for k in ("sample_s", "score_s", "sampled_len"):
                     phases[k].append(m.opcd_stats[k])
@@ -521,16 +521,24 @@ def bench_onpolicy(args) -> dict[str, Any]:
 
         return step
 
-    off_step, on_step = make(False), make(True)
-    t_off = _timeit(off_step, args.steps, warmup=1)
-    t_on = _timeit(on_step, args.steps, warmup=1)
-    split = {k: sum(v[1:]) / max(1, len(v) - 1) for k, v in phases.items()}  # the warm-up step left out
+    steps = {"offpolicy_kl": make(False), "onpolicy_kl": make(True)}
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    # The two steps interleaved in every round, so that load on the machine hits them alike; one warm-up round.
+    for round_ in range(1 + args.steps):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step(record=round_ > 0)
+            if round_ > 0:
+                times[name].append(time.perf_counter() - t0)
+    stats = {name: _spread(ts) for name, ts in times.items()}
+    split = {k: _spread(v)["median_s"] for k, v in phases.items()}
+    split["sampled_len"] = sum(phases["sampled_len"]) / len(phases["sampled_len"])
+    on, off = stats["onpolicy_kl"]["median_s"], stats["offpolicy_kl"]["median_s"]
     return {"batch_size": args.batch_size, "prompt_tokens": len(prompt.ids), "input_tokens": args.input_tokens,
             "offpolicy_answer_tokens": int(batch["kl"]["student_response_mask"].sum()) / args.batch_size,
-            "max_new_tokens": args.onpolicy_new_tokens, "steps": args.steps,
-            "step_s": {"offpolicy_kl": t_off, "onpolicy_kl": t_on}, "onpolicy_over_offpolicy": t_on / t_off,
-            "onpolicy_split": split,
-            "sampling_share_of_onpolicy_step": split["sample_s"] / t_on}
+            "max_new_tokens": args.onpolicy_new_tokens, "rounds": args.steps, "threads": torch.get_num_threads(),
+            "step": stats, "onpolicy_over_offpolicy": on / off, "onpolicy_split_median": split,
+            "sampling_share_of_onpolicy_step": split["sample_s"] / on}
 
 
 def bench_env(args) -> dict[str, Any]:
