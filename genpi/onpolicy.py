@@ -20,8 +20,6 @@ from typing import Any
 
 import torch
 
-from genpi.data.datamodule import Collator
-
 
 def cut_after_stop(ids: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
     """A sampled answer up to and including its first end-of-turn token (the stop is a sampled token too: the
@@ -50,12 +48,21 @@ def prompt_parts(kl: dict[str, torch.Tensor]) -> tuple[list[list[int]], list[lis
 
 def scoring_batch(student_prompts: Sequence[Sequence[int]], teacher_prompts: Sequence[Sequence[int]],
                   answers: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """A KL batch (the data module's layout) whose answers are ``answers``: the student's view + answer and the
-    teacher's view + answer, right-padded, with response masks true where the logits predict an answer token."""
-    rows = [{"kl": {"student_input_ids": list(s) + list(a), "teacher_input_ids": list(t) + list(a),
-                    "response_len": len(a)}}
-            for s, t, a in zip(student_prompts, teacher_prompts, answers)]
-    return Collator(pad_id)(rows)["kl"]
+    """A KL batch in the data module's layout whose answers are ``answers``: for each side (``student``,
+    ``teacher``) its view + answer as ``{side}_input_ids`` ``[B, T]`` (right-padded), ``{side}_attention_mask`` and
+    ``{side}_response_mask`` (true where the logits predict an answer token)."""
+    out: dict[str, torch.Tensor] = {}
+    for side, prompts in (("student", student_prompts), ("teacher", teacher_prompts)):
+        seqs = [list(p) + list(a) for p, a in zip(prompts, answers)]
+        ids = torch.full((len(seqs), max(len(s) for s in seqs)), int(pad_id), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        response = torch.zeros(ids.shape, dtype=torch.bool)
+        for row, (seq, answer) in enumerate(zip(seqs, answers)):
+            ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[row, : len(seq)] = 1
+            response[row, len(seq) - len(answer) - 1 : len(seq) - 1] = True
+        out.update({f"{side}_input_ids": ids, f"{side}_attention_mask": mask, f"{side}_response_mask": response})
+    return out
 
 
 class OnPolicySampler:
