@@ -185,6 +185,7 @@ TRAIN_BAD = [
     (["loss=genpi", "loss.kl.on_policy=true"], "loss.kl.weight=0"),
     (["loss=opcd", "loss.kl.on_policy=maybe"], "loss.kl.on_policy='maybe'"),
     (["loss=opcd", "model.lora.enabled=false"], "model.lora.enabled=true"),
+    (["loss=opcd", "trainer=fsdp"], "FSDP"),
 ]
 
 
