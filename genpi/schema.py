@@ -174,7 +174,8 @@ TERMS = ("kl", "sft", "pg")
 
 @dataclass
 class KLLoss:
-    """``loss.kl``: distillation on the teacher's single-turn answer."""
+    """``loss.kl``: distillation on the teacher's single-turn answer, or on the student's own samples
+    (``on_policy``, :class:`OnPolicySampling`)."""
 
     weight: float = field(default=0.0, metadata=rng(ge=0))
     kind: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
