@@ -13,6 +13,8 @@ Prints, for one machine and one set of versions:
 - the synthesis throughput of batched vs one-at-a-time role swapping (experiments/bench/bench_roleswap.py);
 - the same memory at the real vocabularies (Llama 3's 128,256, Llama 4's 202,048) from the models with those
   tokenizers (genpi/models/real_vocab.py): their output heads and hidden states, not a synthetic head;
+- on-policy distillation's training step (sampling + scoring + backward) next to the off-policy KL step on the same
+  batch (``--only onpolicy``);
 - the teacher pass by its three paths (naive / cached prompt / shared-prefix attention) over prompt lengths and two
   model shapes, next to the FLOP bound of each, and the peak memory of each path against the batch size
   (``--only teacher_attention``; experiments/bench/run_teacher_attention.sh writes the committed figures).
@@ -485,6 +487,60 @@ def bench_real_vocab(args) -> dict[str, Any]:
     return bench_memory(args.real_vocab_models, args.real_vocab_tokens, args.chunk)
 
 
+def bench_onpolicy(args) -> dict[str, Any]:
+    """On-policy distillation (issue 13) next to the off-policy KL step, on the same batch and model: a whole
+    training step (forward, backward, optimizer) of each, and the on-policy step split into sampling, scoring (the
+    student's and the teacher's pass over the samples) and backward. Both use the reverse KL; the off-policy step
+    scores the synthesized answers (``--response-tokens``), the on-policy one ``--onpolicy-new-tokens`` sampled."""
+    from genpi.module import GenPIModule
+    from genpi.synthesis.clients.base import end_of_turn_ids
+
+    model, tok, task, dm, batch, prompt = build_bench_setup(args.prompt_tokens, args.input_tokens,
+                                                            args.response_tokens, args.records, args.batch_size)
+    kl = {"weight": 1.0, "kind": "reverse_kl", "sampling": {"temperature": 1.0, "top_p": 1.0,
+                                                            "max_new_tokens": args.onpolicy_new_tokens}}
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    kl_batch = {"kl": batch["kl"]}
+    phases: dict[str, list[float]] = {"sample_s": [], "score_s": [], "backward_s": [], "sampled_len": []}
+
+    def make(on_policy: bool):
+        m = GenPIModule(model, {"kl": {**kl, "on_policy": on_policy}}, {"lr": 1e-5}, prompt.ids,
+                        stop_ids=end_of_turn_ids(tok), pad_id=tok.pad_token_id, seed=0)
+
+        def step(record: bool) -> None:
+            opt.zero_grad(set_to_none=True)
+            loss = m.compute(kl_batch)["loss"]
+            t0 = time.perf_counter()
+            loss.backward()
+            if on_policy and record:
+                phases["backward_s"].append(time.perf_counter() - t0)
+                for k in ("sample_s", "score_s", "sampled_len"):
+                    phases[k].append(m.opcd_stats[k])
+            opt.step()
+
+        return step
+
+    steps = {"offpolicy_kl": make(False), "onpolicy_kl": make(True)}
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    # The two steps interleaved in every round, so that load on the machine hits them alike; one warm-up round.
+    for round_ in range(1 + args.steps):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step(record=round_ > 0)
+            if round_ > 0:
+                times[name].append(time.perf_counter() - t0)
+    stats = {name: _spread(ts) for name, ts in times.items()}
+    split = {k: _spread(v)["median_s"] for k, v in phases.items()}
+    split["sampled_len"] = sum(phases["sampled_len"]) / len(phases["sampled_len"])
+    on, off = stats["onpolicy_kl"]["median_s"], stats["offpolicy_kl"]["median_s"]
+    return {"batch_size": args.batch_size, "prompt_tokens": len(prompt.ids), "input_tokens": args.input_tokens,
+            "offpolicy_answer_tokens": int(batch["kl"]["student_response_mask"].sum()) / args.batch_size,
+            "max_new_tokens": args.onpolicy_new_tokens, "rounds": args.steps, "threads": torch.get_num_threads(),
+            "step": stats, "onpolicy_over_offpolicy": on / off, "onpolicy_split_median": split,
+            "sampling_share_of_onpolicy_step": split["sample_s"] / on}
+
+
 def bench_env(args) -> dict[str, Any]:
     """Agent episodes per second, batched in lockstep vs one at a time (genpi/environments/bench.py)."""
     from genpi.environments.bench import bench_episodes
@@ -500,6 +556,7 @@ SECTIONS: dict[str, tuple[str, Any]] = {
     "roleswap": ("roleswap", bench_roleswap),
     "teacher_attention": ("teacher_attention", bench_teacher_attention),
     "env_episodes": ("env", bench_env),
+    "onpolicy": ("onpolicy", bench_onpolicy),
 }
 
 
@@ -544,6 +601,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--dry-run", action="store_true", help="print the sections and settings this run would use; run nothing")
     ap.add_argument("--env-episodes", type=int, default=32, help="episodes of the lockstep benchmark (env)")
     ap.add_argument("--env-model", default="tiny_agent", help="model of the lockstep benchmark (env)")
+    ap.add_argument("--onpolicy-new-tokens", type=int, default=64,
+                    help="onpolicy: tokens the student samples per answer (the off-policy step scores "
+                         "--response-tokens)")
     ap.add_argument("--_loss-child", dest="loss_child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_real-vocab-child", dest="real_vocab_child", nargs=2, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_teacher-memory-child", dest="teacher_memory_child", nargs=5, default=None,

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
+from collections.abc import Sequence
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 
-from genpi import losses, schema
+from genpi import losses, onpolicy, schema
 from genpi.constants import IGNORE
 from genpi.errors import GenpiError
 from genpi.models.prefix import (
@@ -48,10 +50,15 @@ class GenPIModule(pl.LightningModule):
             named is off (``{"kl": {"weight": 1.0}}``).
         optim: the ``optim`` group (:class:`genpi.schema.Optim`, or a dict read into it).
         teacher_prompt_ids: the prompt's token ids, a common prefix of every teacher sequence.
+        stop_ids: end-of-turn token ids, where the student's sampling stops (``loss.kl.on_policy``); None = the
+            model's ``generation_config.eos_token_id``.
+        pad_id: the padding id of sampled batches; None = the model's pad (else its first stop id).
+        seed: seeds the on-policy generator (which batches are on-policy, and their sampling).
     """
 
     def __init__(self, model: torch.nn.Module, loss: schema.Loss | dict[str, Any],
-                 optim: schema.Optim | dict[str, Any], teacher_prompt_ids: list[int]):
+                 optim: schema.Optim | dict[str, Any], teacher_prompt_ids: list[int],
+                 stop_ids: Sequence[int] | None = None, pad_id: int | None = None, seed: int = 0):
         super().__init__()
         self.model = model
         self.loss_cfg = _typed_loss(loss)
@@ -74,10 +81,32 @@ class GenPIModule(pl.LightningModule):
                 "set model.lora.enabled=true or loss.kl.teacher=cached"
             )
         self._prompt_kv: tuple[tuple[Any, ...], list[tuple[torch.Tensor, torch.Tensor]]] | None = None
+        self.sampler = self._make_sampler(kl, stop_ids, pad_id, seed) if kl.on_policy and kl.weight > 0 else None
+        self.opcd_stats: dict[str, float] = {}  # the latest training batch's on-policy figures, logged as train/opcd_*
+        self._backward_start: float | None = None
         # Checkpoints hold only trainable weights (the adapter), so loading one must not demand the base.
         self.strict_loading = False
         self.save_hyperparameters({"loss": dataclasses.asdict(self.loss_cfg),
                                    "optim": dataclasses.asdict(self.optim_cfg)})
+
+    def _make_sampler(self, kl: schema.KLLoss, stop_ids: Sequence[int] | None, pad_id: int | None,
+                      seed: int) -> onpolicy.OnPolicySampler:
+        if kl.teacher != "online" or not self.has_adapter:
+            raise GenpiError("loss.kl.on_policy=true needs an online teacher and a LoRA adapter (the teacher is the "
+                             "base with the adapter off, scoring the student's own samples): set "
+                             "loss.kl.teacher=online and model.lora.enabled=true")
+        gen = getattr(self.causal_lm, "generation_config", None)
+        if stop_ids is None:
+            eos = getattr(gen, "eos_token_id", None)
+            stop_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        if not stop_ids:
+            raise GenpiError("loss.kl.on_policy=true: the model names no end-of-turn token to stop sampling at; "
+                             "give the tokenizer an eos_token")
+        if pad_id is None:
+            pad_id = getattr(gen, "pad_token_id", None)
+            pad_id = stop_ids[0] if pad_id is None else pad_id
+        s = kl.sampling
+        return onpolicy.OnPolicySampler(kl.lmbda, s.temperature, s.top_p, s.max_new_tokens, stop_ids, pad_id, seed)
 
     # -- model pieces -------------------------------------------------------------------
     @property
@@ -184,6 +213,47 @@ class GenPIModule(pl.LightningModule):
                                                lm_head_bias=bias)
         return self._global_token_mean(loss, student_h.shape[0], window_tokens, accumulate)
 
+    def on_policy_kl_loss(self, kl: dict[str, torch.Tensor], seed: int = 0,
+                          answers: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+        """On-policy distillation on one KL batch: the student (adapter on, no prompt) samples an answer to each
+        input, then the student and the teacher (adapter off, cached prompt) score the sampled tokens in one pass
+        each; the divergence (``loss.kl.kind``, ``beta``, ``temperature``) is averaged over the sampled positions.
+
+        Only the inputs of ``kl`` are used (its synthesized answers are dropped). ``answers`` (token ids per row)
+        replaces the sampling, for tests and benchmarks. No gradient goes through the sampling; the figures of
+        the batch land in :attr:`opcd_stats`.
+        """
+        student_prompts, teacher_prompts = onpolicy.prompt_parts(kl)
+        start = time.perf_counter()
+        if answers is None:
+            answers = self.sampler.sample(self.model, student_prompts, seed + self.global_rank)
+        sampled = time.perf_counter()
+        pad_id = self.sampler.pad_id if self.sampler is not None else 0
+        device = kl["student_input_ids"].device
+        scored = {k: v.to(device) for k, v in
+                  onpolicy.scoring_batch(student_prompts, teacher_prompts, answers, pad_id).items()}
+        student_h = self.hidden(scored["student_input_ids"], scored["student_attention_mask"])
+        student_h = student_h[scored["student_response_mask"]]
+        teacher_h = self.teacher_hidden(scored)
+        weight, bias = self.lm_head()
+        loss = losses.chunked_distill_loss(student_h, teacher_h, weight, kind=self.kl_kind, beta=self.kl_beta,
+                                           temperature=self.kl_temperature, chunk_size=self.chunk_size,
+                                           lm_head_bias=bias)
+        if self.kl_kind == "reverse_kl" and self.kl_temperature == 1.0:
+            reverse = loss.detach()
+        else:
+            with torch.no_grad():
+                reverse = losses.chunked_distill_loss(student_h.detach(), teacher_h, weight.detach(),
+                                                      kind="reverse_kl", chunk_size=self.chunk_size,
+                                                      lm_head_bias=None if bias is None else bias.detach())
+        scored_at = time.perf_counter()
+        self.opcd_stats = {"sample_s": sampled - start, "score_s": scored_at - sampled,
+                           "sampled_len": sum(len(a) for a in answers) / max(1, len(answers)),
+                           "reverse_kl": float(reverse)}
+        # Token mean over this batch's sampled tokens (and over the ranks'): the window's token totals the data
+        # module counts are those of the synthesized answers, which an on-policy batch does not use.
+        return self._global_token_mean(loss, student_h.shape[0])
+
     def compute(self, batch: dict[str, Any], val: bool = False) -> dict[str, torch.Tensor]:
         """Each active term on its own sequences; in validation ``kl`` (online) is measured whatever its weight."""
         out: dict[str, torch.Tensor] = {}
@@ -192,8 +262,12 @@ class GenPIModule(pl.LightningModule):
         for term in ("sft", "pg"):
             if self.weights[term] > 0 and term in batch:
                 out[term] = self.ce_loss(batch[term], window.get(term), k)
+        self.opcd_stats = {}
         if "kl" in batch and (self.weights["kl"] > 0 or val):
-            if not val:
+            on_policy, seed = self.sampler.draw() if self.sampler is not None and not val else (False, 0)
+            if on_policy:
+                out["kl"] = self.on_policy_kl_loss(batch["kl"], seed)
+            elif not val:
                 out["kl"] = self.kl_loss(batch["kl"], window_tokens=window.get("kl"), accumulate=k)
             elif self.has_adapter:
                 out["kl"] = self.kl_loss(batch["kl"], teacher="online")
@@ -212,7 +286,21 @@ class GenPIModule(pl.LightningModule):
         for k, v in out.items():
             self.log(f"train/{k}", v.detach(), on_step=True, on_epoch=False, prog_bar=k == "loss", batch_size=bs)
         self.log("train/tokens", float(_tokens(batch)), on_step=True, reduce_fx="sum", batch_size=bs)
+        if self.sampler is not None:
+            self.log("train/opcd_on_policy", float(bool(self.opcd_stats)), on_step=True, on_epoch=False,
+                     batch_size=bs)
+            for k, v in self.opcd_stats.items():
+                self.log(f"train/opcd_{k}", float(v), on_step=True, on_epoch=False, batch_size=bs)
         return out["loss"]
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        self._backward_start = time.perf_counter() if self.opcd_stats else None
+
+    def on_after_backward(self) -> None:
+        if self._backward_start is not None:  # the backward pass of an on-policy batch
+            self.log("train/opcd_backward_s", time.perf_counter() - self._backward_start, on_step=True,
+                     on_epoch=False, batch_size=1)
+            self._backward_start = None
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         out = self.compute(batch, val=True)
@@ -237,6 +325,8 @@ class GenPIModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_checkpoint(checkpoint)
+        if self.sampler is not None and "genpi_opcd_sampler" in checkpoint:
+            self.sampler.load_state_dict(checkpoint["genpi_opcd_sampler"])
 
     def check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A checkpoint holds only the trainable weights, loaded non-strictly: check by name that they are this
@@ -260,6 +350,8 @@ class GenPIModule(pl.LightningModule):
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["genpi_trainable_keys"] = sorted(trainable)
+        if self.sampler is not None:  # a resumed run continues the same draws, so it samples the same tokens
+            checkpoint["genpi_opcd_sampler"] = self.sampler.state_dict()
 
 
 def _batch_size(batch: dict[str, Any]) -> int:

@@ -73,6 +73,12 @@ IDENTITY_ADDED_LATER: dict[str, Any] = {
     "data.drop_duplicates": False,
     "data.overfit": False,
     "eval.savings.prefix_caching": [False, True],
+    # on-policy distillation (issue 13): runs from before it keep their hashes, and so their folders
+    "loss.kl.on_policy": False,
+    "loss.kl.lmbda": 1.0,
+    "loss.kl.sampling.temperature": 1.0,
+    "loss.kl.sampling.top_p": 1.0,
+    "loss.kl.sampling.max_new_tokens": 128,
 }
 HASH_CHARS = 8
 

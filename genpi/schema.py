@@ -174,7 +174,8 @@ TERMS = ("kl", "sft", "pg")
 
 @dataclass
 class KLLoss:
-    """``loss.kl``: distillation on the teacher's single-turn answer."""
+    """``loss.kl``: distillation on the teacher's single-turn answer, or on the student's own samples
+    (``on_policy``, :class:`OnPolicySampling`)."""
 
     weight: float = field(default=0.0, metadata=rng(ge=0))
     kind: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
@@ -183,6 +184,9 @@ class KLLoss:
     teacher: Literal["online", "cached"] = "online"
     prefix_cache: bool = True
     teacher_attention: Literal["auto", "naive", "cached", "shared"] = "auto"
+    on_policy: bool = False
+    lmbda: float = field(default=1.0, metadata=rng(ge=0, le=1))
+    sampling: OnPolicySampling = field(default_factory=lambda: OnPolicySampling())
 
     @property
     def requested_teacher_attention(self) -> str:
@@ -191,6 +195,7 @@ class KLLoss:
 
     def validate(self, at: str) -> None:
         TeacherAttention(self.prefix_cache, self.teacher_attention).validate(at)
+        OnPolicy(self.on_policy, self.weight, self.teacher).validate(at)
         if self.kind == "jsd" and not 0 < self.beta < 1:
             raise bad(f"{at}.beta", self.beta, f"0 < beta < 1 with {at}.kind=jsd (at 0 or 1 the mixture equals one "
                                                f"side and jsd is identically 0; for a plain KL set {at}.kind=forward_kl "
@@ -818,3 +823,34 @@ class EnvSandbox:
         if self.command_timeout > self.episode_timeout:
             raise bad(f"{at}.command_timeout", self.command_timeout,
                       f"<= {at}.episode_timeout ({self.episode_timeout})")
+
+
+# --- on-policy distillation (issue 13) ---
+@dataclass
+class OnPolicySampling:
+    """``loss.kl.sampling``: how the student samples its answers on an on-policy batch (transformers ``generate``)."""
+
+    temperature: float = field(default=1.0, metadata=rng(ge=0))  # 0 = greedy
+    top_p: float = field(default=1.0, metadata=rng(gt=0, le=1))
+    max_new_tokens: int = field(default=128, metadata=rng(ge=1))
+
+
+@dataclass
+class OnPolicy:
+    """The keys of ``loss.kl`` that on-policy distillation reads across: ``on_policy`` with the term's weight and
+    teacher (``lmbda`` and ``sampling`` are checked by their ranges)."""
+
+    on_policy: bool = False
+    weight: float = 0.0
+    teacher: str = "online"
+
+    def validate(self, at: str) -> None:
+        if not self.on_policy:
+            return
+        if self.teacher != "online":
+            raise bad(f"{at}.teacher", self.teacher, f"online with {at}.on_policy=true (stored top-k logits score "
+                                                     f"the synthesized answers, not the student's own samples); set "
+                                                     f"{at}.teacher=online or {at}.on_policy=false")
+        if self.weight <= 0:
+            raise bad(f"{at}.weight", self.weight, f"> 0 with {at}.on_policy=true (the on-policy term is the KL "
+                                                   f"term); set {at}.weight=1 or {at}.on_policy=false")

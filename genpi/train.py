@@ -31,6 +31,7 @@ from genpi.runs import (
     wandb_run_id,
     write_json,
 )
+from genpi.synthesis.clients.base import end_of_turn_ids
 from genpi.tasks import build_task
 from genpi.tasks.base import task_fingerprint
 from genpi.tracking import numeric_leaves
@@ -125,12 +126,25 @@ def _validate(trainer: pl.Trainer, module: GenPIModule, datamodule: GenPIDataMod
     return results[0]
 
 
+def _check_on_policy_strategy(spec: schema.Train, trainer_cfg: DictConfig) -> None:
+    """On-policy batches sample token by token on each rank, for as many steps as that rank's answers need: under
+    FSDP every step would all-gather the sharded weights in lockstep, and ranks that stop at different lengths
+    would wait for each other forever."""
+    strategy = OmegaConf.select(trainer_cfg, "strategy")
+    text = str(OmegaConf.to_container(strategy) if OmegaConf.is_config(strategy) else strategy).lower()
+    if spec.loss.kl.on_policy and "fsdp" in text:
+        raise GenpiError("loss.kl.on_policy=true cannot run under an FSDP strategy (sampling with sharded weights "
+                         "would deadlock ranks whose answers end at different lengths): use trainer=ddp, or "
+                         "loss.kl.on_policy=false")
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Seed, build task, model, data, module, callbacks, loggers and trainer; fit; measure; save.
 
     Returns a dict with ``metrics`` and the objects built (for tests).
     """
     spec = schema.check(cfg, "train")  # every key typed and in range before any model loads
+    _check_on_policy_strategy(spec, cfg.trainer)
     launching.check_launch(cfg.trainer, _choice("trainer"))  # a GPU trainer on a CPU machine: one line, no model
     pl.seed_everything(spec.seed, workers=True)
     torch.set_float32_matmul_precision("high")
@@ -149,7 +163,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         datamodule.check_topk_tokenizer()
     datamodule.setup("fit")
     prompt = teacher_prompt(tokenizer, task)
-    module = GenPIModule(model, spec.loss, spec.optim, prompt.ids)
+    module = GenPIModule(model, spec.loss, spec.optim, prompt.ids, stop_ids=end_of_turn_ids(tokenizer),
+                         pad_id=tokenizer.pad_token_id, seed=spec.seed)
     if ckpt:  # before anything is written: a checkpoint of another setup is refused in one line
         module.check_checkpoint(torch.load(ckpt, map_location="cpu", weights_only=True))
 

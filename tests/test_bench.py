@@ -15,7 +15,8 @@ def test_bench_small_setting_reports_every_figure(tmp_path, tiny_path):
     out = tmp_path / "bench.json"
     main(["--prompt-tokens", "160", "--input-tokens", "24", "--response-tokens", "12", "--records", "12",
           "--batch-size", "4", "--steps", "1", "--mem-tokens", "2048", "--mem-vocab", "32000", "--chunk", "128",
-          "--topk-model", "tiny", "--skip", "roleswap", "teacher_attention", "env", "real_vocab", "--out", str(out)])
+          "--topk-model", "tiny", "--skip", "roleswap", "teacher_attention", "env", "real_vocab", "onpolicy", "--out",
+          str(out)])
     report = json.loads(out.read_text())
     training = report["training"]
     assert training["teacher_pass"]["max_abs_diff"] < 1e-5  # the cached prompt gives the same teacher
@@ -32,3 +33,17 @@ def test_bench_small_setting_reports_every_figure(tmp_path, tiny_path):
     assert topk["5"]["topk_forward_kl"] <= topk["20"]["topk_forward_kl"] + 1e-6 <= report["topk"]["full_forward_kl"] + 2e-6
     assert 0 < topk["50"]["teacher_mass_in_topk"] <= 1
     assert report["versions"]["torch"]
+
+
+def test_onpolicy_section_times_both_steps_on_the_same_batch(tiny_path):
+    """The onpolicy section (left out of the smoke test above) at a toy size: both steps timed, the on-policy one
+    split into sampling, scoring and backward."""
+    from genpi.bench import bench_onpolicy, parse_args
+
+    args = parse_args(["--prompt-tokens", "64", "--input-tokens", "16", "--response-tokens", "8", "--records", "8",
+                       "--batch-size", "2", "--steps", "1", "--onpolicy-new-tokens", "4", "--only", "onpolicy"])
+    report = bench_onpolicy(args)
+    assert set(report["step"]) == {"offpolicy_kl", "onpolicy_kl"}
+    assert all(s["median_s"] > 0 and s["n"] == 1 for s in report["step"].values())
+    split = report["onpolicy_split_median"]
+    assert {"sample_s", "score_s", "backward_s"} <= set(split) and 1 <= split["sampled_len"] <= 4

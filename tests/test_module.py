@@ -112,3 +112,113 @@ def test_gradient_accumulation_2x4_equals_one_batch_of_8(tiny_tokenizer):
     assert accumulated == pytest.approx(float(loss), abs=1e-5)
     for a, b in zip(grads_accumulated, [p.grad for p in params]):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+# --- on-policy distillation (issue 13) ---
+ON_POLICY = {"kl": {"weight": 1.0, "kind": "reverse_kl", "on_policy": True,
+                    "sampling": {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 6}}}
+
+
+def _float64_divergence(module, ds, rows, answers, kind: str, beta: float = 0.5) -> float:
+    """Per-token divergence at the sampled positions, each sequence run alone (no padding, no prompt cache) and the
+    distributions taken in float64: the teacher is the base (adapter off) after prompt + input, the student the
+    adapter after the input alone."""
+    total, n = 0.0, 0
+    for i, answer in zip(rows, answers):
+        ex = ds[i]["kl"]
+        views = {side: ex[f"{side}_input_ids"][: len(ex[f"{side}_input_ids"]) - ex["response_len"]]
+                 for side in ("student", "teacher")}
+        with torch.no_grad():
+            s = module.model(torch.tensor([views["student"] + answer])).logits[0].double()
+            with module.model.disable_adapter():
+                t = module.model(torch.tensor([views["teacher"] + answer])).logits[0].double()
+        s = s[len(views["student"]) - 1 : -1].log_softmax(-1)  # the positions that predict the answer's tokens
+        t = t[len(views["teacher"]) - 1 : -1].log_softmax(-1)
+        if kind == "reverse_kl":
+            per_token = (s.exp() * (s - t)).sum(-1)
+        else:
+            m = (beta * t.exp() + (1 - beta) * s.exp()).log()
+            per_token = beta * (t.exp() * (t - m)).sum(-1) + (1 - beta) * (s.exp() * (s - m)).sum(-1)
+        total, n = total + float(per_token.sum()), n + len(answer)
+    return total / n
+
+
+@pytest.mark.parametrize("kind", ["reverse_kl", "jsd"])
+def test_on_policy_loss_on_fixed_answers_equals_float64_divergence(tiny_tokenizer, kind):
+    module, task = _module(tiny_tokenizer, {"kl": {**ON_POLICY["kl"], "kind": kind, "beta": 0.5}},
+                           prefix_cache=True)
+    module.eval()
+    dm = GenPIDataModule(task, tiny_tokenizer, losses=("kl",), batch_size=3, val_size=1, test_size=1)
+    dm.setup()
+    ds = dm.datasets["train"]
+    batch = Collator(tiny_tokenizer.pad_token_id)([ds[i] for i in range(3)])
+    g = torch.Generator().manual_seed(1)
+    eot = tiny_tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    # answers of different lengths (padding in the scoring batch), one closed by the end of turn
+    answers = [torch.randint(10, 4000, (n,), generator=g).tolist() for n in (5, 1, 3)]
+    answers[2] += [eot]
+    got = float(module.on_policy_kl_loss(batch["kl"], answers=answers))
+    want = _float64_divergence(module, ds, range(3), answers, kind)
+    assert got == pytest.approx(want, rel=1e-4) and want > 0
+    assert module.opcd_stats["sampled_len"] == pytest.approx(10 / 3)
+    if kind == "reverse_kl":
+        assert module.opcd_stats["reverse_kl"] == pytest.approx(got)
+    else:  # the logged reverse KL is the reverse KL whatever the trained divergence
+        assert module.opcd_stats["reverse_kl"] == pytest.approx(_float64_divergence(module, ds, range(3), answers,
+                                                                                    "reverse_kl"), rel=1e-4)
+
+
+def test_no_gradient_flows_through_the_sampling(tiny_tokenizer, monkeypatch):
+    module, task = _module(tiny_tokenizer, ON_POLICY, prefix_cache=True)
+    module.train()
+    batch = _batch(tiny_tokenizer, task, ("kl",))
+    modes = {n: m.training for n, m in module.model.named_modules()}
+    seen = {}
+    real_generate = module.model.generate
+
+    def generate(*args, **kwargs):
+        seen["grad"], seen["training"] = torch.is_grad_enabled(), module.model.training
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(module.model, "generate", generate)
+    real_sample = module.sampler.sample
+    monkeypatch.setattr(module.sampler, "sample", lambda *a: seen.setdefault("answers", real_sample(*a)))
+    params = [p for p in module.model.parameters() if p.requires_grad]
+    module.on_policy_kl_loss(batch["kl"], seed=7).backward()
+    sampled_grads = [p.grad.clone() for p in params]
+    assert seen["grad"] is False and seen["training"] is False  # sampled under no_grad, without dropout
+    assert {n: m.training for n, m in module.model.named_modules()} == modes  # each module's mode given back
+    eot = tiny_tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    for answer in seen["answers"]:
+        assert 1 <= len(answer) <= 6 and eot not in answer[:-1]  # cut after the first end of turn
+    # the gradient is exactly that of the loss on the same tokens given as fixed data
+    module.model.zero_grad(set_to_none=True)
+    module.on_policy_kl_loss(batch["kl"], answers=seen["answers"]).backward()
+    for a, b in zip(sampled_grads, [p.grad for p in params]):
+        assert torch.equal(a, b)
+    # the same seed samples the same tokens; sampling leaves the global RNG where it was
+    state = torch.get_rng_state()
+    assert real_sample(module.model, *_student_prompts(batch), 7) == seen["answers"]
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def _student_prompts(batch):
+    from genpi.onpolicy import prompt_parts
+
+    return (prompt_parts(batch["kl"])[0],)
+
+
+def test_lmbda_zero_is_exactly_the_off_policy_kl_step(tiny_tokenizer, monkeypatch):
+    on, task = _module(tiny_tokenizer, {"kl": {**ON_POLICY["kl"], "lmbda": 0.0}}, prefix_cache=True)
+    off, _ = _module(tiny_tokenizer, {"kl": {"weight": 1.0, "kind": "reverse_kl"}}, prefix_cache=True)
+    off.model.load_state_dict(on.model.state_dict())
+    monkeypatch.setattr(on.sampler, "sample", lambda *a: pytest.fail("lmbda=0 sampled"))
+    batch = _batch(tiny_tokenizer, task, ("kl",))
+    results = []
+    for module in (on, off):
+        out = module.compute(batch)
+        out["loss"].backward()
+        results.append((out["loss"].detach(), [p.grad for p in module.model.parameters() if p.requires_grad]))
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+    assert on.opcd_stats == {}

@@ -344,8 +344,8 @@ def test_every_loss_option_fast_dev_run_on_the_sentencepiece_model(loss, tmp_pat
     """Every ``loss=`` option once, on the cheapest real tokenizer (the terms all run at 128k in the test above)."""
     from genpi.train import train
 
-    out = train(compose_cfg("train", ["model=tiny_mistral_vocab", f"loss={loss}", "debug=fdr", "data.max_records=8"],
-                            tmp_path))
+    out = train(compose_cfg("train", ["model=tiny_mistral_vocab", f"loss={loss}", "debug=fdr", "data.max_records=8",
+                                      "loss.kl.sampling.max_new_tokens=6"], tmp_path))
     assert out["trainer"].global_step == 1
 
 

@@ -175,6 +175,17 @@ TRAIN_BAD = [
     (["data.path={data:conv_type}"], "conv_type.jsonl:3"),
     (["data.path={data:json_scalar}"], "scalar.json"),
     (["task=webshop", f"data.path={SAMPLES / 'os.jsonl'}"], "another prompt"),
+    # on-policy distillation (issue 13)
+    (["loss=opcd", "loss.kl.lmbda=1.5"], "loss.kl.lmbda=1.5"),
+    (["loss=opcd", "loss.kl.lmbda=-0.1"], "loss.kl.lmbda=-0.1"),
+    (["loss=opcd", "loss.kl.teacher=cached"], "loss.kl.teacher='cached'"),
+    (["loss=opcd", "loss.kl.sampling.temperature=-1"], "loss.kl.sampling.temperature=-1"),
+    (["loss=opcd", "loss.kl.sampling.top_p=0"], "loss.kl.sampling.top_p=0"),
+    (["loss=opcd", "loss.kl.sampling.max_new_tokens=0"], "loss.kl.sampling.max_new_tokens=0"),
+    (["loss=genpi", "loss.kl.on_policy=true"], "loss.kl.weight=0"),
+    (["loss=opcd", "loss.kl.on_policy=maybe"], "loss.kl.on_policy='maybe'"),
+    (["loss=opcd", "model.lora.enabled=false"], "model.lora.enabled=true"),
+    (["loss=opcd", "trainer=fsdp"], "FSDP"),
 ]
 
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 
 from tests.helpers import CONF, compose_cfg
 
@@ -25,7 +26,7 @@ def run_train(tmp_path: Path, overrides: list[str]):
 
 @pytest.mark.parametrize("loss", LOSSES)
 def test_fast_dev_run_every_loss(tmp_path, tiny_path, loss):
-    out = run_train(tmp_path, [f"loss={loss}", "debug=fdr"])
+    out = run_train(tmp_path, [f"loss={loss}", "debug=fdr", "loss.kl.sampling.max_new_tokens=6"])
     assert out["trainer"].global_step == 1
     module = out["module"]
     assert set(module.weights) == {"kl", "sft", "pg"}
@@ -76,3 +77,56 @@ def test_post_eval_quotes_run_folders_for_hydra(value):
     from genpi.train import _quoted
 
     assert OverridesParser.create().parse_override(f"run_dir={_quoted(value)}").value() == value
+
+
+# --- on-policy distillation (issue 13) ---
+FAST_SAMPLING = ["loss.kl.sampling.max_new_tokens=6"]
+
+
+@pytest.mark.parametrize("overrides", [
+    ["loss=opcd", "loss.sft.weight=0.7"],
+    ["loss=opcd", "loss.sft.weight=0.7", "loss.pg.weight=0.3", "loss.kl.kind=jsd", "loss.kl.beta=0.5"],
+    ["loss=genpi_kl", "loss.kl.on_policy=true", "loss.kl.lmbda=0.5", "loss.kl.sampling.top_p=0.9",
+     "loss.kl.sampling.temperature=0"],
+], ids=["opcd+sft", "opcd+sft+pg_jsd", "genpi_kl_mixed_greedy"])
+def test_fast_dev_run_on_policy_with_sft_and_pg(tmp_path, tiny_path, overrides):
+    out = run_train(tmp_path, [*overrides, *FAST_SAMPLING, "debug=fdr"])
+    assert out["trainer"].global_step == 1
+    logged = out["trainer"].logged_metrics
+    for term in ("sft", "pg"):
+        assert (f"train/{term}" in logged) == (out["module"].weights[term] > 0)
+    if float(logged["train/opcd_on_policy"]):
+        assert {"train/opcd_sample_s", "train/opcd_score_s", "train/opcd_backward_s", "train/opcd_sampled_len",
+                "train/opcd_reverse_kl"} <= set(logged)
+        assert 1 <= float(logged["train/opcd_sampled_len"]) <= 6
+
+
+class StopAfterFirstEpoch(pl.Callback):
+    """Stands in for a run killed after its first checkpoint (the epoch-end validation)."""
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        trainer.should_stop = True
+
+
+def test_resumed_on_policy_run_samples_the_same_tokens(tmp_path, tiny_path, monkeypatch):
+    """Two runs of two epochs, one stopped after the first and resumed from its checkpoint: the resumed half draws
+    the same batches on-policy and samples the same tokens as the run that never stopped."""
+    from genpi.onpolicy import OnPolicySampler
+
+    draws: list = []
+    real_sample = OnPolicySampler.sample
+    monkeypatch.setattr(OnPolicySampler, "sample",
+                        lambda self, model, prompts, seed: draws.append((seed, real_sample(self, model, prompts, seed)))
+                        or draws[-1][1])
+    common = ["loss=opcd", "loss.kl.lmbda=0.7", *FAST_SAMPLING, "trainer.max_epochs=2", "data.max_records=12",
+              "data.batch_size=4", "data.val_size=2", "data.test_size=2", "validate_before_fit=false",
+              "model.lora.dropout=0.0", "optim.warmup_ratio=0.0"]
+    run_train(tmp_path / "whole", common)
+    whole, draws[:] = list(draws), []
+    stop = f"+callbacks.stop._target_={__name__}.StopAfterFirstEpoch"
+    killed = run_train(tmp_path / "killed", [*common, stop])
+    first_half, draws[:] = list(draws), []
+    assert (killed["run_dir"] / "checkpoints" / "last.ckpt").is_file()
+    run_train(tmp_path / "killed", common)  # the same command again: resumes from last.ckpt
+    assert first_half + draws == whole
+    assert draws and draws != first_half[: len(draws)]  # the generator went on; it did not start over from the seed

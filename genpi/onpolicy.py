@@ -1,0 +1,139 @@
+"""On-policy context distillation (issue 13): the student samples its own answers, the teacher scores them.
+
+The pieces the training module glues together:
+
+- :class:`OnPolicySampler` decides per batch whether it is on-policy (a coin of probability ``lmbda``) and draws the
+  seed its sampling runs under, both from one seeded ``torch.Generator`` whose state goes into checkpoints: a run that
+  is killed and resumed samples the same tokens as one that never stopped (given the same weights).
+- :meth:`OnPolicySampler.sample` runs transformers ``generate`` on the student (the model as it is: adapter on,
+  no prompt) under ``torch.no_grad()`` in a forked RNG, so sampling neither carries gradients nor moves the global
+  RNG that dropout and the data order read.
+- :func:`prompt_parts` and :func:`scoring_batch` take a KL batch of the data module apart into the student's and
+  the teacher's views of each input, and put them back together around the sampled answers, in the data module's
+  own layout (so the teacher's cached-prompt paths apply unchanged).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+
+def cut_after_stop(ids: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
+    """A sampled answer up to and including its first end-of-turn token (the stop is a sampled token too: the
+    student learns where to end); everything after it is padding of a finished row."""
+    stops = set(int(s) for s in stop_ids)
+    out: list[int] = []
+    for t in ids:
+        out.append(int(t))
+        if int(t) in stops:
+            break
+    return out
+
+
+def prompt_parts(kl: dict[str, torch.Tensor]) -> tuple[list[list[int]], list[list[int]]]:
+    """The student's and the teacher's views of each input, without the synthesized answer: ``(student, teacher)``
+    lists of token ids, from a right-padded KL batch (``student_input_ids`` ``[B, Ts]``, ``teacher_input_ids``
+    ``[B, Tt]`` with their attention and response masks)."""
+    n_answer = kl["student_response_mask"].sum(1).tolist()
+    n_student = kl["student_attention_mask"].sum(1).tolist()
+    n_teacher = kl["teacher_attention_mask"].sum(1).tolist()
+    s_ids, t_ids = kl["student_input_ids"].tolist(), kl["teacher_input_ids"].tolist()
+    student = [row[: n - a] for row, n, a in zip(s_ids, n_student, n_answer)]
+    teacher = [row[: n - a] for row, n, a in zip(t_ids, n_teacher, n_answer)]
+    return student, teacher
+
+
+def scoring_batch(student_prompts: Sequence[Sequence[int]], teacher_prompts: Sequence[Sequence[int]],
+                  answers: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """A KL batch in the data module's layout whose answers are ``answers``: for each side (``student``,
+    ``teacher``) its view + answer as ``{side}_input_ids`` ``[B, T]`` (right-padded), ``{side}_attention_mask`` and
+    ``{side}_response_mask`` (true where the logits predict an answer token)."""
+    out: dict[str, torch.Tensor] = {}
+    for side, prompts in (("student", student_prompts), ("teacher", teacher_prompts)):
+        seqs = [list(p) + list(a) for p, a in zip(prompts, answers)]
+        ids = torch.full((len(seqs), max(len(s) for s in seqs)), int(pad_id), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        response = torch.zeros(ids.shape, dtype=torch.bool)
+        for row, (seq, answer) in enumerate(zip(seqs, answers)):
+            ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[row, : len(seq)] = 1
+            response[row, len(seq) - len(answer) - 1 : len(seq) - 1] = True
+        out.update({f"{side}_input_ids": ids, f"{side}_attention_mask": mask, f"{side}_response_mask": response})
+    return out
+
+
+class OnPolicySampler:
+    """The student's sampling on on-policy batches, and the seeded choice of which batches those are.
+
+    Args:
+        lmbda: share of batches that are on-policy, in [0, 1].
+        temperature: sampling temperature; 0 = greedy.
+        top_p: nucleus sampling threshold in (0, 1]; top-k is always off (the full distribution).
+        max_new_tokens: longest sampled answer.
+        stop_ids: end-of-turn token ids; sampling stops at the first, which is kept.
+        pad_id: fills the left padding of the prompts and the right padding of the scoring batch.
+        seed: seeds the generator (every rank the same, so ranks agree on which batches are on-policy).
+    """
+
+    def __init__(self, lmbda: float, temperature: float, top_p: float, max_new_tokens: int, stop_ids: Sequence[int],
+                 pad_id: int, seed: int = 0):
+        self.lmbda = float(lmbda)
+        self.temperature = float(temperature)
+        self.top_p = float(top_p)
+        self.max_new_tokens = int(max_new_tokens)
+        self.stop_ids = [int(s) for s in stop_ids]
+        self.pad_id = int(pad_id)
+        self.generator = torch.Generator().manual_seed(int(seed))
+
+    def draw(self) -> tuple[bool, int]:
+        """``(on_policy, sampling_seed)`` for the next training batch. Both are drawn on every batch, whatever
+        ``lmbda`` is, so the generator's position depends only on the number of batches seen."""
+        coin = float(torch.rand((), generator=self.generator))
+        seed = int(torch.randint(0, 2**62, (), generator=self.generator))
+        return coin < self.lmbda, seed
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+
+    @torch.no_grad()
+    def sample(self, model: torch.nn.Module, prompts: Sequence[Sequence[int]], seed: int) -> list[list[int]]:
+        """One sampled answer per prompt (token ids, cut after the first stop token).
+
+        The model runs in eval mode (no dropout while sampling) and each module is put back in the mode it was in; the global
+        RNG is forked and seeded with ``seed``, so the answers depend only on the weights, the prompts and ``seed``.
+        """
+        from transformers import GenerationConfig
+
+        device = next(model.parameters()).device
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, p in enumerate(prompts):  # left padding: every row's next token is in the last column
+            ids[row, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+            mask[row, width - len(p):] = 1
+        greedy = self.temperature == 0
+        # Every sampling key set: generate fills unset (None) keys from the model's generation_config and then
+        # from transformers' defaults (top_k=50), which would silently truncate the distribution.
+        config = GenerationConfig(do_sample=not greedy, temperature=None if greedy else self.temperature,
+                                  top_p=None if greedy else self.top_p, top_k=0, min_p=None, typical_p=1.0,
+                                  repetition_penalty=1.0, max_new_tokens=self.max_new_tokens,
+                                  eos_token_id=self.stop_ids, pad_token_id=self.pad_id)
+        # Each module's own mode is restored (not model.train()): a loaded base sits in eval mode under a training
+        # adapter, and flipping it would change what the training passes compute.
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()
+        try:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(seed)
+                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                     generation_config=config)
+        finally:
+            for m, mode in modes:
+                m.training = mode
+        return [cut_after_stop(row, self.stop_ids) for row in out[:, width:].tolist()]
