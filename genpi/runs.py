@@ -77,8 +77,8 @@ IDENTITY_ADDED_LATER: dict[str, Any] = {
 HASH_CHARS = 8
 
 
-def _excluded(key: str) -> bool:
-    for rule in IDENTITY_EXCLUDED:
+def _excluded(key: str, also: tuple[str, ...] = ()) -> bool:
+    for rule in (*IDENTITY_EXCLUDED, *also):
         if rule.endswith(".*"):
             if key == rule[:-2] or key.startswith(rule[:-1]):
                 return True
@@ -96,8 +96,10 @@ def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: tree}
 
 
-def identity_keys(cfg: Any) -> dict[str, Any]:
+def identity_keys(cfg: Any, also_excluded: tuple[str, ...] = ()) -> dict[str, Any]:
     """The resolved leaves of a config (``DictConfig`` or dict) that decide a run's results, by dotted key.
+
+    ``also_excluded`` leaves out more keys (same rules as ``IDENTITY_EXCLUDED``), those one entry point ignores.
 
     A value whose interpolation cannot be resolved here (it points into an excluded block that is not set yet, such
     as Hydra's runtime) is kept as its unresolved text, which is stable."""
@@ -107,7 +109,7 @@ def identity_keys(cfg: Any) -> dict[str, Any]:
         raw = OmegaConf.to_container(cfg, resolve=False)
         flat = {}
         for key, value in _leaves(raw).items():
-            if _excluded(key):
+            if _excluded(key, also_excluded):
                 continue
             if isinstance(value, str) and "${" in value:
                 try:
@@ -118,7 +120,7 @@ def identity_keys(cfg: Any) -> dict[str, Any]:
                     pass
             flat[key] = value
     else:
-        flat = {k: v for k, v in _leaves(dict(cfg)).items() if not _excluded(k)}
+        flat = {k: v for k, v in _leaves(dict(cfg)).items() if not _excluded(k, also_excluded)}
     return {k: v for k, v in sorted(flat.items())
             if not (k in IDENTITY_ADDED_LATER and v == IDENTITY_ADDED_LATER[k])}
 
@@ -144,12 +146,13 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _hash_resolver(*, _root_: Any) -> str:
-    return config_hash(identity_keys(_root_))
+def _hash_resolver(*also_excluded: str, _root_: Any) -> str:
+    return config_hash(identity_keys(_root_, tuple(also_excluded)))
 
 
 def register_resolvers() -> None:
-    """``${genpi_config_hash:}``: the config's identity hash, for folder names in Hydra's ``run.dir``."""
+    """``${genpi_config_hash:}``: the config's identity hash, for folder names in Hydra's ``run.dir``;
+    ``${genpi_config_hash:seed,export.out_dir}`` leaves those keys out too (keys an entry point does not use)."""
     from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver("genpi_config_hash"):
