@@ -162,6 +162,33 @@ def register_resolvers() -> None:
 register_resolvers()
 
 
+def drop_rows_after_checkpoint(metrics_csv: Path, global_step: int) -> int:
+    """Drop the rows of ``metrics.csv`` that a killed run logged after the checkpoint it resumes from; returns how
+    many. The resumed run logs those steps again, so kept they would appear twice.
+
+    Lightning's logger step is the number of optimizer steps done *before* the row's batch (the first batch logs
+    step 0), so the first batch after a checkpoint taken at ``global_step`` logs ``step == global_step``: every
+    row with ``step >= global_step`` came after the checkpoint; the rows of the validation the checkpoint was taken
+    at (``global_step - 1``) are kept.
+    """
+    import csv
+
+    if not metrics_csv.is_file():
+        return 0
+    with metrics_csv.open(newline="") as f:
+        reader = csv.DictReader(f)
+        fields, rows = reader.fieldnames or [], list(reader)
+    kept = [r for r in rows if not r.get("step") or int(float(r["step"])) < global_step]
+    if len(kept) < len(rows):
+        tmp = metrics_csv.with_suffix(".tmp")
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(kept)
+        tmp.replace(metrics_csv)
+    return len(rows) - len(kept)
+
+
 def _appending_writer_class():
     from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 
@@ -184,6 +211,12 @@ def _csv_logger_class():
 
     class ResumableCSVLogger(CSVLogger):
         """A CSV logger whose ``metrics.csv`` survives a resume: rows are appended, never overwritten."""
+
+        def drop_rows_after_checkpoint(self, global_step: int) -> int:
+            """Before a resumed run logs: drop the rows logged after its checkpoint (see the module function)."""
+            from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+
+            return drop_rows_after_checkpoint(Path(self.log_dir) / ExperimentWriter.NAME_METRICS_FILE, global_step)
 
         @property
         @rank_zero_experiment
