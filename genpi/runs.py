@@ -83,8 +83,8 @@ IDENTITY_ADDED_LATER: dict[str, Any] = {
 HASH_CHARS = 8
 
 
-def _excluded(key: str) -> bool:
-    for rule in IDENTITY_EXCLUDED:
+def _excluded(key: str, also: tuple[str, ...] = ()) -> bool:
+    for rule in (*IDENTITY_EXCLUDED, *also):
         if rule.endswith(".*"):
             if key == rule[:-2] or key.startswith(rule[:-1]):
                 return True
@@ -102,8 +102,10 @@ def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: tree}
 
 
-def identity_keys(cfg: Any) -> dict[str, Any]:
+def identity_keys(cfg: Any, also_excluded: tuple[str, ...] = ()) -> dict[str, Any]:
     """The resolved leaves of a config (``DictConfig`` or dict) that decide a run's results, by dotted key.
+
+    ``also_excluded`` leaves out more keys (same rules as ``IDENTITY_EXCLUDED``), those one entry point ignores.
 
     A value whose interpolation cannot be resolved here (it points into an excluded block that is not set yet, such
     as Hydra's runtime) is kept as its unresolved text, which is stable."""
@@ -113,7 +115,7 @@ def identity_keys(cfg: Any) -> dict[str, Any]:
         raw = OmegaConf.to_container(cfg, resolve=False)
         flat = {}
         for key, value in _leaves(raw).items():
-            if _excluded(key):
+            if _excluded(key, also_excluded):
                 continue
             if isinstance(value, str) and "${" in value:
                 try:
@@ -124,7 +126,7 @@ def identity_keys(cfg: Any) -> dict[str, Any]:
                     pass
             flat[key] = value
     else:
-        flat = {k: v for k, v in _leaves(dict(cfg)).items() if not _excluded(k)}
+        flat = {k: v for k, v in _leaves(dict(cfg)).items() if not _excluded(k, also_excluded)}
     return {k: v for k, v in sorted(flat.items())
             if not (k in IDENTITY_ADDED_LATER and v == IDENTITY_ADDED_LATER[k])}
 
@@ -150,12 +152,13 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _hash_resolver(*, _root_: Any) -> str:
-    return config_hash(identity_keys(_root_))
+def _hash_resolver(*also_excluded: str, _root_: Any) -> str:
+    return config_hash(identity_keys(_root_, tuple(also_excluded)))
 
 
 def register_resolvers() -> None:
-    """``${genpi_config_hash:}``: the config's identity hash, for folder names in Hydra's ``run.dir``."""
+    """``${genpi_config_hash:}``: the config's identity hash, for folder names in Hydra's ``run.dir``;
+    ``${genpi_config_hash:seed,export.out_dir}`` leaves those keys out too (keys an entry point does not use)."""
     from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver("genpi_config_hash"):
@@ -163,6 +166,33 @@ def register_resolvers() -> None:
 
 
 register_resolvers()
+
+
+def drop_rows_after_checkpoint(metrics_csv: Path, global_step: int) -> int:
+    """Drop the rows of ``metrics.csv`` that a killed run logged after the checkpoint it resumes from; returns how
+    many. The resumed run logs those steps again, so kept they would appear twice.
+
+    Lightning's logger step is the number of optimizer steps done *before* the row's batch (the first batch logs
+    step 0), so the first batch after a checkpoint taken at ``global_step`` logs ``step == global_step``: every
+    row with ``step >= global_step`` came after the checkpoint; the rows of the validation the checkpoint was taken
+    at (``global_step - 1``) are kept.
+    """
+    import csv
+
+    if not metrics_csv.is_file():
+        return 0
+    with metrics_csv.open(newline="") as f:
+        reader = csv.DictReader(f)
+        fields, rows = reader.fieldnames or [], list(reader)
+    kept = [r for r in rows if not r.get("step") or int(float(r["step"])) < global_step]
+    if len(kept) < len(rows):
+        tmp = metrics_csv.with_suffix(".tmp")
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(kept)
+        tmp.replace(metrics_csv)
+    return len(rows) - len(kept)
 
 
 def _appending_writer_class():
@@ -187,6 +217,12 @@ def _csv_logger_class():
 
     class ResumableCSVLogger(CSVLogger):
         """A CSV logger whose ``metrics.csv`` survives a resume: rows are appended, never overwritten."""
+
+        def drop_rows_after_checkpoint(self, global_step: int) -> int:
+            """Before a resumed run logs: drop the rows logged after its checkpoint (see the module function)."""
+            from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+
+            return drop_rows_after_checkpoint(Path(self.log_dir) / ExperimentWriter.NAME_METRICS_FILE, global_step)
 
         @property
         @rank_zero_experiment

@@ -165,11 +165,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     prompt = teacher_prompt(tokenizer, task)
     module = GenPIModule(model, spec.loss, spec.optim, prompt.ids, stop_ids=end_of_turn_ids(tokenizer),
                          pad_id=tokenizer.pad_token_id, seed=spec.seed)
+    resume_step = None
     if ckpt:  # before anything is written: a checkpoint of another setup is refused in one line
-        module.check_checkpoint(torch.load(ckpt, map_location="cpu", weights_only=True))
+        checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+        module.check_checkpoint(checkpoint)
+        resume_step = int(checkpoint.get("global_step", 0))
+        del checkpoint
 
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [] if fdr or not rank_zero else _loggers(cfg, run_dir, identity_hash)
+    for lg in loggers if resume_step is not None else []:  # history is appended to, each step once
+        if hasattr(lg, "drop_rows_after_checkpoint"):
+            dropped = lg.drop_rows_after_checkpoint(resume_step)
+            if dropped:
+                log.info("resuming at step %d: dropped %d metrics rows logged after the checkpoint", resume_step,
+                         dropped)
     trainer: pl.Trainer = launching.build_trainer(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     metrics_path = run_dir / "metrics.json"

@@ -4,6 +4,7 @@ exactly as the trained model does."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -84,6 +85,18 @@ def test_evaluation_of_the_exported_adapter_finds_its_run(exported, run_dir, tmp
     assert art.run_dir == run_dir and art.splits["test"]
 
 
+def test_export_folder_is_named_like_a_run_folder_with_the_hash_of_what_changes_the_export(tmp_path):
+    def folder(overrides: list[str]) -> Path:
+        return Path(_compose_export(tmp_path, ["run_dir=/runs/os-genpi-tiny-s0-0123abcd", *overrides]).hydra.run.dir)
+
+    plain = folder([])
+    assert plain.parent == tmp_path / "export" and re.fullmatch(r"os-genpi-tiny-s0-0123abcd-[0-9a-f]{8}", plain.name)
+    assert folder([]) == plain  # the same export finds its folder again
+    others = [folder([o]) for o in ("export.merged=true", "export.dtype=bfloat16", "model.dtype=bfloat16")]
+    assert len({plain, *others}) == 1 + len(others)  # different settings never share a folder
+    assert folder(["seed=3", f"export.out_dir={tmp_path / 'elsewhere'}"]) == plain  # what export does not use
+
+
 def test_export_refuses_another_base_model(run_dir, tmp_path):
     from genpi.export import export
 
@@ -121,5 +134,7 @@ def test_export_cli_prints_both_folders(run_dir, tmp_path):
                            "export.merged=true"], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = dict(ln.split(": ", 1) for ln in proc.stdout.splitlines() if ln.startswith(("adapter: ", "merged: ")))
-    assert Path(lines["adapter"]) == tmp_path / "export" / run_dir.name / "adapter"
+    folder = Path(lines["adapter"]).parent
+    assert folder.parent == tmp_path / "export" and re.fullmatch(rf"{run_dir.name}-[0-9a-f]{{8}}", folder.name)
+    assert Path(lines["adapter"]).name == "adapter"
     assert (Path(lines["merged"]) / "model.safetensors").is_file()

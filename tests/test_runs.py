@@ -131,11 +131,34 @@ def test_case8_resume_appends_history_and_keeps_one_config(tmp_path, tiny_path):
     assert resumed["metrics"]["val/kl"] == pytest.approx(whole["metrics"]["val/kl"], rel=1e-4)
     assert resumed["metrics"]["val/kl_start"] == pytest.approx(killed["metrics"]["val/kl_start"])
     rows = list(csv.DictReader((resumed["run_dir"] / "csv" / "metrics.csv").open()))
-    assert rows[: len(rows_before)] == [{k: r.get(k, "") for k in rows[0]} for r in rows_before]  # kept, appended to
+    # what the killed run logged after its checkpoint (here its closing validation, at step `half`) is logged again
+    # by the resumed run: dropped on resume, so each step's rows appear once, as in the run that was never stopped
+    before_ckpt = [r for r in rows_before if int(r["step"]) < half]
+    assert 0 < len(before_ckpt) < len(rows_before)
+    assert rows[: len(before_ckpt)] == [{k: r.get(k, "") for k in rows[0]} for r in before_ckpt]  # kept, appended to
     steps = {int(r["step"]) for r in rows if r.get("train/loss")}
     assert min(steps) < half <= max(steps)  # the history holds both halves of the training
+    whole_rows = list(csv.DictReader((whole["run_dir"] / "csv" / "metrics.csv").open()))
+    assert _row_shapes(rows) == _row_shapes(whole_rows)
     saved = json.loads((resumed["run_dir"] / "metrics.json").read_text())
     assert saved["run/config_hash"] == json.loads((resumed["run_dir"] / "run.json").read_text())["identity"]["hash"]
+
+
+def _row_shapes(rows: list[dict[str, str]]) -> list[tuple]:
+    """Each row's epoch, step and which metrics it holds (the values of a resumed run differ in the last digits)."""
+    return [(r["epoch"], r["step"], tuple(sorted(k for k, v in r.items() if v and k not in ("epoch", "step"))))
+            for r in rows]
+
+
+def test_metrics_rows_logged_after_the_checkpoint_are_dropped(tmp_path):
+    from genpi.runs import drop_rows_after_checkpoint
+
+    path = tmp_path / "metrics.csv"
+    path.write_text("epoch,step,train/loss,val/kl\n0,0,,0.5\n0,0,1.0,\n0,1,0.9,\n0,1,,0.4\n1,2,0.8,\n1,3,0.7,\n")
+    assert drop_rows_after_checkpoint(path, 2) == 2  # a checkpoint after 2 optimizer steps: steps 0 and 1 kept
+    assert path.read_text().splitlines() == ["epoch,step,train/loss,val/kl", "0,0,,0.5", "0,0,1.0,", "0,1,0.9,",
+                                             "0,1,,0.4"]
+    assert drop_rows_after_checkpoint(path, 2) == 0 and drop_rows_after_checkpoint(tmp_path / "none.csv", 0) == 0
 
 
 def test_checkpoint_of_another_lora_setup_is_refused(tmp_path, tiny_path, capsys):

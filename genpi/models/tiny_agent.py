@@ -25,6 +25,15 @@ the measured format rates with and without the prompt on held-out inputs.
 Training reads each long prompt once per batch: a batch holds sequences of one task and one view, whose common
 token prefix (the prompt, the persona) is run once and its keys/values expanded over the batch, gradients
 flowing back through the expansion. That makes a batch of 8 cost about one prompt plus 8 short tails.
+
+Why a plain PyTorch loop (:func:`_train`) and not Lightning, and why here in ``models/``: the loop is the recipe
+that made the shipped weights (a seeded batch order, one task and view per step; AdamW, a warm-up + cosine
+``LambdaLR``, gradient norm clipped at 1.0; one thread), and ``weights_sha256`` in their record is what a rebuild is
+checked against. Lightning's automatic optimization performs the same operations, so a port should be able to
+reproduce those bytes, but only a full 36-minute single-thread rebuild would show it, and the port would add nothing
+this one-off build uses (no logging, checkpoints, devices or resumption): it is not done. The model factory builds
+it on first use, as it builds ``tiny``, so it lives beside ``tiny``; it imports :mod:`genpi.tasks` only inside
+functions, and nothing in ``genpi.tasks`` imports ``genpi.models``, so there is no import circle.
 """
 
 from __future__ import annotations
@@ -113,7 +122,8 @@ def agent_folder(model_cfg: dict[str, Any] | None = None, cache: Path | None = N
 
 
 # -- the shipped weights ----------------------------------------------------------------------------
-# Pre-training takes about 9 minutes on a 2-core CPU, too long for a first `make demo`. The weights it produced are
+# Pre-training took 36 minutes with 1 thread on a loaded 2-core CPU (the record's `seconds`), too long for a first
+# `make demo`. The weights it produced are
 # therefore shipped in the package (7 MB), with a record of what made them; `python -m genpi.models.tiny_agent build
 # --write-artifact` (`make tiny-agent`) reproduces them. They are used only when the record matches the requested
 # architecture and pre-training settings and the tokenizer built here is byte-identical to the one they were trained

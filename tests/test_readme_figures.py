@@ -1,0 +1,348 @@
+"""The figures the READMEs state equal the committed artifacts they come from (pure file reading, no model).
+
+A README names the artifact behind its figures in an HTML comment, ``<!-- figures: PATH [PATH ...] -->``, invisible
+when rendered, placed above a table or paragraph (or inline, inside a list item). The block it covers runs from
+the start of the marker's paragraph to the next heading or the next marker. Each PATH (optionally ``PATH#label``
+when one artifact backs several blocks) has a checker here that renders the figures from the artifact, rounded as
+the README rounds them, and asserts they stand in the block: a README number that drifts from its artifact (or an
+artifact rerun without the README following) fails, and so does a marker without a checker or a checker without a
+marker.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import re
+from collections.abc import Callable
+from decimal import ROUND_HALF_UP, Decimal
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+READMES = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("experiments/*/README.md"))]
+MARKER = re.compile(r"<!-- figures: (.+?) -->")
+
+
+# -- reading ------------------------------------------------------------------------------------------------------
+def blocks(readme: str) -> list[tuple[str, str]]:
+    """``(artifact key, block text)`` for every marker of one README."""
+    lines = (ROOT / readme).read_text().splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        for match in MARKER.finditer(line):
+            start = i
+            while start > 0 and lines[start - 1].strip():  # the start of the marker's paragraph
+                start -= 1
+            end = i + 1
+            while end < len(lines) and not lines[end].startswith("#") and not MARKER.search(lines[end]):
+                end += 1
+            text = "\n".join(lines[start:end])
+            out.extend((key, text) for key in match.group(1).split())
+    return out
+
+
+def tables(block: str) -> list[list[list[str]]]:
+    """The body rows of every Markdown table in a block, cells stripped (``\\|`` kept inside a cell)."""
+    out: list[list[str]] = []
+    runs: list[list[str]] = []
+    for ln in [*block.splitlines(), ""]:
+        if ln.lstrip().startswith("|"):
+            out.append(ln)
+        elif out:
+            runs.append(out)
+            out = []
+    return [[[c.strip() for c in re.split(r"(?<!\\)\|", ln.strip())[1:-1]] for ln in rows[2:]] for rows in runs]
+
+
+def table(block: str) -> list[list[str]]:
+    found = tables(block)
+    assert found, "no table in the block"
+    return found[0]
+
+
+def load(path: str) -> dict | list:
+    return json.loads((ROOT / path).read_text())
+
+
+def csv_rows(path: str) -> list[dict[str, str]]:
+    with (ROOT / path).open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# -- rounding as the READMEs round ---------------------------------------------------------------------------------
+def fixed(x: float, digits: int) -> str:
+    """Half-up rounding to ``digits`` decimals (0.625 -> 0.63, as a reader rounds; Python's round() gives 0.62)."""
+    d = Decimal(repr(float(x))).quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_UP)
+    return str(abs(d) if d == 0 else d)  # -0.0 (a gap closed of minus nothing) reads 0
+
+
+def pct(x: float, digits: int = 0) -> str:
+    return fixed(100 * x, digits)
+
+
+def sig3(x: float) -> str:
+    """A speed-up as the bench table writes it: 3 significant figures (2.09, 16.9)."""
+    return fixed(x, 1) if x >= 10 else fixed(x, 2)
+
+
+def thousands(x: float) -> str:
+    return f"{int(Decimal(repr(float(x))).quantize(Decimal(1), rounding=ROUND_HALF_UP)):,}"
+
+
+def millions(x: float) -> str:
+    return fixed(x / 1e6, 1) + " M"
+
+
+def contains(block: str, *phrases: str) -> None:
+    text = " ".join(MARKER.sub("", block).split())  # line breaks and list indentation read as one space
+    missing = [p for p in phrases if p not in text]
+    assert not missing, f"not in the README (the artifact says so): {missing}"
+
+
+# -- one checker per artifact ----------------------------------------------------------------------------------------
+def check_demo_selection(block: str) -> None:
+    rows = csv_rows("experiments/demo/results/selection.csv")
+    chosen = rows[0]
+    assert (chosen["task"], chosen["loss"]) == ("kg", "genpi_kl")
+    demo = (ROOT / "genpi/conf/experiment/demo.yaml").read_text()
+    assert re.search(r"override /task: kg\b", demo) and re.search(r"override /loss: genpi_kl\b", demo)
+    without_kl = next(r for r in rows if r["task"] == chosen["task"] and r["loss"] == "genpi")
+    contains(block, "(kg, GenPI + KL)",
+             f"{pct(float(chosen['student_format_rate']), 1)}% of {chosen['val_inputs']} inputs",
+             f"teacher {pct(float(chosen['teacher_format_rate']))}%", f"floor {pct(float(chosen['floor_format_rate']))}%",
+             f"closes {pct(float(chosen['gap_closed_kl_forward']), 1)}% of the KL gap",
+             f"without KL reached {pct(float(without_kl['student_format_rate']), 1)}%")
+
+
+def check_tiny_agent(block: str) -> None:
+    record = load("genpi/models/artifacts/tiny_agent.json")
+    weights = ROOT / "genpi/models/artifacts/tiny_agent.safetensors"
+    rates = record["format_rates"]
+    quoted = ", ".join(f"{task} {pct(rates[task]['with_prompt'])}% / {pct(rates[task]['without_prompt'])}%"
+                       for task in ("kg", "os", "webshop", "m2w"))  # the README's order
+    assert set(rates) == {"kg", "os", "webshop", "m2w"}
+    inputs = {r["inputs"] for r in rates.values()}
+    assert len(inputs) == 1
+    contains(block, f"({millions(record['parameters'])} parameters",
+             f"{thousands(record['arch']['vocab_size'])}-token tokenizer",
+             f"took {thousands(record['seconds'] / 60)} minutes",
+             f"({record['pretrain']['threads']} thread,", f"({thousands(weights.stat().st_size / 2**20)} MB)",
+             f"{inputs.pop()} held-out inputs per task", quoted)
+
+
+def check_teacher_attention(block: str) -> None:
+    section = load("experiments/bench/results/bench.json")["teacher_attention"]
+    timing = section["timing"]
+    shapes = {s["batch_size"] for s in timing.values()}, {s["suffix_tokens"] for s in timing.values()}
+    assert len(shapes[0]) == len(shapes[1]) == 1
+    contains(block, f"Medians (p25-p75) of {section['rounds']} interleaved rounds, {section['threads']} thread, "
+                    f"batch {shapes[0].pop()}, x + y = {shapes[1].pop()} tokens")
+    rows = table(block)
+    assert len(rows) == sum(len(s["P"]) for s in timing.values())
+    for shape_cell, p_cell, naive, cached, shared, bound, share in rows:
+        name = shape_cell.split()[0]
+        shape = timing[name]["shape"]
+        if "(" in shape_cell:
+            assert shape_cell == (f"{name} (hidden {thousands(shape['hidden_size'])}, {shape['num_hidden_layers']} "
+                                  f"layers, GQA {shape['num_attention_heads']}/{shape['num_key_value_heads']})")
+        point = timing[name]["P"][p_cell.replace(",", "")]
+        t = point["time"]
+        ms = {k: thousands(1000 * t[k]["median_s"]) for k in t}
+        assert naive == f"{ms['naive']} ({thousands(1000 * t['naive']['p25_s'])}-" \
+                        f"{thousands(1000 * t['naive']['p75_s'])})", (name, p_cell)
+        assert cached == f"{ms['cached']} ({sig3(point['cached_speedup'])}x)", (name, p_cell)
+        assert shared == f"{ms['shared']} ({sig3(point['shared_speedup'])}x)", (name, p_cell)
+        assert bound == f"{sig3(point['flop_bound_speedup'])}x", (name, p_cell)
+        if point["shared_share_of_flop_bound"] > 1:  # faster than the bound: the timing noise, not the kernel
+            assert share == "spread too wide to read", (name, p_cell)
+        else:
+            assert share == f"{pct(point['shared_share_of_flop_bound'])}%", (name, p_cell)
+
+
+def check_bench_memory(block: str) -> None:
+    memory = load("experiments/bench/results/bench_memory.json")["teacher_attention"]["memory"]["wide"]
+    batches = sorted(memory["batch"], key=int)
+    per_path = {path: " / ".join(fixed(memory["batch"][b][path]["peak_added_mb"], 1) for b in batches) + " MB"
+                for path in ("naive", "cached", "shared")}
+    shared_last = memory["batch"][batches[-1]]["shared"]["peak_added_mb"] / int(batches[-1])
+    contains(block, f"P = {thousands(memory['prompt_tokens'])}", f"batch {' / '.join(batches)}",
+             f"naive {per_path['naive']}", f"cached {per_path['cached']}", f"shared {per_path['shared']}",
+             f"({fixed(memory['prompt_kv_mb_per_copy'], 1)} MB)", f"(about {fixed(shared_last, 1)} MB per example)")
+
+
+def check_bench_prose(block: str) -> None:
+    """The prose after the bench table: which ratios it singles out (from ``bench.json``)."""
+    timing = load("experiments/bench/results/bench.json")["teacher_attention"]["timing"]
+    tiny, wide = timing["tiny"]["P"]["4096"], timing["wide"]["P"]["1024"]
+    contains(block, f"({fixed(tiny['shared_speedup'], 1)}x vs {fixed(tiny['cached_speedup'], 1)}x on tiny at P = 4,096)")
+    assert wide["shared_share_of_flop_bound"] >= 0.8
+    contains(block, "The 80%-of-bound goal is met at P = 1,024 on the wide shape")
+
+
+def check_bench_env(block: str) -> None:
+    env = load("experiments/environments/results/bench_env.json")["env_episodes"]
+    contains(block, f"{env['episodes']} ", f"{fixed(env['speedup'], 1)}x")
+    if "ends in round 1" in block:
+        assert env["batched"]["rounds_mean"] == env["one_at_a_time"]["rounds_mean"] == 1
+
+
+def check_synth_shards(block: str) -> None:
+    speed = load("experiments/synth_shards/results/speedup.json")
+    assert speed["shard_card"]["num_shards"] == 2 and speed["datasets_equal"] is True
+    contains(block, "2 local shards of 1 thread vs 1 process of 1 thread", f"{fixed(speed['speedup_of_medians'], 2)}x",
+             "datasets equal")
+
+
+def check_env_check(block: str) -> None:
+    folder = "experiments/environments/results"
+    passed = {}
+    for path in glob.glob(str(ROOT / folder / "env_check_*.txt")):
+        line = [ln for ln in Path(path).read_text().splitlines() if ln.startswith("passed ")][-1]
+        passed[Path(path).stem.removeprefix("env_check_")] = line.removeprefix("passed ")
+    rows = {r[0]: r[1:] for r in table(block)}
+    for label, key in (("AgentBench OS dev", "agentbench_dev"), ("genpi's own OS problems", "genpi_os")):
+        row = next(v for k, v in rows.items() if k.startswith(label))
+        total = passed[key].split(" of ")[1]
+        assert next(k for k in rows if k.startswith(label)) == f"{label} ({total})"
+        assert row == [passed[key], passed[f"{key}_wrong"]], label
+
+
+def check_sandbox(block: str) -> None:
+    rows = {r[0]: r[1] for r in table((ROOT / "experiments/sandbox/results/env_check.md").read_text())}
+    assert rows["root"] == rows["unprivileged"]
+    contains(block, rows["unprivileged"])
+
+
+def check_teacher_floor(block: str) -> None:
+    summary = load("experiments/environments/results/tiny_agent_teacher_floor.json")["summary"]
+    t, f = summary["teacher"], summary["floor"]
+    assert t["n"] == f["n"]
+    contains(block, f"teacher {t['successes']}/{t['n']} and floor {f['successes']}/{f['n']}",
+             f"(95% Wilson {pct(t['success_rate_ci_low'])}-{pct(t['success_rate_ci_high'])}%)",
+             f"on the first {t['n']} problems")
+    assert (t["success_rate_ci_low"], t["success_rate_ci_high"]) == (f["success_rate_ci_low"],
+                                                                    f["success_rate_ci_high"])
+
+
+def check_serve(block: str) -> None:
+    bench = load("experiments/serve/results/serve_bench_prefix_cache_on.json")
+    stripped, plain = bench["genpi_serve_stripped"], bench["plain_vllm_full_prompt"]
+    contains(block, f"reads {thousands(stripped['prompt_tokens_per_request'])} prompt tokens instead of "
+                    f"{thousands(plain['prompt_tokens_per_request'])} ({stripped['tokens_saved_per_request']} saved",
+             f"({fixed(stripped['requests_per_s_median'], 2)} vs {fixed(plain['requests_per_s_median'], 2)},")
+
+
+def check_tokenizers(block: str) -> None:
+    models = {m["model"]: m for m in load("experiments/real_tokenizers/results/tokenizers.json")}
+    rows = table(block)
+    assert {r[0].strip("`").removeprefix("model=") for r in rows} == set(models)
+    for name_cell, tokenizer, ids, params, eot in rows:
+        m = models[name_cell.strip("`").removeprefix("model=")]
+        package, version = m["tokenizer"].split(":")[0].split("==")
+        if package in tokenizer:
+            assert f"{package} {version}" in tokenizer, name_cell
+        assert ids == thousands(m["vocab_size"]), name_cell
+        assert params == millions(m["parameters"]), name_cell
+        assert eot.strip("`").replace("\\|", "|") == m["end_of_turn"], name_cell
+
+
+def _study(path: str) -> dict[tuple[str, str], dict[str, float]]:
+    out = {}
+    for r in csv_rows(path):
+        if r["loss"].startswith(("teacher (", "floor (")):  # the reference rows genpi.aggregate appends
+            continue
+        assert r["status"] == "ok", r["run_name"]
+        out[r["loss"], r["task"]] = {k: float(v) for k, v in r.items() if k.startswith(("eval/", "train/"))
+                                     and v not in ("", "True", "False") and not k.endswith("report")}
+    return out
+
+
+INTERNALIZATION = "experiments/internalization/results/results.csv"
+INTERNALIZATION_MD = "experiments/internalization/results/results.md"
+
+
+def check_internalization_tables(block: str) -> None:
+    """The study README's two tables are ``results.md``'s (written by gather.sh from the same runs as results.csv)."""
+    text = (ROOT / INTERNALIZATION_MD).read_text()
+    sections = dict(re.findall(r"^### (\S+)\n\n((?:\|.*\n?)+)", text, flags=re.M))
+    readme_tables = tables(block)
+    assert readme_tables == [table(sections["eval/student/format_rate"]),
+                             table(sections["eval/gap_closed/kl_forward"])[:len(readme_tables[1])]]
+    assert [r[0] for r in readme_tables[1]] == sorted({loss for loss, _ in _study(INTERNALIZATION)})
+    assert {r["eval/info/n_examples"] for r in _study(INTERNALIZATION).values()} == {32.0}  # the heading's 32
+
+
+def _range(runs: dict, loss: str, key: str, tasks: list[str] | None = None) -> str:
+    values = [v[key] for (lo, t), v in runs.items() if lo == loss and (tasks is None or t in tasks)]
+    return f"{pct(min(values))}-{pct(max(values))}%"
+
+
+def check_internalization_findings(block: str) -> None:
+    runs = _study(INTERNALIZATION)
+    gap_kl, gap_format = "eval/gap_closed/kl_forward", "eval/gap_closed/format_rate"
+    assert all(r["eval/floor/format_rate"] == 0 for r in runs.values())  # so "% of the teacher's" = gap closed
+    contains(block, "(" + ", ".join(f"{loss} {_range(runs, loss, gap_kl)}" for loss in ("genpi", "genpi_kl", "kl",
+                                                                                             "sft")) + ")",
+             f"(genpi {pct(runs['genpi', 'webshop']['eval/student/format_rate'], 1)}% vs "
+             f"{pct(runs['genpi', 'webshop']['eval/teacher/format_rate'])}%)",
+             f"({pct(runs['genpi_kl', 'kg'][gap_format])}% and {pct(runs['kl', 'kg'][gap_format])}% of the teacher's)",
+             f"on m2w by kl ({pct(runs['kl', 'm2w'][gap_format])}%)",
+             f"reaches {pct(runs['genpi', 'm2w'][gap_format])}% of the teacher's on m2w, "
+             f"{pct(runs['genpi', 'kg'][gap_format])}% on kg and {pct(runs['genpi', 'os'][gap_format])}% on os",
+             f"({min(_range(runs, lo, gap_kl, ['os']).split('-')[0] for lo in ('genpi', 'genpi_kl', 'kl', 'sft'))}-"
+             f"{max(_range(runs, lo, gap_kl, ['os']).split('-')[1] for lo in ('genpi', 'genpi_kl', 'kl', 'sft'))} "
+             "of the KL gap closed)")
+    assert all(runs[lo, "os"]["eval/student/format_rate"] < 0.9 * runs[lo, "os"]["eval/teacher/format_rate"]
+               for lo, _ in runs)  # "Missed on os by every configuration"
+
+
+def check_internalization_summary(block: str) -> None:
+    runs = _study(INTERNALIZATION)
+    student, teacher = "eval/student/format_rate", "eval/teacher/format_rate"
+    contains(block, f"GenPI closes {_range(runs, 'genpi', 'eval/gap_closed/kl_forward')} of the KL gap on every task",
+             *(f"{pct(runs['genpi', t][student])}%{' of the time' if t == 'webshop' else ''} on {t} "
+               f"(teacher {pct(runs['genpi', t][teacher])}%)" for t in ("webshop", "m2w", "kg", "os")))
+
+
+def check_ablation(block: str) -> None:
+    runs = _study("experiments/ablation/results/results.csv")
+    contains(block, f"({len(runs)} jobs)", f"closes {_range(runs, 'kl', 'eval/gap_closed/kl_forward')} of the KL gap")
+    assert all(r[f"eval/{who}/format_rate"] == 0 for r in runs.values() for who in ("student", "teacher", "floor"))
+
+
+CHECKS: dict[str, Callable[[str], None]] = {
+    "experiments/demo/results/selection.csv": check_demo_selection,
+    "genpi/models/artifacts/tiny_agent.json": check_tiny_agent,
+    "experiments/bench/results/bench.json": lambda block: (check_teacher_attention(block)
+                                                           if "| shape |" in block else check_bench_prose(block)),
+    "experiments/bench/results/bench_memory.json": check_bench_memory,
+    "experiments/environments/results/bench_env.json": check_bench_env,
+    "experiments/synth_shards/results/speedup.json": check_synth_shards,
+    "experiments/environments/results/env_check_*.txt": check_env_check,
+    "experiments/sandbox/results/env_check.md": check_sandbox,
+    "experiments/environments/results/tiny_agent_teacher_floor.json": check_teacher_floor,
+    "experiments/serve/results/serve_bench_prefix_cache_on.json": check_serve,
+    "experiments/real_tokenizers/results/tokenizers.json": check_tokenizers,
+    INTERNALIZATION_MD: check_internalization_tables,
+    f"{INTERNALIZATION}#findings": check_internalization_findings,
+    f"{INTERNALIZATION}#summary": check_internalization_summary,
+    "experiments/ablation/results/results.csv": check_ablation,
+}
+MARKED = [(readme, key, text) for readme in READMES for key, text in blocks(readme)]
+
+
+def test_every_marker_has_a_checker_and_an_artifact_and_every_checker_a_marker():
+    keys = {key for _, key, _ in MARKED}
+    assert keys - set(CHECKS) == set(), "a README marker without a checker here"
+    assert set(CHECKS) - keys == set(), "a checker whose README marker is gone"
+    for key in keys:
+        assert glob.glob(str(ROOT / key.split("#")[0])), f"{key}: no such committed artifact"
+
+
+@pytest.mark.parametrize(("readme", "key", "text"), MARKED,
+                         ids=[f"{readme}:{key.rsplit('/', 1)[-1]}:{i}" for i, (readme, key, _) in enumerate(MARKED)])
+def test_readme_figures_equal_their_artifact(readme, key, text):
+    CHECKS[key](text)
