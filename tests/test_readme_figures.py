@@ -189,6 +189,18 @@ def check_bench_env(block: str) -> None:
         assert env["batched"]["rounds_mean"] == env["one_at_a_time"]["rounds_mean"] == 1
 
 
+def check_onpolicy(block: str) -> None:
+    run = load("experiments/bench/results/bench_onpolicy.json")["onpolicy"]
+    split, step = run["onpolicy_split_median"], run["step"]
+    contains(block, f"batch {run['batch_size']}", f"prompt {thousands(run['prompt_tokens'])} tokens",
+             f"input\n{run['input_tokens']}".replace("\n", " "), f"medians of {run['rounds']} interleaved rounds",
+             f"off-policy KL step {fixed(step['offpolicy_kl']['median_s'], 2)} s",
+             f"on-policy step {fixed(step['onpolicy_kl']['median_s'], 2)} s ({fixed(run['onpolicy_over_offpolicy'], 1)}x)",
+             f"sampling {fixed(split['sample_s'], 2)} s ({pct(run['sampling_share_of_onpolicy_step'])}%)",
+             f"{fixed(split['score_s'], 2)} s", f"backward {fixed(split['backward_s'], 2)} s",
+             f"({fixed(split['sampled_len'], 1)} on")
+
+
 def check_synth_shards(block: str) -> None:
     speed = load("experiments/synth_shards/results/speedup.json")
     assert speed["shard_card"]["num_shards"] == 2 and speed["datasets_equal"] is True
@@ -321,6 +333,7 @@ CHECKS: dict[str, Callable[[str], None]] = {
     "experiments/bench/results/bench_memory.json": check_bench_memory,
     "experiments/environments/results/bench_env.json": check_bench_env,
     "experiments/synth_shards/results/speedup.json": check_synth_shards,
+    "experiments/bench/results/bench_onpolicy.json": check_onpolicy,
     "experiments/environments/results/env_check_*.txt": check_env_check,
     "experiments/sandbox/results/env_check.md": check_sandbox,
     "experiments/environments/results/tiny_agent_teacher_floor.json": check_teacher_floor,
