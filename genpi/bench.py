@@ -184,7 +184,11 @@ def _loss_memory_child(mode: str, n_tokens: int, vocab: int, hidden: int, chunk:
     hs = torch.randn(n_tokens, hidden, requires_grad=True)
     ht = torch.randn(n_tokens, hidden)
     targets = torch.randint(0, vocab, (n_tokens,))
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # The peak reset to what is resident now (Linux), so that the imports' own peak does not hide the loss's.
+    resettable = _reset_peak()
+    base = _status_mb("VmRSS")
+    if base is None:  # not Linux: the process's peak since it started
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if mode == "chunked":
         kl = losses.chunked_distill_loss(hs, ht, w, kind="forward_kl", chunk_size=chunk)
         ce = losses.chunked_token_cross_entropy(hs, w, targets, chunk_size=chunk)
@@ -193,9 +197,20 @@ def _loss_memory_child(mode: str, n_tokens: int, vocab: int, hidden: int, chunk:
         kl = losses.distill_loss(s_logits, t_logits, torch.ones(n_tokens, dtype=torch.bool), kind="forward_kl")
         ce = losses.token_cross_entropy(s_logits, targets)
     (kl + ce).backward()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _status_mb("VmHWM") if resettable else None
+    if peak is None:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"kl": kl.item(), "ce": ce.item(), "grad_norm": hs.grad.norm().item(),
-                      "peak_mb": peak / 1024, "delta_mb": (peak - base) / 1024}))
+                      "peak_mb": peak, "delta_mb": peak - base}))
+
+
+def _reset_peak() -> bool:
+    """Reset this process's peak resident memory (``VmHWM``) to its current size; False where Linux cannot."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
 
 
 def bench_loss_memory(args) -> dict[str, Any]:
@@ -408,11 +423,7 @@ def _teacher_memory_child(path: str, shape: str, batch: int, prompt_len: int, su
     """One teacher pass in this fresh process; print the memory it added above what was resident before it."""
     model = teacher_bench_model(shape)
     ids, mask, kv = teacher_inputs(model, batch, prompt_len, suffix_len)
-    try:  # reset the peak to what is resident now (Linux), so the prompt's own pass does not count
-        Path("/proc/self/clear_refs").write_text("5")
-        resettable = True
-    except OSError:
-        resettable = False
+    resettable = _reset_peak()  # to what is resident now, so the prompt's own pass does not count
     before = _status_mb("VmRSS")
     teacher_pass(path, model, kv, ids, mask)
     peak = _status_mb("VmHWM")

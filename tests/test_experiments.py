@@ -26,6 +26,9 @@ def cli(args: list[str], tmp_path: Path, timeout: int = 600, env: dict | None = 
         module: str = "genpi.train") -> subprocess.CompletedProcess:
     e = dict(os.environ, WANDB_MODE="offline", **(env or {}))
     e.pop("GENPI_LAUNCH_ID", None)
+    # A W&B test run in this process leaves its service's address here; a command started as a user starts it
+    # runs its own service (sharing this one, a killed run's id would stay in use for its resumption).
+    e.pop("WANDB_SERVICE", None)
     # Hydra's flags (-m, --cfg) go before the overrides: argparse takes no flag after a positional.
     flags = [a for a in args if a.startswith("-")]
     overrides = [a for a in args if not a.startswith("-")]
@@ -120,6 +123,7 @@ def test_killed_run_resumes_in_the_same_folder_with_the_same_wandb_run(tmp_path,
     ref = cli([*common, "run_name=ref"], tmp_path)
     assert ref.returncode == 0, ref.stderr[-3000:]
     e = dict(os.environ, WANDB_MODE="offline")
+    e.pop("WANDB_SERVICE", None)
     # Its own process group, killed whole as a scheduler kills a job: the run and its wandb service process (a
     # service left alive would still hold the run id the resumed run asks for).
     p = subprocess.Popen([sys.executable, "-m", "genpi.train", f"paths.output_root={tmp_path}", *common,
