@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from genpi.errors import GenpiError, exit_on_error
+from genpi.utils.errors import GenpiError, exit_on_error
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -15,8 +15,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from genpi import hydra_utils  # noqa: F401  (registers the genpi_* resolvers the configs use)
-from genpi.errors import GenpiError
+from genpi.utils import hydra_utils  # noqa: F401  (registers the genpi_* resolvers the configs use)
+from genpi.utils.errors import GenpiError
 
 log = logging.getLogger("genpi.env_check")
 AGENTS = ("reference", "wrong")
@@ -29,7 +29,7 @@ def run_check(cfg: DictConfig, out=sys.stdout) -> dict[str, Any]:
     from genpi.environments.evaluate import problems_of, read_settings, sandbox_cfg, text_of
     from genpi.environments.runner import run_episodes
     from genpi.environments.sandbox import make_sandbox
-    from genpi.wrappers import run_dir_of
+    from genpi.utils.wrappers import run_dir_of
 
     env, _ = read_settings(cfg)
     agent = str(cfg.check.agent)

@@ -17,12 +17,12 @@ from genpi.data.datamodule import Collator
 from genpi.data.tokenize import Limits, RecordEncoder, student_prefix_ids, teacher_prefix_ids, truncate_text
 from genpi.environments import evaluate as env_eval
 from genpi.evaluation import artifacts, generation, metrics, report, savings
-from genpi.hydra_utils import to_dict
 from genpi.models.factory import load_model, load_tokenizer, model_fingerprint, resolve_model_path
 from genpi.module import GenPIModule
 from genpi.tasks import build_task
-from genpi.tracking import numeric_leaves, report_to_loggers
-from genpi.wrappers import run_dir_of, task_wrapper
+from genpi.utils.hydra_utils import to_dict
+from genpi.utils.tracking import numeric_leaves, report_to_loggers
+from genpi.utils.wrappers import run_dir_of, task_wrapper
 
 log = logging.getLogger("genpi.evaluate")
 

@@ -19,12 +19,12 @@ import hydra
 from omegaconf import DictConfig
 
 from genpi import schema
-from genpi.errors import GenpiError
 from genpi.evaluation import artifacts
-from genpi.hydra_utils import to_dict
 from genpi.models.factory import load_model, load_tokenizer, model_fingerprint
 from genpi.runs import read_json, write_json
-from genpi.wrappers import run_dir_of, task_wrapper
+from genpi.utils.errors import GenpiError
+from genpi.utils.hydra_utils import to_dict
+from genpi.utils.wrappers import run_dir_of, task_wrapper
 
 log = logging.getLogger("genpi.export")
 

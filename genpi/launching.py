@@ -32,7 +32,7 @@ from typing import Any
 from lightning_fabric.utilities.rank_zero import rank_zero_only
 from pytorch_lightning.plugins.environments import ClusterEnvironment
 
-from genpi.errors import GenpiError
+from genpi.utils.errors import GenpiError
 
 log = logging.getLogger("genpi.launching")
 

@@ -13,8 +13,6 @@ import pytorch_lightning as pl
 import torch
 
 from genpi import losses, onpolicy, schema
-from genpi.constants import IGNORE
-from genpi.errors import GenpiError
 from genpi.models.prefix import (
     choose_teacher_attention,
     common_prefix_length,
@@ -23,6 +21,8 @@ from genpi.models.prefix import (
     prefix_kv,
     shared_prefix_hidden,
 )
+from genpi.utils.constants import IGNORE
+from genpi.utils.errors import GenpiError
 
 # A shared prefix shorter than this is not worth a separate pass (chat headers, the PG instruction's first line).
 MIN_SHARED_PREFIX = 64

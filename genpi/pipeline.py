@@ -27,7 +27,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from genpi.errors import GenpiError
+from genpi.utils.errors import GenpiError
 
 SHARED_GROUPS = ("task", "model")
 TO_ALL = ("paths", "logger", "experiment_name")
@@ -46,8 +46,8 @@ def _compose(config_name: str, overrides: list[str]) -> DictConfig:
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
-    import genpi.hydra_utils  # noqa: F401  (registers genpi's resolvers)
     import genpi.runs  # noqa: F401  (the config-hash resolver of run folders)
+    import genpi.utils.hydra_utils  # noqa: F401  (registers genpi's resolvers)
     from genpi.evaluation import artifacts  # noqa: F401  (the resolver naming evaluation folders)
 
     GlobalHydra.instance().clear()
@@ -185,7 +185,7 @@ def dry_run(overrides: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from genpi.errors import exit_on_error
+    from genpi.utils.errors import exit_on_error
 
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in args):

@@ -2,7 +2,7 @@
 
 Hydra composes the YAML files of ``genpi/conf/`` (where every key is documented for users); :func:`check` then reads
 the composed config into the dataclasses below, before any model loads. Each violation is one line that names the
-key, the value given and what is allowed (:class:`genpi.errors.GenpiError`, exit 2). Code downstream reads typed
+key, the value given and what is allowed (:class:`genpi.utils.errors.GenpiError`, exit 2). Code downstream reads typed
 fields (``schema.Loss.kl.kind``) instead of ``cfg.get(key, default)``: a default lives here and in the YAML beside
 the key, and a test checks that the two agree.
 
@@ -22,7 +22,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union, get_args, get_origin
 
-from genpi.errors import GenpiError
+from genpi.utils.errors import GenpiError
 
 T = typing.TypeVar("T")
 
@@ -477,7 +477,7 @@ class SynthOpenAI:
 
     def validate(self, at: str) -> None:
         if not self.base_url.startswith(("http://", "https://")):
-            from genpi.redact import mask_url
+            from genpi.utils.redact import mask_url
 
             raise bad(f"{at}.base_url", mask_url(self.base_url), "an http:// or https:// URL")
 

@@ -17,12 +17,12 @@ import hydra
 from omegaconf import DictConfig
 
 from genpi import schema
-from genpi.errors import GenpiError
 from genpi.evaluation import artifacts  # also registers the genpi_eval_name resolver serve.yaml's run_name uses
-from genpi.hydra_utils import to_dict
 from genpi.serving.server import MIDDLEWARE, ServePlan, check_port, run, server_module
 from genpi.tasks import build_task
-from genpi.wrappers import run_dir_of, task_wrapper
+from genpi.utils.errors import GenpiError
+from genpi.utils.hydra_utils import to_dict
+from genpi.utils.wrappers import run_dir_of, task_wrapper
 
 log = logging.getLogger("genpi.serve")
 

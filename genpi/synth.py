@@ -24,9 +24,6 @@ from omegaconf import DictConfig
 
 from genpi import schema
 from genpi.data.records import write_jsonl
-from genpi.errors import GenpiError
-from genpi.hydra_utils import to_dict
-from genpi.redact import mask_tree
 from genpi.synthesis.card import build_card, print_summary, token_counter, write_card
 from genpi.synthesis.clients import ClientPool
 from genpi.synthesis.plan import REQUIRES, STAGES, Plan, make_plan
@@ -34,8 +31,11 @@ from genpi.synthesis.stages import Row, collect, owned_by, run_stages, source_ro
 from genpi.synthesis.store import Store, now, shard_of, stable_hash
 from genpi.tasks import build_task
 from genpi.tasks.base import Task
-from genpi.tracking import numeric_leaves, report_to_loggers
-from genpi.wrappers import task_wrapper
+from genpi.utils.errors import GenpiError
+from genpi.utils.hydra_utils import to_dict
+from genpi.utils.redact import mask_tree
+from genpi.utils.tracking import numeric_leaves, report_to_loggers
+from genpi.utils.wrappers import task_wrapper
 
 log = logging.getLogger("genpi.synth")
 

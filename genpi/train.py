@@ -17,8 +17,6 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from genpi import launching, schema
 from genpi.data.datamodule import GenPIDataModule
 from genpi.data.tokenize import teacher_prompt
-from genpi.errors import GenpiError
-from genpi.hydra_utils import to_dict
 from genpi.models.factory import load_model_and_tokenizer, model_fingerprint
 from genpi.module import GenPIModule
 from genpi.runs import (
@@ -34,8 +32,10 @@ from genpi.runs import (
 from genpi.synthesis.clients.base import end_of_turn_ids
 from genpi.tasks import build_task
 from genpi.tasks.base import task_fingerprint
-from genpi.tracking import numeric_leaves
-from genpi.wrappers import launch_id, run_dir_of, task_wrapper
+from genpi.utils.errors import GenpiError
+from genpi.utils.hydra_utils import to_dict
+from genpi.utils.tracking import numeric_leaves
+from genpi.utils.wrappers import launch_id, run_dir_of, task_wrapper
 
 log = logging.getLogger("genpi.train")
 

@@ -9,7 +9,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
-import genpi.hydra_utils  # noqa: F401  (registers the genpi_* resolvers the configs use)
+import genpi.utils.hydra_utils  # noqa: F401  (registers the genpi_* resolvers the configs use)
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

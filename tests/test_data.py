@@ -15,9 +15,9 @@ from genpi.data.datamodule import (
 )
 from genpi.data.records import COLUMNS, load_records, save_hf, write_jsonl
 from genpi.data.tokenize import IGNORE, Limits, RecordEncoder, teacher_prompt
-from genpi.errors import GenpiError
 from genpi.tasks import TASK_NAMES
 from genpi.tasks.base import builtin_task
+from genpi.utils.errors import GenpiError
 
 
 def label_spans(tok, ids, labels):

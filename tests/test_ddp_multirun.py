@@ -198,7 +198,7 @@ def test_ddp_job_hands_the_job_to_its_ranks_and_restores_the_environment(tmp_pat
 ])
 def test_process_rank_and_log_suffix_follow_the_launcher(monkeypatch, env, rank):
     from genpi import launching
-    from genpi.hydra_utils import _rank_suffix
+    from genpi.utils.hydra_utils import _rank_suffix
 
     for name in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "SUBMITIT_EXECUTOR", "SUBMITIT_LOCAL_GLOBALID"):
         monkeypatch.delenv(name, raising=False)
@@ -210,7 +210,7 @@ def test_process_rank_and_log_suffix_follow_the_launcher(monkeypatch, env, rank)
 
 def test_submitit_local_tasks_are_the_ranks(monkeypatch):
     from genpi import launching
-    from genpi.errors import GenpiError
+    from genpi.utils.errors import GenpiError
 
     monkeypatch.delenv("MASTER_PORT", raising=False)
     monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")

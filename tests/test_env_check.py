@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(not (OS_DATA / "data" / "dev.json").is_file(),
 @pytest.fixture(scope="module")
 def local_sandbox_works():
     from genpi.environments.sandbox import make_sandbox
-    from genpi.errors import GenpiError
+    from genpi.utils.errors import GenpiError
 
     try:
         with make_sandbox(None, "local").open() as shell:

@@ -23,7 +23,7 @@ from genpi.environments.problems import Problem, Script, load_problems
 from genpi.environments.protocol import Action, EnvText, parse_action
 from genpi.environments.runner import RunStats, run_episodes
 from genpi.environments.sandbox import ShellResult
-from genpi.errors import GenpiError
+from genpi.utils.errors import GenpiError
 
 REPO = Path(__file__).resolve().parents[1]
 AGENTBENCH = REPO.parent / "shared" / "agentbench"

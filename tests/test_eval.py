@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from genpi.errors import GenpiError
 from genpi.evaluation import artifacts, report
+from genpi.utils.errors import GenpiError
 from tests.test_eval_support import FAST_EVAL, assert_adapter_moved, compose_eval, trained_run
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from genpi.errors import GenpiError
+from genpi.utils.errors import GenpiError
 from tests.test_eval_support import eval_prompts, greedy_reference, trained_run
 
 REPO = Path(__file__).resolve().parents[1]

@@ -140,7 +140,7 @@ def test_every_readme_command_line_composes(line, monkeypatch, tmp_path):
         parse_args(overrides)
         return
     assert script in CONFIG_NAME, f"the README shows {script}, which this test cannot compose"
-    import genpi.hydra_utils  # noqa: F401
+    import genpi.utils.hydra_utils  # noqa: F401
 
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module="genpi.conf", version_base="1.3"):

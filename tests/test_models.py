@@ -16,8 +16,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from genpi.errors import GenpiError
 from genpi.models import factory, tiny
+from genpi.utils.errors import GenpiError
 from tests.conftest import TINY_CFG
 
 CONF_MODEL = Path(__file__).resolve().parents[1] / "conf" / "model"
@@ -65,7 +65,7 @@ def test_cache_hit_returns_the_folder_without_rebuilding(tiny_path):
 
 
 def test_cache_follows_genpi_cache(tmp_path, monkeypatch):
-    from genpi.paths import cache_dir
+    from genpi.utils.paths import cache_dir
 
     monkeypatch.setenv("GENPI_CACHE", str(tmp_path / "c"))
     assert cache_dir() == tmp_path / "c"

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from genpi.data.tokenize import IGNORE, RecordEncoder, check_chat_template, render
-from genpi.errors import GenpiError
 from genpi.tasks.base import Task, builtin_task
+from genpi.utils.errors import GenpiError
 from tests.conftest import REAL_VOCAB_FAMILIES
 from tests.helpers import CONF, compose_cfg
 

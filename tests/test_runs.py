@@ -32,7 +32,7 @@ def run_train(root: Path, overrides: list[str]):
 
 def _exit_line(capsys, root: Path, overrides: list[str]) -> str:
     from genpi.train import train
-    from genpi.wrappers import task_wrapper
+    from genpi.utils.wrappers import task_wrapper
 
     with pytest.raises(SystemExit) as info:
         task_wrapper(train)(compose_cfg("train", overrides, root))

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from genpi.environments.sandbox import Sandbox, Shell, ShellResult, make_sandbox
-from genpi.errors import GenpiError
+from genpi.utils.errors import GenpiError
 
 HOST_FILES = ("/etc/passwd", "/etc/group", "/etc/shadow", "/usr/bin/bash")
 

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 import genpi.evaluation.artifacts  # noqa: F401  (registers genpi_eval_name, used by eval.yaml and export.yaml)
 from genpi import schema
-from genpi.errors import GenpiError
+from genpi.utils.errors import GenpiError
 from tests.helpers import CONF, compose_cfg
 
 SAMPLES = CONF.parent / "genpi" / "tasks" / "samples"
@@ -190,7 +190,7 @@ TRAIN_BAD = [
 
 
 def _run_bad(capsys, tmp_path: Path, config: str, entry, overrides: list[str]):
-    from genpi.wrappers import task_wrapper
+    from genpi.utils.wrappers import task_wrapper
 
     cfg = compose_cfg(config, overrides, tmp_path / "out")
     run_dir = Path(cfg.hydra.run.dir)

@@ -330,8 +330,8 @@ def test_bad_inputs_fail_in_one_line(student, run_dir, output_root):
     # The table runs in-process (the checks genpi-serve makes before starting anything); one case goes through
     # the command line, for its one-line message and exit status.
     from genpi import schema
-    from genpi.errors import GenpiError
     from genpi.serve import plan_server
+    from genpi.utils.errors import GenpiError
     from tests.helpers import compose_cfg
 
     for expected, overrides in cases.items():

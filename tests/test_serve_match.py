@@ -152,7 +152,7 @@ def test_serve_config_defaults_agree_with_the_schema_and_bad_values_are_named():
     from omegaconf import OmegaConf
 
     from genpi import schema
-    from genpi.errors import GenpiError
+    from genpi.utils.errors import GenpiError
 
     yaml = OmegaConf.to_container(OmegaConf.load(Path(__file__).resolve().parents[1] / "genpi" / "conf" / "serve.yaml"))
     assert yaml["serve"] == schema.defaults(schema.Serve)

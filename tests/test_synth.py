@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 
 from genpi.data.records import COLUMNS, load_records
-from genpi.errors import GenpiError
 from genpi.synthesis.clients import ChatClient, Sampling
 from genpi.synthesis.roleswap import role_swap
 from genpi.synthesis.store import Shard, Store
 from genpi.tasks import build_task
 from genpi.tasks.base import Task, builtin_task
+from genpi.utils.errors import GenpiError
 from tests.helpers import CONF, compose_cfg
 
 REPO = CONF.parent
@@ -228,8 +228,8 @@ def test_store_lock_refuses_a_second_writer(tmp_path):
 
 # -- plans: bad settings fail before a model loads ------------------------------------------------------
 def _plan(tmp_path, overrides, task: Task | None = None):
-    from genpi.hydra_utils import to_dict
     from genpi.synthesis.plan import make_plan
+    from genpi.utils.hydra_utils import to_dict
 
     cfg = compose_cfg("synth", overrides, tmp_path)
     return make_plan(task or build_task(**to_dict(cfg.task)), to_dict(cfg.synth), to_dict(cfg.model))

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 
 from genpi.data.records import load_records
-from genpi.errors import GenpiError
 from genpi.synthesis.clients import Sampling
 from genpi.synthesis.clients.openai import OpenAIClient
+from genpi.utils.errors import GenpiError
 from tests.helpers import CONF, compose_cfg
 
 REPO = CONF.parent

@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 
 from genpi.data.records import load_records
-from genpi.errors import GenpiError
 from genpi.synthesis.clients import ChatClient
 from genpi.synthesis.stages import input_id
 from genpi.synthesis.store import Store, shard_of
+from genpi.utils.errors import GenpiError
 from tests.helpers import CONF, compose_cfg
 from tests.test_synth import small, unit_task
 
@@ -154,10 +154,10 @@ def _rounds_cfg(tmp_path):
 
 
 def _pseudo_inputs(tmp_path, shard: int, num_shards: int, client: ChatClient, wait_minutes: float = 1.0, cfg=None):
-    from genpi.hydra_utils import to_dict
     from genpi.synthesis import clients
     from genpi.synthesis.plan import make_plan
     from genpi.synthesis.stages import StageContext, pseudo_inputs
+    from genpi.utils.hydra_utils import to_dict
 
     cfg = cfg if cfg is not None else _rounds_cfg(tmp_path)  # Hydra's compose is not thread-safe: threads get one
     task = unit_task(parser="numbered_list", demonstrations=["free -m", "ls /tmp"])

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from genpi.errors import GenpiError
 from genpi.tasks import parsers
 from genpi.tasks.base import TASK_NAMES, build_task, builtin_task
 from genpi.tasks.transcript import load_prompt_file, parse_transcript, render_transcript
+from genpi.utils.errors import GenpiError
 
 AGENTBENCH = Path(__file__).resolve().parents[2] / "shared" / "agentbench"
 

@@ -27,7 +27,7 @@ CONF = REPO / "conf"
 def load_yaml(group: str, name: str) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
-    import genpi.hydra_utils  # noqa: F401 - registers the resolvers the configs use
+    import genpi.utils.hydra_utils  # noqa: F401 - registers the resolvers the configs use
 
     return OmegaConf.to_container(OmegaConf.load(CONF / group / f"{name}.yaml"), resolve=True)  # type: ignore[return-value]
 

@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from genpi.data.records import duplicate_inputs, load_records
 from genpi.data.tokenize import IGNORE, Limits, RecordEncoder, keep_prompt
-from genpi.errors import GenpiError
 from genpi.tasks.base import Task
+from genpi.utils.errors import GenpiError
 
 SPLITS = ("train", "val", "test")
 log = logging.getLogger(__name__)

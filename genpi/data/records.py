@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from genpi.errors import GenpiError
+from genpi.utils.errors import GenpiError
 
 COLUMNS = (
     "context_id",

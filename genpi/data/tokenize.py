@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any
 
-from genpi.constants import IGNORE  # noqa: F401  (re-exported: older imports name it here)
-from genpi.errors import GenpiError
 from genpi.tasks.base import Message, Task
+from genpi.utils.constants import IGNORE  # noqa: F401  (re-exported: older imports name it here)
+from genpi.utils.errors import GenpiError
 
 log = logging.getLogger(__name__)
 

@@ -85,9 +85,9 @@ def _vllm_runs(spec: dict[str, Any], model_cfg: dict[str, Any], widths: list[int
     import subprocess
     import sys
 
-    from genpi.errors import GenpiError
     from genpi.models.factory import resolve_model_path
-    from genpi.paths import repo_root
+    from genpi.utils.errors import GenpiError
+    from genpi.utils.paths import repo_root
 
     job = {"spec": spec, "model": resolve_model_path(model_cfg), "dtype": "float32", "adapter": None,
            "max_lora_rank": None, "bench_widths": widths}

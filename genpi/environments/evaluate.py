@@ -18,7 +18,7 @@ from genpi.environments.agents import SIDE_ADAPTER, AgentView, GenerateFn, Model
 from genpi.environments.problems import Problem
 from genpi.environments.protocol import EnvText
 from genpi.environments.runner import RunStats, run_episodes
-from genpi.errors import GenpiError
+from genpi.utils.errors import GenpiError
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ def problems_of(env) -> list[Problem]:
 def prepare(cfg, task) -> dict[str, Any] | None:
     """Everything the environment evaluation needs, read and checked before any model loads; None when
     ``eval.env.enabled`` is false."""
-    from genpi.hydra_utils import to_dict
+    from genpi.utils.hydra_utils import to_dict
 
     env, ev_env = read_settings(cfg)
     if not ev_env.enabled:

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from genpi.errors import GenpiError
+from genpi.utils.errors import GenpiError
 
 SPLITS = ("dev", "std")
 STD_GROUPS = tuple(str(i) for i in range(1, 8))

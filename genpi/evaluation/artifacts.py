@@ -18,8 +18,8 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from genpi.data.datamodule import input_key
-from genpi.errors import GenpiError
 from genpi.runs import read_json
+from genpi.utils.errors import GenpiError
 
 log = logging.getLogger(__name__)
 

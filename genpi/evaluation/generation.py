@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from genpi.errors import GenpiError
-from genpi.paths import repo_root
+from genpi.utils.errors import GenpiError
+from genpi.utils.paths import repo_root
 
 log = logging.getLogger(__name__)
 

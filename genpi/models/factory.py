@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from genpi.errors import GenpiError
+from genpi.utils.errors import GenpiError
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16", "auto": "auto"}

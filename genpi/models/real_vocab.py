@@ -40,9 +40,9 @@ from pathlib import Path
 from typing import Any
 
 from genpi import schema
-from genpi.errors import GenpiError
-from genpi.paths import cache_dir
 from genpi.schema import RealVocabArch
+from genpi.utils.errors import GenpiError
+from genpi.utils.paths import cache_dir
 
 BUILDER_VERSION = "real-vocab-v1"
 MARKER = "genpi_real_vocab.json"
@@ -328,7 +328,7 @@ def build_real_vocab(name: str, cfg: dict[str, Any] | None = None, cache: Path |
         name: one of :data:`FAMILIES` (``tiny_llama3_vocab``, ``tiny_chatml``, ``tiny_mistral_vocab``,
             ``tiny_llama4_vocab``).
         cfg: architecture overrides (``model.tiny``); keys of :data:`DEFAULT_ARCH`.
-        cache: genpi cache folder instead of :func:`genpi.paths.cache_dir`.
+        cache: genpi cache folder instead of :func:`genpi.utils.paths.cache_dir`.
     """
     from genpi.models.tiny import build_once
 

@@ -35,8 +35,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from genpi.errors import GenpiError
-from genpi.paths import cache_dir
+from genpi.utils.errors import GenpiError
+from genpi.utils.paths import cache_dir
 
 # Bump when anything below changes what a build writes for the same inputs: it is part of the folder's hash.
 BUILDER_VERSION = "tiny-v2"
@@ -364,7 +364,7 @@ def build_tiny(cfg: dict[str, Any] | None = None, cache: Path | None = None) -> 
 
     Args:
         cfg: architecture overrides (``model.tiny``); keys of :data:`DEFAULT_ARCH`.
-        cache: genpi cache folder to use instead of :func:`genpi.paths.cache_dir`; the model goes to
+        cache: genpi cache folder to use instead of :func:`genpi.utils.paths.cache_dir`; the model goes to
             ``<cache>/models/tiny-<hash>``.
     """
     arch = arch_config(cfg)

@@ -47,10 +47,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from genpi.errors import GenpiError
 from genpi.models.tiny import _content_hash as _tiny_content_hash
 from genpi.models.tiny import _lib_version, arch_config, build_once, build_tiny, corpus, is_built, with_overrides
-from genpi.paths import cache_dir
+from genpi.utils.errors import GenpiError
+from genpi.utils.paths import cache_dir
 
 BUILDER_VERSION = "tiny-agent-v1"
 MARKER = "genpi_tiny_agent.json"

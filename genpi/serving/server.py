@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from genpi.errors import GenpiError
 from genpi.serving.middleware import SPEC_ENV
+from genpi.utils.errors import GenpiError
 
 log = logging.getLogger("genpi.serve")
 
@@ -124,7 +124,7 @@ def run(plan: ServePlan, workdir: Path, ready_timeout_s: float, echo_log: bool =
     spec_path = workdir / "serve_spec.json"
     spec_path.write_text(json.dumps(plan.spec, indent=2) + "\n")
     env = {**os.environ, **plan.env, SPEC_ENV: str(spec_path)}
-    from genpi.paths import repo_root
+    from genpi.utils.paths import repo_root
 
     env["PYTHONPATH"] = os.pathsep.join([str(repo_root()), *filter(None, [os.environ.get("PYTHONPATH")])])
     cmd = [sys.executable, "-m", server_module(), *plan.args]

@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from genpi.errors import GenpiError
 from genpi.schema import SynthShards, read
 from genpi.synthesis.clients import CLIENTS, Sampling
 from genpi.synthesis.prompts import PSEUDO_INPUT_TEMPLATE, REASON_TEMPLATE
 from genpi.synthesis.store import Store, stable_hash
 from genpi.tasks.base import Task, task_fingerprint
+from genpi.utils.errors import GenpiError
 
 STAGES = ("pseudo_inputs", "outputs", "reasons", "conversations", "teacher_logits")
 REQUIRES: dict[str, str | None] = {

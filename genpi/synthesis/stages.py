@@ -33,13 +33,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from genpi.errors import GenpiError
 from genpi.synthesis.clients import ChatClient, ClientPool, request_seed
 from genpi.synthesis.plan import PRODUCES, REQUIRES, STAGES, Plan, StagePlan, lineage, task_inputs_path
 from genpi.synthesis.prompts import PSEUDO_INPUT_TEMPLATE, REASON_TEMPLATE
 from genpi.synthesis.roleswap import role_swap
 from genpi.synthesis.store import Store, shard_of, stable_hash
 from genpi.tasks.base import Task
+from genpi.utils.errors import GenpiError
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from genpi.errors import GenpiError
+from genpi.utils.errors import GenpiError
 
 # How long a shard waits for another one's short critical section (dedup, merge) before giving up.
 MERGE_LOCK_TIMEOUT_S = 600

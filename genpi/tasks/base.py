@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from genpi.errors import GenpiError
 from genpi.tasks import formats, parsers
 from genpi.tasks.transcript import load_prompt_file, render_transcript
+from genpi.utils.errors import GenpiError
 
 TASK_DIR = Path(__file__).parent
 TASK_NAMES = ("os", "webshop", "m2w", "kg")

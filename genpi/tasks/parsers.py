@@ -77,7 +77,7 @@ def normalize_for_dedup(text: str) -> str:
 
 def read_inputs_file(path: str | Path) -> list[str]:
     """Inputs from a file: blocks separated by lines of ``---``, else one input per non-empty line."""
-    from genpi.errors import GenpiError
+    from genpi.utils.errors import GenpiError
 
     p = Path(path)
     if not p.is_file():

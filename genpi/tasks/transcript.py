@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from genpi.errors import GenpiError
+from genpi.utils.errors import GenpiError
 
 _MARKER = re.compile(r"^<(USER|AGENT|SYSTEM)>:[ \t]*", re.MULTILINE)
 _ROLE = {"USER": "user", "AGENT": "assistant", "SYSTEM": "system"}

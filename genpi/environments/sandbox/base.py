@@ -70,7 +70,7 @@ def make_sandbox(cfg: Any = None, backend: str | None = None) -> Sandbox:
 
     ``cfg``: the env group's sandbox settings (``env.sandbox``: a dict, DictConfig or
     :class:`genpi.schema.EnvSandbox`; ``None`` for the defaults); ``backend`` (``local`` | ``docker``) overrides
-    ``cfg.backend`` so a caller can pass ``env.backend``. Raises :class:`genpi.errors.GenpiError` (one line, before
+    ``cfg.backend`` so a caller can pass ``env.backend``. Raises :class:`genpi.utils.errors.GenpiError` (one line, before
     anything starts) when the settings are invalid or the backend cannot run on this machine.
     """
     from genpi.environments.sandbox.factory import build

@@ -14,7 +14,7 @@ import time
 import uuid
 from pathlib import Path
 
-from genpi.errors import GenpiError
+from genpi.utils.errors import GenpiError
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from genpi.environments.sandbox.local import HOSTNAME, KEPT_CAPS, PATH
 from genpi.environments.sandbox.terminal import HOST_ENV, TerminalMachine
-from genpi.errors import GenpiError
+from genpi.utils.errors import GenpiError
 
 DAEMON_TIMEOUT_S = 15
 

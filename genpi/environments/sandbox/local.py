@@ -53,7 +53,7 @@ from pathlib import Path
 
 from genpi.environments.sandbox.cgroup import EpisodeCgroup
 from genpi.environments.sandbox.terminal import TerminalMachine, clean_text, read_capped
-from genpi.errors import GenpiError
+from genpi.utils.errors import GenpiError
 
 OVERLAID = ("usr", "etc", "var", "opt", "srv")  # copy-on-write views of the host's directories
 FRESH = ("root", "home", "tmp", "run", "mnt", "media")  # start empty: the host's are masked

@@ -8,8 +8,8 @@ import json
 import logging
 from typing import Any
 
-from genpi.errors import GenpiError
 from genpi.synthesis.clients.base import ChatClient, Message, Sampling, TopK, end_of_turn_ids, request_seed
+from genpi.utils.errors import GenpiError
 
 log = logging.getLogger(__name__)
 CLIENTS = ("hf", "vllm", "openai")

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from genpi.errors import GenpiError
+from genpi.utils.errors import GenpiError
 
 Message = dict[str, str]
 # Per response token: the teacher's top-k token ids and their log-probabilities (same shape: [tokens][k]).

@@ -4,7 +4,7 @@ Requests run in a bounded thread pool. Retries are the OpenAI SDK's own (exponen
 server's ``Retry-After`` honoured, on 408/409/429, 5xx, timeouts and refused connections); what is left after them
 ends in one clear error. The API key comes from the environment variable named in the config and is never logged
 or written anywhere; a credential inside ``base_url`` (``http://user:secret@host/v1``) is masked wherever the URL
-is shown (:func:`genpi.redact.mask_url`).
+is shown (:func:`genpi.utils.redact.mask_url`).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from genpi.errors import GenpiError
-from genpi.redact import mask_url
 from genpi.synthesis.clients.base import ChatClient, Message, Sampling, TopK
+from genpi.utils.errors import GenpiError
+from genpi.utils.redact import mask_url
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

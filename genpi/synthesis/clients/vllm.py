@@ -10,8 +10,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from genpi.errors import GenpiError
 from genpi.synthesis.clients.base import ChatClient, Message, Sampling, TopK, end_of_turn_ids
+from genpi.utils.errors import GenpiError
 
 
 def _has_cuda() -> bool:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from genpi.errors import GenpiError
+from genpi.utils.errors import GenpiError
 
 log = logging.getLogger("genpi")
 
@@ -69,7 +69,7 @@ def _mask_saved_config() -> None:
     URLs (``base_url=http://user:secret@host/v1``) are masked there too."""
     from hydra.core.hydra_config import HydraConfig
 
-    from genpi.redact import mask_url
+    from genpi.utils.redact import mask_url
 
     if not HydraConfig.initialized():
         return

@@ -16,7 +16,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from genpi.hydra_utils import to_dict
+from genpi.utils.hydra_utils import to_dict
 
 
 def numeric_leaves(values: dict[str, Any], prefix: str) -> dict[str, float]:
