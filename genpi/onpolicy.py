@@ -20,17 +20,7 @@ from typing import Any
 
 import torch
 
-
-def cut_after_stop(ids: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
-    """A sampled answer up to and including its first end-of-turn token (the stop is a sampled token too: the
-    student learns where to end); everything after it is padding of a finished row."""
-    stops = set(int(s) for s in stop_ids)
-    out: list[int] = []
-    for t in ids:
-        out.append(int(t))
-        if int(t) in stops:
-            break
-    return out
+from genpi.evaluation.generation import cut_at_stop, left_pad
 
 
 def prompt_parts(kl: dict[str, torch.Tensor]) -> tuple[list[list[int]], list[list[int]]]:
@@ -111,12 +101,8 @@ class OnPolicySampler:
         from transformers import GenerationConfig
 
         device = next(model.parameters()).device
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, p in enumerate(prompts):  # left padding: every row's next token is in the last column
-            ids[row, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
-            mask[row, width - len(p):] = 1
+        ids, mask = left_pad(prompts, self.pad_id)
+        width = ids.shape[1]
         greedy = self.temperature == 0
         # Every sampling key set: generate fills unset (None) keys from the model's generation_config and then
         # from transformers' defaults (top_k=50), which would silently truncate the distribution.
@@ -136,4 +122,5 @@ class OnPolicySampler:
         finally:
             for m, mode in modes:
                 m.training = mode
-        return [cut_after_stop(row, self.stop_ids) for row in out[:, width:].tolist()]
+        # The stop is kept: it is a sampled token too, and the student learns where to end.
+        return [cut_at_stop(row, self.stop_ids, keep_stop=True) for row in out[:, width:].tolist()]

@@ -73,15 +73,30 @@ def pick_engine(engine: str) -> str:
     return engine
 
 
-def cut_at_stop(ids: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
-    """The answer's ids before the first end-of-turn token (engines differ in whether they keep it)."""
-    stops = set(stop_ids)
+def cut_at_stop(ids: Sequence[int], stop_ids: Sequence[int], keep_stop: bool = False) -> list[int]:
+    """The answer's ids before the first end-of-turn token (engines differ in whether they keep it), or up to and
+    including it with ``keep_stop`` (a sampled answer whose end the student learns too)."""
+    stops = {int(s) for s in stop_ids}
     out = []
     for t in ids:
-        if t in stops:
+        if int(t) in stops:
+            if keep_stop:
+                out.append(int(t))
             break
         out.append(int(t))
     return out
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` ``[B, width]`` with LEFT padding, for ``generate``: every row's next token
+    sits in the last column and the mask hides the padding."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), int(pad_id), dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+        mask[row, width - len(p) :] = 1
+    return ids, mask
 
 
 # -- transformers ------------------------------------------------------------------------------
@@ -124,13 +139,8 @@ def hf_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, st
     with _adapter_ctx(model, adapter):
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            width = max(len(prompts[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                p = list(prompts[i])
-                ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-                mask[row, width - len(p) :] = 1
+            ids, mask = left_pad([prompts[i] for i in idx], pad_id)
+            width = ids.shape[1]
             gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                  max_new_tokens=max_new_tokens, **kwargs)
             for row, i in enumerate(idx):
