@@ -644,7 +644,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.teacher_shapes, args.teacher_prompts, args.teacher_suffix = ["tiny"], [64, 256], 32
         args.teacher_steps, args.teacher_warmup, args.teacher_batch = 3, 1, 2
-        args.teacher_mem_shapes, args.teacher_mem_prompt, args.teacher_mem_batches = ["tiny"], 256, [1, 4]
+        args.teacher_mem_shapes, args.teacher_mem_prompt, args.teacher_mem_batches = ["tiny"], 256, [4]
     if args.teacher_batch is None:
         args.teacher_batch = {"tiny": 8, "wide": 2}
     torch.manual_seed(0)

@@ -13,12 +13,10 @@ import hydra
 from omegaconf import DictConfig
 
 from genpi import schema
-from genpi.data.datamodule import Collator
 from genpi.data.tokenize import Limits, RecordEncoder, student_prefix_ids, teacher_prefix_ids, truncate_text
 from genpi.environments import evaluate as env_eval
-from genpi.evaluation import artifacts, generation, metrics, report, savings
+from genpi.evaluation import artifacts, savings
 from genpi.models.factory import load_model, load_tokenizer, model_fingerprint, resolve_model_path
-from genpi.module import GenPIModule
 from genpi.tasks import build_task
 from genpi.utils.hydra_utils import to_dict
 from genpi.utils.tracking import numeric_leaves, report_to_loggers
@@ -48,6 +46,11 @@ def run_evaluation(cfg: DictConfig) -> Path:
     out_dir = run_dir_of(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     spec = schema.check(cfg, "eval")  # every key typed and in range before any model loads
+    # torch, Lightning and matplotlib load only now: --help, --cfg and a bad config answer at once
+    from genpi.data.datamodule import Collator
+    from genpi.evaluation import generation, metrics, report
+    from genpi.module import GenPIModule
+
     ev = spec.eval
     engine = generation.pick_engine(ev.engine)
 
@@ -82,24 +85,27 @@ def run_evaluation(cfg: DictConfig) -> Path:
         vcfg = ev.vllm
         model_path = resolve_model_path(cfg.model)
 
-        def run_vllm(job_sets, new_tokens, job_timing, prefix_caching, folder):
-            job = generation.vllm_job(model_path, str(cfg.model.dtype), art.adapter_dir, job_sets, new_tokens,
-                                      stop_ids, job_timing, seed=spec.seed, enable_prefix_caching=prefix_caching,
-                                      max_model_len=vcfg.max_model_len,
-                                      gpu_memory_utilization=vcfg.gpu_memory_utilization)
-            return generation.run_vllm_worker(job, out_dir / folder, timeout_s=vcfg.timeout_s,
-                                              kvcache_gb=vcfg.kvcache_gb, multiprocessing=vcfg.multiprocessing,
-                                              cpu_threads_bind=vcfg.cpu_threads_bind)
+        def vllm_job(job_sets, new_tokens, job_timing, prefix_caching):
+            return generation.vllm_job(model_path, str(cfg.model.dtype), art.adapter_dir, job_sets, new_tokens,
+                                       stop_ids, job_timing, seed=spec.seed, enable_prefix_caching=prefix_caching,
+                                       max_model_len=vcfg.max_model_len,
+                                       gpu_memory_utilization=vcfg.gpu_memory_utilization)
 
         cache_runs = list(sav_cfg.prefix_caching) if timing else []
         main_timed = vcfg.enable_prefix_caching in cache_runs
-        result = run_vllm(sets, max_new, timing if main_timed else None, vcfg.enable_prefix_caching, "vllm")
         # Savings are timed both cache-cold (every request reads the prompt) and with prefix caching on (what a
-        # server with a fixed prompt keeps warm): each setting is one engine of its own, timed side by side inside.
+        # server with a fixed prompt keeps warm): each setting is an engine of its own, timed side by side inside;
+        # the engines run one after the other in one worker process (vLLM imported once).
+        other_caching = [c for c in cache_runs if c != vcfg.enable_prefix_caching]
+        jobs = [vllm_job(sets, max_new, timing if main_timed else None, vcfg.enable_prefix_caching)]
+        jobs += [vllm_job([s for s in sets if s.name in ("teacher", "student")], 1, timing, caching)
+                 for caching in other_caching]
+        results = generation.run_vllm_worker(jobs, out_dir / "vllm", timeout_s=vcfg.timeout_s,
+                                             kvcache_gb=vcfg.kvcache_gb, multiprocessing=vcfg.multiprocessing,
+                                             cpu_threads_bind=vcfg.cpu_threads_bind)
+        result = results[0]
         timing_by_cache = {vcfg.enable_prefix_caching: result.get("timing")} if main_timed else {}
-        for caching in (c for c in cache_runs if c not in timing_by_cache):
-            timed = run_vllm([s for s in sets if s.name in ("teacher", "student")], 1, timing, caching,
-                             f"vllm-prefix-caching-{str(caching).lower()}")
+        for caching, timed in zip(other_caching, results[1:]):
             timing_by_cache[caching] = timed.get("timing")
         if timing_by_cache:
             result["timing"] = timing_by_cache.get(False) or next(iter(timing_by_cache.values()))

@@ -8,7 +8,7 @@ Three ways a job gets its ranks, all ending with every rank in the job's one fol
   overrides and folder in ``$GENPI_DDP_JOB`` (:func:`ddp_job`), and a re-run rank rewrites its command line into that
   single job, in that folder, before Hydra reads it (:func:`reenter_job`).
 - **submitit's local executor starts them** (``hydra/launcher=local``, one task per rank): every task runs the Hydra
-  job itself; :class:`SubmititLocalEnvironment` tells Lightning the ranks already exist, so nothing is re-launched.
+  job itself; :class:`genpi.submitit_env.SubmititLocalEnvironment` tells Lightning the ranks already exist, so nothing is re-launched.
 - **srun starts them** (``hydra/launcher=slurm``): Lightning's ``SLURMEnvironment`` does the same for Slurm tasks.
 
 Only rank 0 writes the run folder's records and talks to W&B (:func:`process_rank`); every rank writes its own log
@@ -28,9 +28,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-from lightning_fabric.utilities.rank_zero import rank_zero_only
-from pytorch_lightning.plugins.environments import ClusterEnvironment
 
 from genpi.utils.errors import GenpiError
 
@@ -107,61 +104,14 @@ def cluster_plugins() -> list | None:
     from pytorch_lightning.plugins.environments import SLURMEnvironment
 
     if _submitit_local():
+        from genpi.submitit_env import SubmititLocalEnvironment
+
         return [SubmititLocalEnvironment()]
     if SLURMEnvironment.detect():
         # submitit owns requeueing under Slurm (USR2, see conf/hydra/launcher/slurm.yaml): Lightning's own SIGUSR1
         # requeue is switched off so that a preempted job is requeued exactly once
         return [SLURMEnvironment(auto_requeue=False)]
     return None
-
-
-class SubmititLocalEnvironment(ClusterEnvironment):
-    """The ranks of a job run by submitit's local executor: one task per rank, all started by submitit."""
-
-    @property
-    def creates_processes_externally(self) -> bool:
-        return True
-
-    @property
-    def main_address(self) -> str:
-        return os.environ.get("MASTER_ADDR", "127.0.0.1")
-
-    @property
-    def main_port(self) -> int:
-        # every task of a job must agree on the port without talking: derive it from the job id (the pid of
-        # submitit's controller, distinct for jobs that run at the same time), as Lightning does for Slurm
-        if os.environ.get("MASTER_PORT", "").isdigit():
-            return int(os.environ["MASTER_PORT"])
-        return 20000 + int(os.environ.get("SUBMITIT_LOCAL_JOB_ID", "0")) % 20000
-
-    @staticmethod
-    def detect() -> bool:
-        return _submitit_local()
-
-    def world_size(self) -> int:
-        tasks, nodes = os.environ.get("SUBMITIT_LOCAL_NTASKS", "1"), os.environ.get("SUBMITIT_LOCAL_JOB_NUM_NODES", "1")
-        return int(tasks) * int(nodes)
-
-    def set_world_size(self, size: int) -> None:
-        pass  # fixed by the launcher
-
-    def global_rank(self) -> int:
-        return int(os.environ.get("SUBMITIT_LOCAL_GLOBALID", "0"))
-
-    def set_global_rank(self, rank: int) -> None:
-        rank_zero_only.rank = self.global_rank()
-
-    def local_rank(self) -> int:
-        return int(os.environ.get("SUBMITIT_LOCAL_LOCALID", "0"))
-
-    def node_rank(self) -> int:
-        return int(os.environ.get("SUBMITIT_LOCAL_NODEID", "0"))
-
-    def validate_settings(self, num_devices: int, num_nodes: int) -> None:
-        if num_devices * num_nodes != self.world_size():
-            raise GenpiError(f"trainer.devices x trainer.num_nodes = {num_devices * num_nodes} ranks, but submitit "
-                             f"started {self.world_size()} task(s): set hydra.launcher.tasks_per_node to "
-                             "trainer.devices")
 
 
 # the trainers built in the current job, so that ddp_job can find the ranks their launchers started

@@ -409,8 +409,7 @@ def run_engines(cfg: DictConfig | dict[str, Any], plan: Plan) -> SynthResult:
 
 def data_contract_facts(plan: Plan, records: list[dict[str, Any]]) -> dict[str, Any]:
     """What training checks a dataset against: repeated inputs, and the tokenizer the stored top-k ids belong to."""
-    from genpi.data.datamodule import input_key
-    from genpi.data.records import duplicate_inputs
+    from genpi.data.records import duplicate_inputs, input_key
 
     facts: dict[str, Any] = {"duplicate_inputs": len(duplicate_inputs(records, input_key))}
     stage = plan.stages.get("teacher_logits")

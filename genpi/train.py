@@ -7,18 +7,13 @@ import logging
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
-import pytorch_lightning as pl
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from genpi import launching, schema
-from genpi.data.datamodule import GenPIDataModule
 from genpi.data.tokenize import teacher_prompt
-from genpi.models.factory import load_model_and_tokenizer, model_fingerprint
-from genpi.module import GenPIModule
 from genpi.runs import (
     config_hash,
     differing_keys,
@@ -37,10 +32,18 @@ from genpi.utils.hydra_utils import to_dict
 from genpi.utils.tracking import numeric_leaves
 from genpi.utils.wrappers import launch_id, run_dir_of, task_wrapper
 
+if TYPE_CHECKING:  # torch, Lightning and transformers load inside train(): --help and a bad config answer at once
+    import pytorch_lightning as pl
+
+    from genpi.data.datamodule import GenPIDataModule
+    from genpi.module import GenPIModule
+
 log = logging.getLogger("genpi.train")
 
 
 def build_datamodule(spec: schema.Train, task, tokenizer) -> GenPIDataModule:
+    from genpi.data.datamodule import GenPIDataModule
+
     data, loss = spec.data, spec.loss
     return GenPIDataModule(
         task, tokenizer, path=data.path, losses=loss.active_terms, batch_size=data.batch_size,
@@ -146,6 +149,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     spec = schema.check(cfg, "train")  # every key typed and in range before any model loads
     _check_on_policy_strategy(spec, cfg.trainer)
     launching.check_launch(cfg.trainer, _choice("trainer"))  # a GPU trainer on a CPU machine: one line, no model
+    import pytorch_lightning as pl
+    import torch
+
+    from genpi.models.factory import load_model_and_tokenizer, model_fingerprint
+    from genpi.module import GenPIModule
+
     pl.seed_everything(spec.seed, workers=True)
     torch.set_float32_matmul_precision("high")
     run_dir = run_dir_of(cfg)
@@ -284,6 +293,10 @@ def _model_overrides() -> list[str]:
 
 def save_adapter(module: GenPIModule, tokenizer, folder: Path, cfg: DictConfig) -> None:
     """The trained adapter in PEFT format (or the full model under full fine-tuning), with the tokenizer."""
+    import pytorch_lightning as pl
+
+    from genpi.models.factory import model_fingerprint
+
     if isinstance(module.trainer.strategy, pl.strategies.FSDPStrategy):
         log.warning("FSDP run: export the adapter from the sharded checkpoint with genpi-export")
         return

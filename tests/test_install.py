@@ -69,6 +69,20 @@ def test_console_script_helps_and_composes_from_another_directory(script, tmp_pa
     assert not (tmp_path / "outputs").exists(), f"{script}'s dry run wrote {list((tmp_path / 'outputs').rglob('*'))}"
 
 
+def test_hydra_entry_points_import_without_torch():
+    """`--help`, `--cfg job` and a config refused in one line answer in about a second: the entry modules of the
+    Hydra apps load torch, Lightning and transformers only once a config has passed its checks."""
+    modules = sorted({target.split(":")[0] for script, target in SCRIPTS.items() if script != "genpi-bench"})
+    probe = ("import importlib, sys\n"
+             f"for name in {modules!r}:\n"
+             "    importlib.import_module(name)\n"
+             "print(sorted(m for m in ('torch', 'pytorch_lightning', 'transformers', 'matplotlib', 'vllm')"
+             " if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]", f"importing {modules} loaded {out.stdout.strip()}"
+
+
 def test_train_composes_the_readme_example_from_another_directory(tmp_path):
     exe = Path(sys.executable).parent / "genpi-train"
     out = _run([str(exe), "task=os", "loss=genpi_kl", "debug=fdr", "--cfg", "job"], tmp_path)

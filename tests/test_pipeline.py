@@ -71,28 +71,34 @@ def test_literals_round_trip_through_hydra(value):
 
 
 @pytest.mark.slow
-def test_the_pipeline_runs_an_experiment_on_one_model_and_task(tmp_path):
-    """`genpi-pipeline experiment=demo model=tiny` (a small setting): the three stages ran on the same model
-    and task; a second call reuses the finished training run and evaluation and says so."""
-    args = [sys.executable, "-m", "genpi.pipeline", "experiment=demo", "model=tiny", "task=kg",
-            "synth.pseudo_inputs.num_inputs=12", "synth.conversations.max_turns=2", "trainer.max_epochs=1",
-            "validate_before_fit=false", "eval.engine=hf", "eval.savings.measure=false", "eval.max_examples=2",
-            "eval.max_new_tokens=8"]
-    env = {**os.environ, "GENPI_OUTPUT_ROOT": str(tmp_path / "out")}
+def test_the_pipeline_runs_the_demo_on_one_model_and_task_and_the_student_learns_the_format(tmp_path):
+    """`genpi-pipeline experiment=demo` in a reduced setting (96 synthesized kg inputs, context distillation alone,
+    6 epochs, transformers generation): the three stages ran on the same model and task; without the prompt the
+    student follows the task's format far more than the floor and closes most of the KL gap to the teacher (the
+    method working, end to end, on model=tiny_agent); a second call reuses the finished run and evaluation."""
+    args = [sys.executable, "-m", "genpi.pipeline", "experiment=demo", "task=kg", "loss=kl",
+            "synth.pseudo_inputs.num_inputs=96", "trainer.max_epochs=6", "validate_before_fit=false",
+            "eval.engine=hf", "eval.savings.measure=false", "eval.max_new_tokens=64"]
+    env = {**os.environ, "GENPI_OUTPUT_ROOT": str(tmp_path / "out"), "WANDB_MODE": "offline"}
+    env.pop("GENPI_LAUNCH_ID", None)
     first = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=2400)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     lines = dict(ln.split(": ", 1) for ln in first.stdout.splitlines()[-3:])
     dataset, run_dir, report = Path(lines["dataset"]), Path(lines["run folder"]), Path(lines["report"])
     card = json.loads((dataset / "card.json").read_text())
     run = json.loads((run_dir / "run.json").read_text())
-    evaluation = json.loads((report.parent / "metrics.json").read_text())["info"]
+    evaluation = json.loads((report.parent / "metrics.json").read_text())
     from genpi.models.factory import model_fingerprint
 
-    tiny = model_fingerprint({"name_or_path": "tiny"})
-    assert run["model"] == tiny and evaluation["model"] == tiny
-    assert Path(card["config"]["model"]["name_or_path"]).name == tiny or card["config"]["model"]["name_or_path"] == "tiny"
-    assert card["task"]["name"] == run["task"] == evaluation["task"] == "kg"
+    agent = model_fingerprint({"name_or_path": "tiny_agent"})
+    assert run["model"] == agent and evaluation["info"]["model"] == agent
+    synth_model = card["config"]["model"]["name_or_path"]
+    assert synth_model == "tiny_agent" or Path(synth_model).name == agent
+    assert card["task"]["name"] == run["task"] == evaluation["info"]["task"] == "kg"
     assert "## In one table" in report.read_text()
+    assert evaluation["teacher"]["format_rate"] >= 0.5
+    assert evaluation["student"]["format_rate"] >= evaluation["floor"]["format_rate"] + 0.4
+    assert evaluation["gap_closed"]["kl_forward"] > 0.5
 
     again = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=2400)
     assert again.returncode == 0, again.stderr[-3000:]

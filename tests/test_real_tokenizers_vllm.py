@@ -32,28 +32,33 @@ import json, sys
 if __name__ == "__main__":
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
-    base, merged, adapter, prompts_file, out = sys.argv[1:6]
-    prompts = [{"prompt_token_ids": p} for p in json.load(open(prompts_file))]
+    jobs = json.load(open(sys.argv[1]))
     greedy = SamplingParams(temperature=0.0, max_tokens=12)
-    res = {}
-    llm = LLM(model=merged, enforce_eager=True, dtype="float32", max_model_len=2048, seed=0)
-    res["merged"] = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
-    del llm
-    llm = LLM(model=base, enforce_eager=True, dtype="float32", max_model_len=2048, seed=0, enable_lora=True,
-              max_lora_rank=16)
-    lora = LoRARequest("student", 1, adapter)
-    res["lora"] = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, lora_request=lora, use_tqdm=False)]
-    res["chat"] = llm.chat([{"role": "user", "content": "List the files"}], greedy, use_tqdm=False)[0].prompt_token_ids
-    json.dump(res, open(out, "w"))
+    results = {}
+    for name, job in jobs.items():
+        prompts = [{"prompt_token_ids": p} for p in job["prompts"]]
+        res = {}
+        llm = LLM(model=job["merged"], enforce_eager=True, dtype="float32", max_model_len=2048, seed=0)
+        res["merged"] = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
+        del llm
+        llm = LLM(model=job["base"], enforce_eager=True, dtype="float32", max_model_len=2048, seed=0,
+                  enable_lora=True, max_lora_rank=16)
+        lora = LoRARequest("student", 1, job["adapter"])
+        res["lora"] = [o.outputs[0].token_ids
+                       for o in llm.generate(prompts, greedy, lora_request=lora, use_tqdm=False)]
+        res["chat"] = llm.chat([{"role": "user", "content": "List the files"}], greedy,
+                               use_tqdm=False)[0].prompt_token_ids
+        del llm
+        results[name] = res
+    json.dump(results, open(sys.argv[2], "w"))
 """
 
 
-@pytest.mark.slow
-@pytest.mark.vllm
-@pytest.mark.parametrize("name", FAMILIES)
-def test_export_loads_in_vllm_and_answers_like_transformers(name, trained_runs, real_tokenizers, tmp_path):
-    """The merged export and the base + adapter in vLLM give the trained model's greedy answers; vLLM's chat
-    tokenization equals the template's."""
+@pytest.fixture(scope="module")
+def vllm_exports(trained_runs, real_tokenizers, tmp_path_factory):
+    """Every family's merged export and base + adapter, answered greedily by vLLM in ONE process (an engine's
+    import and start cost about a minute here), beside the trained model's answers in transformers:
+    ``{family: (want, got)}``."""
     pytest.importorskip("vllm")
     import torch
     from peft import PeftModel
@@ -65,26 +70,40 @@ def test_export_loads_in_vllm_and_answers_like_transformers(name, trained_runs, 
     from genpi.models.factory import load_model, resolve_model_path
     from genpi.synthesis.clients.base import end_of_turn_ids
 
-    tok = real_tokenizers[name]
-    folders = export(compose_cfg("export", [f"model={name}", f"run_dir={trained_runs(name)}", "export.merged=true"],
-                                 tmp_path))
+    tmp = tmp_path_factory.mktemp("vllm_exports")
     task = builtin_task("os")
-    prompts = [student_prefix_ids(tok, task, x) for x in ["How many files are in /etc?", "Who is logged in?"]]
-    torch.manual_seed(0)
-    model = PeftModel.from_pretrained(load_model({"name_or_path": name}, for_training=False),
-                                      str(trained_runs(name) / "adapter")).eval()
-    want = hf_generate(model, prompts, 12, end_of_turn_ids(tok), tok.pad_token_id)
-    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
-    script = tmp_path / "run_vllm.py"
+    jobs, want = {}, {}
+    for name in FAMILIES:
+        tok = real_tokenizers[name]
+        folders = export(compose_cfg("export", [f"model={name}", f"run_dir={trained_runs(name)}",
+                                                "export.merged=true"], tmp / name))
+        prompts = [student_prefix_ids(tok, task, x) for x in ["How many files are in /etc?", "Who is logged in?"]]
+        torch.manual_seed(0)
+        model = PeftModel.from_pretrained(load_model({"name_or_path": name}, for_training=False),
+                                          str(trained_runs(name) / "adapter")).eval()
+        want[name] = hf_generate(model, prompts, 12, end_of_turn_ids(tok), tok.pad_token_id)
+        jobs[name] = {"base": resolve_model_path({"name_or_path": name}), "merged": str(folders["merged"]),
+                      "adapter": str(folders["adapter"]), "prompts": prompts}
+    (tmp / "jobs.json").write_text(json.dumps(jobs))
+    script = tmp / "run_vllm.py"
     script.write_text(VLLM_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script), resolve_model_path({"name_or_path": name}),
-                           str(folders["merged"]), str(folders["adapter"]), str(tmp_path / "prompts.json"),
-                           str(tmp_path / "out.json")], cwd=REPO, env=vllm_env(), capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run([sys.executable, str(script), str(tmp / "jobs.json"), str(tmp / "out.json")], cwd=REPO,
+                          env=vllm_env(), capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    got = json.loads((tmp_path / "out.json").read_text())
+    got = json.loads((tmp / "out.json").read_text())
+    return {name: (want[name], got[name]) for name in FAMILIES}
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@pytest.mark.parametrize("name", FAMILIES)
+def test_export_loads_in_vllm_and_answers_like_transformers(name, vllm_exports, real_tokenizers):
+    """The merged export and the base + adapter in vLLM give the trained model's greedy answers; vLLM's chat
+    tokenization equals the template's."""
+    want, got = vllm_exports[name]
     assert got["merged"] == want and got["lora"] == want
-    assert got["chat"] == _chat_ids(tok, [{"role": "user", "content": "List the files"}], add_generation_prompt=True)
+    assert got["chat"] == _chat_ids(real_tokenizers[name], [{"role": "user", "content": "List the files"}],
+                                    add_generation_prompt=True)
 
 
 @pytest.mark.slow
@@ -98,12 +117,11 @@ def test_genpi_synth_with_vllm_on_a_real_tokenizer(name, tmp_path):
     pytest.importorskip("vllm")
     from genpi.data.records import load_records
 
-    if True:
-        args = [f"paths.output_root={tmp_path / name}", f"model={name}", "synth.client=vllm",
-                "synth.teacher_logits.client=vllm", *SMALL_SYNTH]
-        proc = subprocess.run([sys.executable, "-m", "genpi.synth", *args], cwd=REPO, env=vllm_env(),
-                              capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        folder = Path(proc.stdout.strip().splitlines()[-1].split("dataset: ", 1)[1])
-        records = load_records(folder)
-        assert len(records) == 3 and all(r["teacher_topk_ids"] for r in records), name
+    args = [f"paths.output_root={tmp_path / name}", f"model={name}", "synth.client=vllm",
+            "synth.teacher_logits.client=vllm", *SMALL_SYNTH]
+    proc = subprocess.run([sys.executable, "-m", "genpi.synth", *args], cwd=REPO, env=vllm_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folder = Path(proc.stdout.strip().splitlines()[-1].split("dataset: ", 1)[1])
+    records = load_records(folder)
+    assert len(records) == 3 and all(r["teacher_topk_ids"] for r in records), name

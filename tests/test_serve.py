@@ -213,23 +213,28 @@ def prompt_ids(os_task, tokenizer):
 
 
 @pytest.fixture(scope="module")
-def reference(run_dir, tokenizer, prompt_ids, output_root):
-    """What genpi's evaluation answers, greedy, for the student (adapter, no prompt), and the ids it reads."""
+def references(run_dir, tokenizer, prompt_ids, output_root):
+    """genpi-eval's greedy answers through one vLLM worker: the student (adapter, no prompt) and the teacher (the
+    base with the prompt: the worker sends its requests without the adapter)."""
     from genpi.evaluation.generation import PromptSet
 
-    answers = _greedy(tokenizer, [PromptSet("student", prompt_ids["student"], adapter=True)], run_dir / "adapter",
-                      output_root / "reference")
-    return {"answers": answers, "student_ids": prompt_ids["student"], "teacher_ids": prompt_ids["teacher"]}
+    return _greedy(tokenizer, [PromptSet("student", prompt_ids["student"], adapter=True),
+                               PromptSet("teacher", prompt_ids["teacher"], adapter=False)],
+                   run_dir / "adapter", output_root / "reference")
 
 
 @pytest.fixture(scope="module")
-def teacher_reference(tokenizer, prompt_ids, output_root):
-    """genpi-eval's teacher (the base with the prompt), greedy; no adapter, so no training run is needed."""
-    from genpi.evaluation.generation import PromptSet
+def reference(references, prompt_ids):
+    """What genpi's evaluation answers for the student, and the ids it reads."""
+    return {"answers": {"student": references["student"]}, "student_ids": prompt_ids["student"],
+            "teacher_ids": prompt_ids["teacher"]}
 
-    answers = _greedy(tokenizer, [PromptSet("teacher", prompt_ids["teacher"], adapter=False)], None,
-                      output_root / "teacher_reference")
-    return {"answers": answers, "student_ids": prompt_ids["student"], "teacher_ids": prompt_ids["teacher"]}
+
+@pytest.fixture(scope="module")
+def teacher_reference(references, prompt_ids):
+    """What genpi's evaluation answers for the teacher (the base with the prompt)."""
+    return {"answers": {"teacher": references["teacher"]}, "student_ids": prompt_ids["student"],
+            "teacher_ids": prompt_ids["teacher"]}
 
 
 @pytest.fixture(scope="module")

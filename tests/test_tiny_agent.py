@@ -1,11 +1,8 @@
-"""model=tiny_agent: the pre-trained prompt-following tiny model, its pre-training, and internalization on it."""
+"""model=tiny_agent: the pre-trained prompt-following tiny model and its pre-training. Internalization on it, end to
+end, is tested by tests/test_pipeline.py (the demo in a reduced setting)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -117,27 +114,3 @@ def test_cached_tiny_agent_follows_the_prompt_format(tiny_agent_path):
     assert without / total <= 0.2
     for rates in card["format_rates"].values():
         assert rates["with_prompt"] > rates["without_prompt"]
-
-
-@pytest.mark.slow
-def test_distillation_moves_the_format_into_the_adapter(tmp_path, tiny_agent_path):
-    """A reduced study: one task (kg), one loss configuration (kl: context distillation, the cheapest step), 96
-    synthesized inputs, 6 epochs; without the prompt the student must follow the format far more than the floor."""
-    env = dict(os.environ, WANDB_MODE="offline", GENPI_OUTPUT_ROOT=str(tmp_path))
-    env.pop("GENPI_LAUNCH_ID", None)
-    synth = subprocess.run(
-        [sys.executable, "-m", "genpi.synth", "task=kg", "model=tiny_agent", "synth.name=internalization",
-         "synth.pseudo_inputs.source=templates", "synth.pseudo_inputs.num_inputs=96", "synth.progress=false",
-         "synth.conversations.sampling.max_tokens=96"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert synth.returncode == 0, synth.stderr[-3000:]
-    train = subprocess.run(
-        [sys.executable, "-m", "genpi.train", "experiment=internalization", "task=kg", "loss=kl",
-         "trainer.max_epochs=6", "post_eval_overrides=['eval.engine=hf','eval.savings.measure=false',"
-         "'eval.max_new_tokens=64']"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert train.returncode == 0, train.stderr[-3000:]
-    metrics = json.loads(next((tmp_path / "runs").glob("*/metrics.json")).read_text())
-    assert metrics["eval/teacher/format_rate"] >= 0.5
-    assert metrics["eval/student/format_rate"] >= metrics["eval/floor/format_rate"] + 0.4
-    assert metrics["eval/gap_closed/kl_forward"] > 0.5

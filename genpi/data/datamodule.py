@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -15,7 +14,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from genpi.data.records import duplicate_inputs, load_records
+from genpi.data.records import duplicate_inputs, input_key, load_records
 from genpi.data.tokenize import IGNORE, Limits, RecordEncoder, keep_prompt
 from genpi.tasks.base import Task
 from genpi.utils.errors import GenpiError
@@ -46,11 +45,6 @@ def check_prompt(records: list[dict[str, Any]], task: Task, source: str) -> None
     if unlabelled:
         log.warning("%s: %d records name no prompt (no context, no context_id); they are trained as task %s's",
                     source, unlabelled, task.name)
-
-
-def input_key(pseudo_input: str) -> str:
-    """Whitespace/case-normalized hash of an input: the unit of splitting and of overlap checks."""
-    return hashlib.sha256(" ".join(pseudo_input.lower().split()).encode()).hexdigest()[:16]
 
 
 def split_records(

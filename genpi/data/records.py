@@ -18,6 +18,7 @@ Optional: ``teacher_topk_ids`` / ``teacher_topk_logprobs`` (per response token, 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -206,6 +207,11 @@ def _read_hf(p: Path) -> Records:
         split = "train" if "train" in ds else next(iter(ds))
         ds = ds[split]
     return Records([dict(r) for r in ds], source=str(p))
+
+
+def input_key(pseudo_input: str) -> str:
+    """Whitespace/case-normalized hash of an input: the unit of splitting and of overlap checks."""
+    return hashlib.sha256(" ".join(pseudo_input.lower().split()).encode()).hexdigest()[:16]
 
 
 def duplicate_inputs(records: list[dict[str, Any]], key) -> list[int]:

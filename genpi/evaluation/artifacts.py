@@ -17,7 +17,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from genpi.data.datamodule import input_key
+from genpi.data.records import input_key
 from genpi.runs import read_json
 from genpi.utils.errors import GenpiError
 

@@ -263,12 +263,14 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def run_vllm_worker(job: dict[str, Any], workdir: str | Path, timeout_s: float | None = 1800,
+def run_vllm_worker(job: dict[str, Any] | list[dict[str, Any]], workdir: str | Path, timeout_s: float | None = 1800,
                     kvcache_gb: float | None = 1, multiprocessing: bool | None = None,
                     cpu_threads_bind: str | None = None, worker: str = "genpi.evaluation.vllm_worker",
-                    what: str = "the vLLM worker") -> dict[str, Any]:
+                    what: str = "the vLLM worker") -> dict[str, Any] | list[dict[str, Any]]:
     """Run a :func:`vllm_job` in a fresh ``python -m <worker>`` process (default
-    ``genpi.evaluation.vllm_worker``; the environments' episode loop has its own worker module).
+    ``genpi.evaluation.vllm_worker``; the environments' episode loop has its own worker module). A list of jobs
+    (evaluation's worker only) runs their engines one after the other in that one process and returns their
+    results in order.
 
     The job, the result and the worker's log are kept in ``workdir`` (``vllm_job.json``,
     ``vllm_result.json``, ``vllm_worker.log``); a failure raises :class:`GenpiError` with the log's tail.
@@ -283,7 +285,7 @@ def run_vllm_worker(job: dict[str, Any], workdir: str | Path, timeout_s: float |
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     job_path, result_path, log_path = workdir / "vllm_job.json", workdir / "vllm_result.json", workdir / "vllm_worker.log"
-    job_path.write_text(json.dumps(job))
+    job_path.write_text(json.dumps({"jobs": job} if isinstance(job, list) else job))
     result_path.unlink(missing_ok=True)
     env = dict(os.environ)
     cuda = _cuda()
@@ -308,6 +310,10 @@ def run_vllm_worker(job: dict[str, Any], workdir: str | Path, timeout_s: float |
         raise GenpiError(f"{what} failed (exit {proc.returncode}); see {log_path}; last lines:\n"
                          + "\n".join(tail))
     result = json.loads(result_path.read_text())
-    result["worker_wall_s"] = time.perf_counter() - t0
-    log.info("vLLM worker done in %.1f s (engine start %.1f s)", result["worker_wall_s"], result.get("engine_start_s", 0))
-    return result
+    wall = time.perf_counter() - t0
+    results = result["results"] if isinstance(job, list) else [result]
+    for r in results:
+        r["worker_wall_s"] = wall
+    log.info("vLLM worker done in %.1f s (%d engine(s), started in %s s)", wall, len(results),
+             " + ".join(f"{r.get('engine_start_s', 0):.1f}" for r in results))
+    return results if isinstance(job, list) else result

@@ -2,12 +2,15 @@
 
 JOB is a JSON file made by :func:`genpi.evaluation.generation.vllm_job`; RESULT receives
 ``{"outputs": {set name: [token ids per prompt]}, "timing": {...} | null, "engine_start_s", "vllm_version"}``.
+JOB may also be ``{"jobs": [job, ...]}``: their engines are built one after the other in this one process (vLLM's
+import and start are paid once), and RESULT is ``{"results": [result, ...]}`` in the same order.
 One engine serves every prompt set; the adapter, when a set asks for it, is a ``LoRARequest`` on that
 engine (the base weights are never merged). vLLM builds its engine here, under the ``__main__`` guard.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 import time
@@ -68,7 +71,14 @@ def main(argv: list[str] | None = None) -> None:
     if len(args) != 2:
         raise SystemExit("usage: python -m genpi.evaluation.vllm_worker JOB.json RESULT.json")
     job = json.loads(Path(args[0]).read_text())
-    result = run(job)
+    if "jobs" in job:
+        results = []
+        for one in job["jobs"]:
+            results.append(run(one))
+            gc.collect()  # the finished engine's memory before the next one is built
+        result: dict[str, Any] = {"results": results}
+    else:
+        result = run(job)
     tmp = Path(args[1]).with_suffix(".tmp")
     tmp.write_text(json.dumps(result))
     tmp.replace(args[1])
