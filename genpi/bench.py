@@ -401,6 +401,9 @@ def bench_teacher_timing(shape: str, prompt_lens: list[int], suffix_len: int, ba
             row[f"{path}_share_of_flop_bound"] = speedup / bound
         row["gflop_per_s"] = {"naive": flops["naive"] / stats["naive"]["median_s"] / 1e9,
                               **{path: flops["bound"] / stats[path]["median_s"] / 1e9 for path in TEACHER_PATHS[1:]}}
+        # when and under what load this row was measured: rows of several runs can share one report
+        row["measured"] = {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                           "load_1min": round(os.getloadavg()[0], 2)}
         out["P"][str(p)] = row
         if progress:
             progress(out)
@@ -460,6 +463,22 @@ def bench_teacher_memory(shape: str, prompt_len: int, suffix_len: int, batches: 
             row[path]["prompt_kv_copies"] = 1 if path == "shared" else b
         out["batch"][str(b)] = row
     return out
+
+
+def _keep_other_teacher_rows(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """A teacher-attention run over some shapes and prompt lengths keeps the report's rows of the others (so one
+    prompt length can be measured again, e.g. on an idle machine), when both runs used the same rounds, threads,
+    batch and suffix; otherwise the new run replaces the section."""
+    if not old or not old.get("timing") or any(old.get(k) != new.get(k) for k in ("rounds", "threads", "kernel")):
+        return new
+    merged = {shape: {**v, "P": dict(v["P"])} for shape, v in old["timing"].items()}
+    for shape, v in new["timing"].items():
+        kept = merged.get(shape)
+        if kept and (kept["batch_size"], kept["suffix_tokens"]) == (v["batch_size"], v["suffix_tokens"]):
+            kept["P"].update(v["P"])
+        else:
+            merged[shape] = v
+    return {**new, "timing": merged, "memory": {**old.get("memory", {}), **new.get("memory", {})}}
 
 
 def bench_teacher_attention(args) -> dict[str, Any]:
@@ -669,6 +688,8 @@ def main(argv: list[str] | None = None) -> None:
         result = fn(args)
         if isinstance(result, dict):
             result.setdefault("versions", report["versions"])
+        if key == "teacher_attention":
+            result = _keep_other_teacher_rows(report.get(key), result)
         report[key] = result
     out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))

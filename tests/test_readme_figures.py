@@ -206,6 +206,13 @@ def check_synth_shards(block: str) -> None:
     assert speed["shard_card"]["num_shards"] == 2 and speed["datasets_equal"] is True
     contains(block, "2 local shards of 1 thread vs 1 process of 1 thread", f"{fixed(speed['speedup_of_medians'], 2)}x",
              "datasets equal")
+    if "medians of" in block:
+        import statistics
+
+        contains(block, f"medians of {speed['repeats_done']} alternating runs, "
+                        f"{fixed(statistics.median(speed['one_process_seconds']), 1)} s vs "
+                        f"{fixed(statistics.median(speed['two_shards_seconds']), 1)} s",
+                 f"{speed['records']} os\n  records".replace("\n  ", " "))
 
 
 def check_env_check(block: str) -> None:

@@ -218,3 +218,21 @@ def test_runs_under_bf16_autocast_within_its_rounding(tiny_model):
     valid = mask[:, 96:].bool()
     shared_err, cached_err = (shared - naive)[valid].abs().max(), (cached - naive)[valid].abs().max()
     assert shared_err < 3 * max(float(cached_err), 1e-2)
+
+
+def test_a_bench_run_over_some_prompt_lengths_keeps_the_reports_other_rows():
+    from genpi.bench import _keep_other_teacher_rows
+
+    def section(rounds, rows, batch=1):
+        return {"rounds": rounds, "threads": 1, "kernel": "eager",
+                "timing": {"wide": {"batch_size": batch, "suffix_tokens": 192, "P": dict(rows)}},
+                "memory": {"wide": {"old": True}}}
+
+    old = section(20, {"256": "a", "1024": "b", "4096": "old"})
+    merged = _keep_other_teacher_rows(old, {**section(20, {"4096": "new"}), "memory": {}})
+    assert merged["timing"]["wide"]["P"] == {"256": "a", "1024": "b", "4096": "new"}
+    assert merged["memory"] == {"wide": {"old": True}}
+    assert old["timing"]["wide"]["P"]["4096"] == "old"  # the earlier report is not modified in place
+    # another number of rounds, or another batch, is not comparable: the new run stands alone
+    assert _keep_other_teacher_rows(old, section(3, {"4096": "new"}))["timing"]["wide"]["P"] == {"4096": "new"}
+    assert _keep_other_teacher_rows(old, section(20, {"4096": "new"}, batch=2))["timing"]["wide"]["P"] == {"4096": "new"}
