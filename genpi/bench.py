@@ -675,12 +675,15 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError:
             report = {}
     report["versions"] = _versions()
+    earlier = dict(report)  # the sections as they were before this run (partial saves overwrite ``report``)
     out.parent.mkdir(parents=True, exist_ok=True)
     for key, (name, fn) in SECTIONS.items():
         if name in args.skip or (args.only is not None and name not in args.only):
             continue
 
         def save_partial(result: dict[str, Any], key: str = key) -> None:
+            if key == "teacher_attention":
+                result = _keep_other_teacher_rows(earlier.get(key), result)
             report[key] = {**result, "versions": report["versions"]}
             out.write_text(json.dumps(report, indent=2))
 
@@ -689,7 +692,7 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(result, dict):
             result.setdefault("versions", report["versions"])
         if key == "teacher_attention":
-            result = _keep_other_teacher_rows(report.get(key), result)
+            result = _keep_other_teacher_rows(earlier.get(key), result)
         report[key] = result
     out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))

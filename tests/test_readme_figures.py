@@ -156,7 +156,8 @@ def check_teacher_attention(block: str) -> None:
         assert cached == f"{ms['cached']} ({sig3(point['cached_speedup'])}x)", (name, p_cell)
         assert shared == f"{ms['shared']} ({sig3(point['shared_speedup'])}x)", (name, p_cell)
         assert bound == f"{sig3(point['flop_bound_speedup'])}x", (name, p_cell)
-        if point["shared_share_of_flop_bound"] > 1:  # faster than the bound: the timing noise, not the kernel
+        naive_spread = t["naive"]["p75_s"] / t["naive"]["p25_s"]
+        if point["shared_share_of_flop_bound"] > 1 and naive_spread > 1.5:  # above the bound in noisy rounds
             assert share == "spread too wide to read", (name, p_cell)
         else:
             assert share == f"{pct(point['shared_share_of_flop_bound'])}%", (name, p_cell)
@@ -176,10 +177,14 @@ def check_bench_memory(block: str) -> None:
 def check_bench_prose(block: str) -> None:
     """The prose after the bench table: which ratios it singles out (from ``bench.json``)."""
     timing = load("experiments/bench/results/bench.json")["teacher_attention"]["timing"]
-    tiny, wide = timing["tiny"]["P"]["4096"], timing["wide"]["P"]["1024"]
-    contains(block, f"({fixed(tiny['shared_speedup'], 1)}x vs {fixed(tiny['cached_speedup'], 1)}x on tiny at P = 4,096)")
-    assert wide["shared_share_of_flop_bound"] >= 0.8
-    contains(block, "The 80%-of-bound goal is met at P = 1,024 on the wide shape")
+    tiny, wide = timing["tiny"]["P"]["4096"], timing["wide"]["P"]["4096"]
+    contains(block, f"({fixed(wide['shared_speedup'], 1)}x vs {fixed(wide['cached_speedup'], 1)}x on\nwide and "
+                    f"{fixed(tiny['shared_speedup'], 1)}x vs {fixed(tiny['cached_speedup'], 1)}x on tiny at P = 4,096)"
+             .replace("\n", " "))
+    shares = [timing["wide"]["P"][p]["shared_share_of_flop_bound"] for p in ("1024", "4096")]
+    assert min(shares) >= 0.8
+    contains(block, "The 80%-of-bound goal is\nmet at P = 1,024 and 4,096 on the wide shape".replace("\n", " "),
+             f"({pct(shares[0])}% and {pct(shares[1])}%")
 
 
 def check_bench_env(block: str) -> None:
