@@ -96,7 +96,7 @@ def run_evaluation(cfg: DictConfig) -> Path:
         # Savings are timed both cache-cold (every request reads the prompt) and with prefix caching on (what a
         # server with a fixed prompt keeps warm): each setting is an engine of its own, timed side by side inside;
         # the engines run one after the other in one worker process (vLLM imported once).
-        other_caching = [c for c in cache_runs if c != vcfg.enable_prefix_caching]
+        other_caching = list(dict.fromkeys(c for c in cache_runs if c != vcfg.enable_prefix_caching))
         jobs = [vllm_job(sets, max_new, timing if main_timed else None, vcfg.enable_prefix_caching)]
         jobs += [vllm_job([s for s in sets if s.name in ("teacher", "student")], 1, timing, caching)
                  for caching in other_caching]

@@ -189,3 +189,32 @@ def test_cli_prints_the_report_path(run_dir, tmp_path):
                           f"paths.output_root={tmp_path}", *FAST_EVAL], capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2 and "genpi: error:" in bad.stderr and "task kg" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_vllm_jobs_share_one_worker_on_cpu_and_get_one_each_on_a_gpu(tmp_path, monkeypatch):
+    """Several engines run one after the other in one worker process on the CPU (vLLM imported once); on a GPU each
+    gets its own process, whose end is what frees its memory. The worker itself is replaced by a stand-in here."""
+    import json
+    import subprocess
+
+    from genpi.evaluation import generation
+
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        job, result = json.loads(open(cmd[-2]).read()), cmd[-1]
+        calls.append(job)
+        jobs = job["jobs"] if "jobs" in job else [job]
+        answer = [{"outputs": {}, "engine_start_s": 0.0, "name": j["name"]} for j in jobs]
+        with open(result, "w") as f:
+            json.dump({"results": answer} if "jobs" in job else answer[0], f)
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(generation.subprocess, "run", fake_run)
+    jobs = [{"name": "a"}, {"name": "b"}]
+    for cuda, processes in ((False, 1), (True, 2)):
+        calls.clear()
+        monkeypatch.setattr(generation, "_cuda", lambda cuda=cuda: cuda)
+        results = generation.run_vllm_worker(jobs, tmp_path / str(cuda))
+        assert [r["name"] for r in results] == ["a", "b"] and len(calls) == processes
+    assert generation.run_vllm_worker({"name": "c"}, tmp_path / "one")["name"] == "c"

@@ -283,6 +283,10 @@ def run_vllm_worker(job: dict[str, Any] | list[dict[str, Any]], workdir: str | P
         cpu_threads_bind: ``VLLM_CPU_OMP_THREADS_BIND`` (e.g. ``nobind``); None leaves vLLM's default.
     """
     workdir = Path(workdir)
+    if isinstance(job, list) and _cuda():
+        # on a GPU an engine's memory is surely free only once its process ends: one process per engine there
+        return [run_vllm_worker(one, workdir / f"engine-{i}", timeout_s, kvcache_gb, multiprocessing,
+                                cpu_threads_bind, worker, what) for i, one in enumerate(job)]
     workdir.mkdir(parents=True, exist_ok=True)
     job_path, result_path, log_path = workdir / "vllm_job.json", workdir / "vllm_result.json", workdir / "vllm_worker.log"
     job_path.write_text(json.dumps({"jobs": job} if isinstance(job, list) else job))
