@@ -481,6 +481,10 @@ def _keep_other_teacher_rows(old: dict[str, Any] | None, new: dict[str, Any]) ->
     return {**new, "timing": merged, "memory": {**old.get("memory", {}), **new.get("memory", {})}}
 
 
+# report key -> how a new run of that section keeps parts of the report's earlier run (other sections are replaced)
+KEEP_EARLIER = {"teacher_attention": _keep_other_teacher_rows}
+
+
 def bench_teacher_attention(args) -> dict[str, Any]:
     """Teacher pass by path, per shape and prompt length (keys ``<shape>`` then ``P``), and memory by batch size."""
     from genpi.models.shared_prefix_attention import resolve_kernel
@@ -676,24 +680,26 @@ def main(argv: list[str] | None = None) -> None:
             report = {}
     report["versions"] = _versions()
     earlier = dict(report)  # the sections as they were before this run (partial saves overwrite ``report``)
+
+    def _with_earlier(key: str, result: Any) -> Any:
+        """A section's result, with what it keeps of the report's earlier run of it (see KEEP_EARLIER)."""
+        keep = KEEP_EARLIER.get(key)
+        return keep(earlier.get(key), result) if keep and isinstance(result, dict) else result
+
     out.parent.mkdir(parents=True, exist_ok=True)
     for key, (name, fn) in SECTIONS.items():
         if name in args.skip or (args.only is not None and name not in args.only):
             continue
 
         def save_partial(result: dict[str, Any], key: str = key) -> None:
-            if key == "teacher_attention":
-                result = _keep_other_teacher_rows(earlier.get(key), result)
-            report[key] = {**result, "versions": report["versions"]}
+            report[key] = {**_with_earlier(key, result), "versions": report["versions"]}
             out.write_text(json.dumps(report, indent=2))
 
         args.save_partial = save_partial
         result = fn(args)
         if isinstance(result, dict):
             result.setdefault("versions", report["versions"])
-        if key == "teacher_attention":
-            result = _keep_other_teacher_rows(earlier.get(key), result)
-        report[key] = result
+        report[key] = _with_earlier(key, result)
     out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
     print(f"bench: {out}")
