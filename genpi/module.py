@@ -58,7 +58,8 @@ class GenPIModule(pl.LightningModule):
 
     def __init__(self, model: torch.nn.Module, loss: schema.Loss | dict[str, Any],
                  optim: schema.Optim | dict[str, Any], teacher_prompt_ids: list[int],
-                 stop_ids: Sequence[int] | None = None, pad_id: int | None = None, seed: int = 0):
+                 stop_ids: Sequence[int] | None = None, pad_id: int | None = None, seed: int = 0,
+                 sample_engine: Any = None):
         super().__init__()
         self.model = model
         self.loss_cfg = _typed_loss(loss)
@@ -82,6 +83,8 @@ class GenPIModule(pl.LightningModule):
             )
         self._prompt_kv: tuple[tuple[Any, ...], list[tuple[torch.Tensor, torch.Tensor]]] | None = None
         self.sampler = self._make_sampler(kl, stop_ids, pad_id, seed) if kl.on_policy and kl.weight > 0 else None
+        if self.sampler is not None:
+            self.sampler.engine = sample_engine  # None = transformers generate in this process
         self.opcd_stats: dict[str, float] = {}  # the latest training batch's on-policy figures, logged as train/opcd_*
         self._backward_start: float | None = None
         # Checkpoints hold only trainable weights (the adapter), so loading one must not demand the base.
@@ -224,6 +227,12 @@ class GenPIModule(pl.LightningModule):
         the batch land in :attr:`opcd_stats`.
         """
         student_prompts, teacher_prompts = onpolicy.prompt_parts(kl)
+        engine = self.sampler.engine if self.sampler is not None else None
+        engine_stats: dict[str, float] = {}
+        if engine is not None and answers is None:  # the colocated engine gets the adapter every refresh_every steps
+            engine.maybe_refresh(self.model, self.global_step)
+            engine_stats = {"staleness": float(engine.staleness(self.global_step)),
+                            "refresh_s": float(engine.stats.get("refresh_s", 0.0))}
         start = time.perf_counter()
         if answers is None:
             answers = self.sampler.sample(self.model, student_prompts, seed + self.global_rank)
@@ -249,7 +258,7 @@ class GenPIModule(pl.LightningModule):
         scored_at = time.perf_counter()
         self.opcd_stats = {"sample_s": sampled - start, "score_s": scored_at - sampled,
                            "sampled_len": sum(len(a) for a in answers) / max(1, len(answers)),
-                           "reverse_kl": float(reverse)}
+                           "reverse_kl": float(reverse), **engine_stats}
         # Token mean over this batch's sampled tokens (and over the ranks'): the window's token totals the data
         # module counts are those of the synthesized answers, which an on-policy batch does not use.
         return self._global_token_mean(loss, student_h.shape[0])
@@ -322,6 +331,11 @@ class GenPIModule(pl.LightningModule):
         name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.scheduler]
         sched = get_scheduler(name, opt, num_warmup_steps=int(cfg.warmup_ratio * total), num_training_steps=total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def teardown(self, stage: str) -> None:
+        engine = self.sampler.engine if self.sampler is not None else None
+        if engine is not None:  # the colocated vLLM engine's process ends with the fit
+            engine.close()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_checkpoint(checkpoint)

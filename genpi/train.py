@@ -173,7 +173,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.setup("fit")
     prompt = teacher_prompt(tokenizer, task)
     module = GenPIModule(model, spec.loss, spec.optim, prompt.ids, stop_ids=end_of_turn_ids(tokenizer),
-                         pad_id=tokenizer.pad_token_id, seed=spec.seed)
+                         pad_id=tokenizer.pad_token_id, seed=spec.seed, sample_engine=_sample_engine(spec, cfg, run_dir))
     resume_step = None
     if ckpt:  # before anything is written: a checkpoint of another setup is refused in one line
         checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
@@ -239,6 +239,24 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             log.info("metrics: %s", metrics_path)
     return {"metrics": metrics, "run_dir": run_dir, "trainer": trainer, "module": module, "datamodule": datamodule,
             "task": task, "tokenizer": tokenizer}
+
+
+def _sample_engine(spec: schema.Train, cfg: DictConfig, run_dir: Path) -> Any:
+    """The colocated vLLM engine of on-policy sampling (``loss.kl.sampling.engine=vllm``), one per rank; None for
+    transformers sampling. Its process starts at the first on-policy batch."""
+    kl = spec.loss.kl
+    if not (kl.on_policy and kl.weight > 0 and kl.sampling.engine == "vllm"):
+        return None
+    from genpi.models.factory import resolve_model_path
+    from genpi.onpolicy_vllm import VLLMEngine
+
+    rank = launching.process_rank()
+    v = kl.sampling.vllm
+    return VLLMEngine(resolve_model_path(cfg.model), spec.model.lora.r,
+                      run_dir / "opcd_vllm" / (f"rank{rank}" if rank else "rank0"),
+                      refresh_every=kl.sampling.refresh_every, dtype=str(cfg.model.get("dtype") or "auto"),
+                      seed=spec.seed, max_model_len=v.max_model_len, gpu_memory_utilization=v.gpu_memory_utilization,
+                      kvcache_gb=v.kvcache_gb, timeout_s=v.timeout_s)
 
 
 def post_evaluate(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
