@@ -2,7 +2,8 @@
 
 The end-to-end tests run real 2-process DDP jobs (gloo on CPU) through the console entry point, started by
 Lightning's subprocess launcher and by submitit's local executor (one task per rank, as srun does), and compare
-their metrics with the same jobs run one at a time. The others check the pieces without starting any rank.
+their metrics with the same jobs run one at a time, and with one process on the global batch (DDP's equivalence).
+The others check the pieces without starting any rank.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from tests.helpers import CONF, compose_cfg
 REPO = CONF.parent
 # the issue's command, with a short real training instead of debug=fdr (which writes no metrics to compare)
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.devices=2"]
-SHORT = ["experiment_name=ddpprobe", "trainer.max_steps=2", "data.max_records=24", "data.batch_size=2"]
+# no LoRA dropout: a DDP job then equals one process on the global batch (each rank draws other dropout masks)
+SHORT = ["experiment_name=ddpprobe", "trainer.max_steps=2", "data.max_records=24", "data.batch_size=2",
+         "model.lora.dropout=0.0"]
 COMPARED = ("val/kl", "val/loss", "val/kl_start", "train/steps")
 
 
@@ -107,6 +110,14 @@ def test_sweep_metrics_equal_the_jobs_run_one_by_one(lightning_sweep, tmp_path):
     assert sorted(p.name for p in single.glob("*.log")) == ["train.log", "train_rank1.log"]
     assert _metrics(single) == pytest.approx(_metrics(jobs[1]), rel=1e-6)
     assert _metrics(jobs[0]) != _metrics(jobs[1])  # the seed reached the job (split, init, order)
+    # and DDP itself: 2 ranks x batch 2 equal one process x batch 4 (the loss is a token mean over the ranks)
+    one = [a for a in SHORT if not a.startswith("data.batch_size=")] + ["data.batch_size=4"]
+    proc = _train(["trainer=cpu", "seed=1", "experiment_name=ddpone", *one[1:]], tmp_path / "one")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (alone,) = [Path(ln.split(": ", 1)[1]) for ln in proc.stdout.splitlines() if ln.startswith("run folder: ")]
+    assert sorted(p.name for p in alone.glob("*.log")) == ["train.log"]
+    assert _metrics(alone) == pytest.approx(_metrics(jobs[1]), rel=1e-3)
+    assert _metrics(alone) != pytest.approx(_metrics(jobs[0]), rel=1e-3)  # the tolerance tells the seeds apart
 
 
 @pytest.mark.slow
