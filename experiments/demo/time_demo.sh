@@ -2,7 +2,8 @@
 # How long `make demo` takes on a fresh machine: `make demo` (install already done) with an empty genpi cache
 # (GENPI_CACHE: the shipped tiny_agent weights are copied in and checked, nothing is reused) and an empty output
 # root, then the same command again (it must reuse what the first wrote). Writes results/timing.json: wall time of
-# each call, each stage's time as the pipeline printed it, the load average before and after, and the commit.
+# each call, each stage's time as the pipeline printed it, the load average before and after, the commit, and the
+# report's held-out figures (format rates, share of the gaps closed).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 make install >/dev/null
@@ -40,6 +41,12 @@ out = {
     "second_call_reused": [ln.strip() for ln in t2.splitlines() if "reus" in ln.lower()][:6],
     "budget_s": 300,
 }
+# the figures of the demo's report (its held-out test split), from the evaluation's metrics.json
+(metrics,) = Path(scratch, "outputs", "eval").glob("*/metrics.json")
+m = json.loads(metrics.read_text())
+out["heldout"] = {"inputs": m["n_examples"], **{f"{who}_format_rate": m[who]["format_rate"]
+                                                for who in ("teacher", "student", "floor")},
+                  "gap_closed_kl_forward": m["gap_closed"]["kl_forward"]}
 Path("experiments/demo/results/timing.json").write_text(json.dumps(out, indent=2) + "\n")
 print(json.dumps(out, indent=2))
 EOF
