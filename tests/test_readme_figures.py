@@ -117,6 +117,24 @@ def check_demo_selection(block: str) -> None:
              f"without KL reached {pct(float(without_kl['student_format_rate']), 1)}%")
 
 
+def check_demo_timing(block: str) -> None:
+    t = load("experiments/demo/results/timing.json")
+    stages = t["first_call_stages_s"]
+    held = t["heldout"]
+    contains(block, "`experiments/demo/time_demo.sh`", f"the first call took {fixed(t['first_call_s'], 1)} s",
+             f"synthesis {stages['synth']} s, training {stages['train']} s, evaluation {stages['eval']} s",
+             f"1-minute load {t['load_1min_before']} before", f"the second call took {fixed(t['second_call_s'], 1)} s",
+             f"on {held['inputs']} held-out inputs", f"{pct(held['student_format_rate'], 1)}% of the time",
+             f"teacher {pct(held['teacher_format_rate'])}%, floor {pct(held['floor_format_rate'])}%",
+             f"closes {pct(held['gap_closed_kl_forward'], 1)}% of the KL gap")
+    assert t["cores"] == 2
+    if "within the 5-minute budget" in block:
+        assert t["first_call_s"] <= t["budget_s"] == 300
+    assert t["second_call_reused"] and t["second_call_s"] < 60  # the second call reuses the first's results
+    # the bar for the demo: the student at least 50% and at least 40 points above the floor
+    assert held["student_format_rate"] >= 0.5 and held["student_format_rate"] - held["floor_format_rate"] >= 0.4
+
+
 def check_tiny_agent(block: str) -> None:
     record = load("genpi/models/artifacts/tiny_agent.json")
     weights = ROOT / "genpi/models/artifacts/tiny_agent.safetensors"
@@ -339,6 +357,7 @@ def check_ablation(block: str) -> None:
 
 CHECKS: dict[str, Callable[[str], None]] = {
     "experiments/demo/results/selection.csv": check_demo_selection,
+    "experiments/demo/results/timing.json": check_demo_timing,
     "genpi/models/artifacts/tiny_agent.json": check_tiny_agent,
     "experiments/bench/results/bench.json": lambda block: (check_teacher_attention(block)
                                                            if "| shape |" in block else check_bench_prose(block)),
