@@ -109,7 +109,14 @@ class GenPIModule(pl.LightningModule):
             pad_id = getattr(gen, "pad_token_id", None)
             pad_id = stop_ids[0] if pad_id is None else pad_id
         s = kl.sampling
-        return onpolicy.OnPolicySampler(kl.lmbda, s.temperature, s.top_p, s.max_new_tokens, stop_ids, pad_id, seed)
+        return onpolicy.OnPolicySampler(kl.lmbda, s.temperature, s.top_p, s.max_new_tokens, stop_ids, pad_id, seed,
+                                        turns=s.turns)
+
+    @property
+    def sampled_turns(self) -> int:
+        """Agent turns an on-policy batch samples per conversation (``loss.kl.sampling.turns``); 1 without
+        on-policy sampling. The data module reads it to give the training KL examples their environment turns."""
+        return self.sampler.turns if self.sampler is not None else 1
 
     # -- model pieces -------------------------------------------------------------------
     @property
@@ -224,9 +231,17 @@ class GenPIModule(pl.LightningModule):
 
         Only the inputs of ``kl`` are used (its synthesized answers are dropped). ``answers`` (token ids per row)
         replaces the sampling, for tests and benchmarks. No gradient goes through the sampling; the figures of
-        the batch land in :attr:`opcd_stats`.
+        the batch land in :attr:`opcd_stats` (``sampled_len``: sampled tokens per row, all turns; ``turns``:
+        sampled turns per row).
+
+        With ``loss.kl.sampling.turns`` N > 1 the student samples up to N agent turns of each row's conversation,
+        the environment's turns taken from the record (``env_student`` / ``env_teacher`` of ``kl``,
+        :meth:`onpolicy.OnPolicySampler.sample_turns`); both passes run over the whole trajectory and the
+        divergence is taken at the sampled tokens of every turn only. ``answers`` then holds per row a list of
+        turns.
         """
         student_prompts, teacher_prompts = onpolicy.prompt_parts(kl)
+        turns = self.sampled_turns
         engine = self.sampler.engine if self.sampler is not None else None
         engine_stats: dict[str, float] = {}
         if engine is not None and answers is None:  # the colocated engine gets the adapter every refresh_every steps
@@ -234,13 +249,27 @@ class GenPIModule(pl.LightningModule):
             engine_stats = {"staleness": float(engine.staleness(self.global_step)),
                             "refresh_s": float(engine.stats.get("refresh_s", 0.0))}
         start = time.perf_counter()
-        if answers is None:
+        if turns > 1:
+            if "env_student" not in kl:
+                raise GenpiError(f"loss.kl.sampling.turns={turns}: the KL batch carries no environment turns; build "
+                                 f"the data module with kl_turns={turns} (genpi-train does)")
+            if answers is None:
+                answers = self.sampler.sample_turns(self.model, student_prompts, kl["env_student"],
+                                                    seed + self.global_rank)
+        elif answers is None:
             answers = self.sampler.sample(self.model, student_prompts, seed + self.global_rank)
         sampled = time.perf_counter()
         pad_id = self.sampler.pad_id if self.sampler is not None else 0
         device = kl["student_input_ids"].device
-        scored = {k: v.to(device) for k, v in
-                  onpolicy.scoring_batch(student_prompts, teacher_prompts, answers, pad_id).items()}
+        if turns > 1:  # answers: per row, its sampled turns
+            batch = onpolicy.conversation_batch(student_prompts, teacher_prompts, answers, kl["env_student"],
+                                                kl["env_teacher"], pad_id)
+            n_sampled = [sum(len(t) for t in row) for row in answers]
+            n_turns = [len(row) for row in answers]
+        else:
+            batch = onpolicy.scoring_batch(student_prompts, teacher_prompts, answers, pad_id)
+            n_sampled, n_turns = [len(a) for a in answers], [1] * len(answers)
+        scored = {k: v.to(device) for k, v in batch.items()}
         student_h = self.hidden(scored["student_input_ids"], scored["student_attention_mask"])
         student_h = student_h[scored["student_response_mask"]]
         teacher_h = self.teacher_hidden(scored)
@@ -257,8 +286,9 @@ class GenPIModule(pl.LightningModule):
                                                       lm_head_bias=None if bias is None else bias.detach())
         scored_at = time.perf_counter()
         self.opcd_stats = {"sample_s": sampled - start, "score_s": scored_at - sampled,
-                           "sampled_len": sum(len(a) for a in answers) / max(1, len(answers)),
-                           "reverse_kl": float(reverse), **engine_stats}
+                           "sampled_len": sum(n_sampled) / max(1, len(answers)),
+                           "turns": sum(n_turns) / max(1, len(answers)), "reverse_kl": float(reverse),
+                           **engine_stats}
         # Token mean over this batch's sampled tokens (and over the ranks'): the window's token totals the data
         # module counts are those of the synthesized answers, which an on-policy batch does not use.
         return self._global_token_mean(loss, student_h.shape[0])

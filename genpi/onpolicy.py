@@ -11,10 +11,15 @@ The pieces the training module glues together:
 - :func:`prompt_parts` and :func:`scoring_batch` take a KL batch of the data module apart into the student's and
   the teacher's views of each input, and put them back together around the sampled answers, in the data module's
   own layout (so the teacher's cached-prompt paths apply unchanged).
+- Over several turns (``loss.kl.sampling.turns``), :meth:`OnPolicySampler.sample_turns` samples the agent's turns
+  one after the other, each after the environment's turn that followed the previous one in the record's
+  conversation (``env_student`` of the KL batch); :func:`conversation_batch` lays the whole trajectory out in both
+  views, the scored positions being those of the sampled tokens only.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -55,6 +60,47 @@ def scoring_batch(student_prompts: Sequence[Sequence[int]], teacher_prompts: Seq
     return out
 
 
+def conversation_batch(student_prompts: Sequence[Sequence[int]], teacher_prompts: Sequence[Sequence[int]],
+                       turns: Sequence[Sequence[Sequence[int]]], student_env: Sequence[Sequence[Sequence[int]]],
+                       teacher_env: Sequence[Sequence[Sequence[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """:func:`scoring_batch` for trajectories of several turns: row ``i`` of each side is its view, then
+    ``turns[i][0]``, ``env[i][0]``, ``turns[i][1]``, ``env[i][1]``, ... up to its last sampled turn (no
+    environment turn after it); ``{side}_response_mask`` is true exactly at the positions whose logits predict a
+    token of a sampled turn (environment turns and agent headers are context)."""
+    out: dict[str, torch.Tensor] = {}
+    for side, prompts, envs in (("student", student_prompts, student_env), ("teacher", teacher_prompts, teacher_env)):
+        seqs, spans = [], []
+        for prompt, row_turns, row_env in zip(prompts, turns, envs):
+            if len(row_turns) > len(row_env) + 1:
+                raise ValueError(f"{len(row_turns)} turns but only {len(row_env)} environment turns between them")
+            seq, row_spans = list(prompt), []
+            for k, turn in enumerate(row_turns):
+                if k:
+                    seq += list(row_env[k - 1])
+                row_spans.append((len(seq), len(turn)))
+                seq += list(turn)
+            seqs.append(seq)
+            spans.append(row_spans)
+        ids = torch.full((len(seqs), max(len(s) for s in seqs)), int(pad_id), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        response = torch.zeros(ids.shape, dtype=torch.bool)
+        for row, (seq, row_spans) in enumerate(zip(seqs, spans)):
+            ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[row, : len(seq)] = 1
+            for start, n in row_spans:
+                response[row, start - 1 : start - 1 + n] = True
+        out.update({f"{side}_input_ids": ids, f"{side}_attention_mask": mask, f"{side}_response_mask": response})
+    return out
+
+
+def turn_seed(seed: int, turn: int) -> int:
+    """The sampling seed of agent turn ``turn`` (0-based) of a batch drawn with ``seed``: ``seed`` itself for the
+    first (so its answers are those one-turn sampling gives), a hash of both for the next ones."""
+    if turn == 0:
+        return int(seed)
+    return int.from_bytes(hashlib.sha256(f"{int(seed)}:{int(turn)}".encode()).digest()[:8], "big") >> 2
+
+
 class OnPolicySampler:
     """The student's sampling on on-policy batches, and the seeded choice of which batches those are.
 
@@ -66,10 +112,12 @@ class OnPolicySampler:
         stop_ids: end-of-turn token ids; sampling stops at the first, which is kept.
         pad_id: fills the left padding of the prompts and the right padding of the scoring batch.
         seed: seeds the generator (every rank the same, so ranks agree on which batches are on-policy).
+        turns: most agent turns sampled per conversation (:meth:`sample_turns`); 1 = the answer to the input only.
     """
 
     def __init__(self, lmbda: float, temperature: float, top_p: float, max_new_tokens: int, stop_ids: Sequence[int],
-                 pad_id: int, seed: int = 0):
+                 pad_id: int, seed: int = 0, turns: int = 1):
+        self.turns = int(turns)
         self.lmbda = float(lmbda)
         self.temperature = float(temperature)
         self.top_p = float(top_p)
@@ -137,3 +185,34 @@ class OnPolicySampler:
                 m.training = mode
         # The stop is kept: it is a sampled token too, and the student learns where to end.
         return [cut_at_stop(row, self.stop_ids, keep_stop=True) for row in out[:, width:].tolist()]
+
+    def sample_turns(self, model: torch.nn.Module, prompts: Sequence[Sequence[int]],
+                     envs: Sequence[Sequence[Sequence[int]]], seed: int,
+                     turns: int | None = None) -> list[list[list[int]]]:
+        """The student's own trajectory per prompt: agent turn 1 sampled after the prompt, then, for as long as
+        the row has a next environment turn (``envs[i][k]``: the record's, see
+        :meth:`genpi.data.tokenize.RecordEncoder.kl_conversation`) and fewer than ``turns`` (default
+        :attr:`turns`) turns are sampled, turn ``k + 2`` after [prompt, turn 1, env 1, ..., turn k + 1, env k + 1].
+
+        A turn that ends without a stop token (``max_new_tokens`` reached) ends its row's trajectory: the next
+        environment turn would follow an answer the template never closes. Each turn is one :meth:`sample` call
+        over the rows still going, seeded with :func:`turn_seed`, so the result depends only on the weights, the
+        prompts, the environment turns and ``seed``; turn 1 is what :meth:`sample` gives with ``seed``.
+        """
+        turns = self.turns if turns is None else int(turns)
+        stops = set(self.stop_ids)
+        contexts = [list(p) for p in prompts]
+        out: list[list[list[int]]] = [[] for _ in prompts]
+        going = list(range(len(prompts)))
+        for k in range(turns):
+            if not going:
+                break
+            answers = self.sample(model, [contexts[i] for i in going], turn_seed(seed, k))
+            still = []
+            for i, answer in zip(going, answers):
+                out[i].append(answer)
+                if k + 1 < turns and k < len(envs[i]) and answer and answer[-1] in stops:
+                    contexts[i] += answer + list(envs[i][k])
+                    still.append(i)
+            going = still
+        return out

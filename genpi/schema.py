@@ -845,7 +845,10 @@ class OnPolicySampling:
 
     temperature: float = field(default=1.0, metadata=rng(ge=0))  # 0 = greedy
     top_p: float = field(default=1.0, metadata=rng(gt=0, le=1))
-    max_new_tokens: int = field(default=128, metadata=rng(ge=1))
+    max_new_tokens: int = field(default=128, metadata=rng(ge=1))  # per sampled turn
+    # most agent turns sampled per conversation, the environment's turns between them taken from the record;
+    # 1 = the answer to the input only
+    turns: int = field(default=1, metadata=rng(ge=1))
     engine: Literal["hf", "vllm"] = "hf"
     refresh_every: int = field(default=1, metadata=rng(ge=1))
     vllm: OnPolicyVLLM = field(default_factory=lambda: OnPolicyVLLM())

@@ -246,6 +246,9 @@ class Collator:
                 "teacher_response_mask": _response_mask(t_ids, lens),
                 "response_ids": torch.tensor([t for s, n in zip(s_ids, lens) for t in s[len(s) - n :]]),
             }
+            if all("env_student" in r for r in rows):  # on-policy over several turns (loss.kl.sampling.turns)
+                kl["env_student"] = [r["env_student"] for r in rows]
+                kl["env_teacher"] = [r["env_teacher"] for r in rows]
             if all("teacher_topk_ids" in r for r in rows):
                 kl["teacher_topk_ids"] = torch.tensor([row for r in rows for row in r["teacher_topk_ids"]])
                 kl["teacher_topk_logprobs"] = torch.tensor([row for r in rows for row in r["teacher_topk_logprobs"]])
@@ -265,6 +268,10 @@ class GenPIDataModule(pl.LightningDataModule):
         losses: which training sequences to build, among ``sft``, ``pg``, ``kl`` (a loss with weight 0
             is not built); validation always builds ``kl`` so ``val/kl`` is always measured.
         w_prompt_drop_prob: with-prompt baseline: SFT inputs carry the prompt, dropped with this probability.
+        kl_turns: agent turns the student samples on an on-policy batch (``loss.kl.sampling.turns``): above 1 the
+            training KL examples also carry the environment's turns of their conversation
+            (:meth:`RecordEncoder.kl_conversation`); None = what the trainer's module asks for (its
+            ``sampled_turns``, read when the training loader is built), else 1.
     """
 
     def __init__(self, task: Task, tokenizer, path: str | None = None, losses: tuple[str, ...] = ("sft", "pg"),
@@ -272,7 +279,7 @@ class GenPIDataModule(pl.LightningDataModule):
                  test_size: float | int = 0.1, seed: int = 0, limits: dict | None = None, pg_reason: bool = True,
                  w_prompt_drop_prob: float | None = None, group_by_length: bool = True, max_records: int | None = None,
                  num_workers: int = 0, overfit: bool = False, sft_source: str = "conversation",
-                 drop_duplicates: bool = False):
+                 drop_duplicates: bool = False, kl_turns: int | None = None):
         super().__init__()
         self.task = task
         self.tokenizer = tokenizer
@@ -292,6 +299,8 @@ class GenPIDataModule(pl.LightningDataModule):
         self.overfit = overfit
         self.sft_source = sft_source
         self.drop_duplicates = drop_duplicates
+        self.kl_turns = kl_turns
+        self._conversation_turns: dict[str, int] = {}  # split -> the turns its KL examples carry env turns for
         self.duplicates = 0
         self.splits: dict[str, list[dict[str, Any]]] = {}
         self.datasets: dict[str, EncodedDataset] = {}
@@ -352,6 +361,29 @@ class GenPIDataModule(pl.LightningDataModule):
             examples.append(e)
         return EncodedDataset(examples)
 
+    def sampled_turns(self) -> int:
+        """How many agent turns an on-policy batch samples: ``kl_turns``, else the trainer's module's."""
+        if self.kl_turns is not None:
+            return int(self.kl_turns)
+        module = getattr(getattr(self, "trainer", None), "lightning_module", None)
+        return int(getattr(module, "sampled_turns", 1) or 1)
+
+    def add_conversations(self, split: str, turns: int) -> None:
+        """Give the KL examples of ``split`` the environment's turns between their first ``turns`` agent turns
+        (built once per split; on-policy sampling reads them from the batch)."""
+        if turns <= 1 or self._conversation_turns.get(split, 1) >= turns:
+            return
+        assert self.encoder is not None
+        counts = self.encoder.report.counts
+        before = counts["kl_conversation"]
+        for rec, e in zip(self.splits[split], self.datasets[split].examples):
+            if "kl" in e:
+                e["kl"].update(self.encoder.kl_conversation(rec, turns))
+        self._conversation_turns[split] = turns
+        if counts["kl_conversation"] > before:
+            log.warning("%s: the environment's turns of %d %s conversations stop early (their total reaches "
+                        "data.limits.conversation_tokens)", self.source, counts["kl_conversation"] - before, split)
+
     def setup(self, stage: str | None = None) -> None:
         self.load()
         if self.encoder is None:
@@ -411,6 +443,7 @@ class GenPIDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         trainer = getattr(self, "trainer", None)
         accumulate = int(trainer.accumulate_grad_batches) if trainer is not None else 1
+        self.add_conversations("train", self.sampled_turns())
         return self._loader("train", self.batch_size, shuffle=True, accumulate=accumulate)
 
     def val_dataloader(self) -> DataLoader:

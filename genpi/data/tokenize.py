@@ -446,6 +446,53 @@ class RecordEncoder:
             out["teacher_topk_logprobs"] = lps[: len(resp)]
         return out
 
+    # -- on-policy over several turns: the environment's turns between the agent's ---------
+    def kl_conversation(self, rec: dict[str, Any], turns: int) -> dict[str, list[list[int]]]:
+        """The token ids that come between the agent turns of the record's conversation, in each view:
+        ``env_student[k]`` (and ``env_teacher[k]``) runs from just after agent turn ``k + 1``'s end-of-turn token
+        to just before agent turn ``k + 2``'s content: the environment's turn that follows it and the next agent
+        header, as the chat template renders them inside the whole conversation.
+
+        On-policy sampling over several turns (``loss.kl.sampling.turns``) puts the student's sampled turns
+        between them: the view of the KL example (the input up to its generation prompt), sampled turn 1,
+        ``env[0]``, sampled turn 2, ... At most ``turns - 1`` are kept, and only while their total stays within
+        ``data.limits.conversation_tokens``; a conversation is read as far as it alternates agent, environment,
+        agent. A record without a conversation, or with one agent turn, has none (one sampled turn).
+        """
+        conv = _alternating_agent_turns(rec.get("teacher_output_conv") or [], turns)
+        n_agent = (len(conv) + 1) // 2
+        if n_agent < 2:
+            return {"env_student": [], "env_teacher": []}
+        x, _ = truncate_text(self.tok, rec["pseudo_input"], self.limits.input_tokens)
+        out: dict[str, list[list[int]]] = {}
+        for side, head, prefix in (
+            ("student", self.task.student_messages(x), student_prefix_ids(self.tok, self.task, x)),
+            ("teacher", self.task.teacher_messages(x), teacher_prefix_ids(self.tok, self.task, x, self.prompt)),
+        ):
+            ids, labels = encode_chat(self.tok, head + conv, label_from=len(head))
+            runs = _label_runs(labels)
+            if len(runs) != n_agent or ids[: runs[0][0]] != prefix:
+                raise GenpiError(
+                    f"record {rec.get('record_id', '?')}: {template_name(self.tok)} renders the {side}'s view "
+                    f"differently inside the conversation ({len(runs)} agent turns found of {n_agent}, or another "
+                    "start than the view alone), so sampled turns cannot be placed exactly; set "
+                    "loss.kl.sampling.turns=1 or model.chat_template to a template that keeps earlier turns as they were"
+                )
+            out[f"env_{side}"] = [ids[end:start] for (_, end), (start, _) in zip(runs, runs[1:])]
+        limit = self.limits.conversation_tokens
+        if limit is not None:
+            total, keep = 0, 0
+            for piece in out["env_student"]:
+                total += len(piece)
+                if total > limit:
+                    break
+                keep += 1
+            self.report.note("kl_conversation", keep < len(out["env_student"]))
+            out = {k: v[:keep] for k, v in out.items()}
+        if out["env_teacher"] == out["env_student"]:  # the usual case: one list in memory for both views
+            out["env_teacher"] = out["env_student"]
+        return out
+
     # -- helpers ----------------------------------------------------------------------
     def _input(self, rec: dict[str, Any]) -> tuple[str, bool]:
         x, cut = truncate_text(self.tok, rec["pseudo_input"], self.limits.input_tokens)
@@ -463,6 +510,32 @@ class RecordEncoder:
                                  "conversation: it is not a text prefix of it")
             _check_prompt_ids(self.tok, self.prompt, ids, text[len(skip_text) : len(skip_text) + 40])
         return ids, labels
+
+
+def _alternating_agent_turns(conv: list[Message], turns: int) -> list[Message]:
+    """The conversation's first ``turns`` agent turns with the environment's turns between them: read while the
+    roles alternate assistant, user, assistant, ...; ends on an agent turn (a trailing environment turn has no
+    agent turn after it to sample)."""
+    out: list[Message] = []
+    for msg in conv:
+        want = "assistant" if len(out) % 2 == 0 else "user"
+        if msg.get("role") != want or len(out) >= 2 * turns - 1:
+            break
+        out.append({"role": msg["role"], "content": msg["content"]})
+    return out if len(out) % 2 == 1 else out[:-1]
+
+
+def _label_runs(labels: list[int]) -> list[tuple[int, int]]:
+    """``(start, end)`` of each run of labelled positions."""
+    runs: list[tuple[int, int]] = []
+    for i, lab in enumerate(labels):
+        if lab == IGNORE:
+            continue
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
 
 
 def keep_prompt(seed: int, index: int, drop_prob: float) -> bool:
