@@ -52,6 +52,7 @@ def build_datamodule(spec: schema.Train, task, tokenizer) -> GenPIDataModule:
         w_prompt_drop_prob=loss.w_prompt.drop_prob if loss.w_prompt.enabled else None,
         group_by_length=data.group_by_length, max_records=data.max_records, num_workers=data.num_workers,
         overfit=data.overfit, drop_duplicates=data.drop_duplicates,
+        kl_turns=loss.kl.sampling.turns if loss.kl.on_policy and loss.kl.weight > 0 else 1,
     )
 
 
