@@ -173,6 +173,16 @@ def test_engine_samples_as_transformers_and_as_the_adapter_it_was_given(student,
     a, b, c = (sampler.sample(model, prompts, seed=s) for s in (11, 11, 12))
     assert a == b and a != c
     assert all(len(x) <= 12 and (len(x) == 12 or x[-1] in stop) for x in a)
+    # several turns (loss.kl.sampling.turns), the environment's turns between them: each turn is one engine call.
+    # Half the vocabulary stops a turn, so that the random model ends its turns and several are sampled.
+    halves = list(range(0, 4096, 2))
+    envs = [[[5, 6, 7], [8, 9]]] * len(prompts)
+    by_hf = OnPolicySampler(1.0, 0.0, 1.0, 6, halves, student[3], turns=3)
+    by_vllm = OnPolicySampler(1.0, 0.0, 1.0, 6, halves, student[3], turns=3)
+    by_vllm.engine = engine
+    want = by_hf.sample_turns(model, prompts, envs, seed=3)
+    assert max(len(t) for t in want) >= 2
+    assert by_vllm.sample_turns(model, prompts, envs, seed=3) == want
 
 
 @pytest.mark.slow
