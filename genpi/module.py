@@ -396,6 +396,8 @@ class GenPIModule(pl.LightningModule):
         checkpoint["genpi_trainable_keys"] = sorted(trainable)
         if self.sampler is not None:  # a resumed run continues the same draws, so it samples the same tokens
             checkpoint["genpi_opcd_sampler"] = self.sampler.state_dict()
+            if self.sampler.engine is not None:  # the checkpoint needs only the adapter snapshot in use
+                self.sampler.engine.prune()
 
 
 def _batch_size(batch: dict[str, Any]) -> int:

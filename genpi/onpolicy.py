@@ -153,10 +153,12 @@ class OnPolicySampler:
         The model runs in eval mode (no dropout while sampling) and each module is put back in the mode it was in; the global
         RNG is forked and seeded with ``seed``, so the answers depend only on the weights, the prompts and ``seed``.
         With a colocated vLLM :attr:`engine`, the engine samples from the adapter it was last given, prompt ``i``
-        under the seed ``seed + i``.
+        under the seed :func:`genpi.onpolicy_vllm.row_seed` ``(seed, i)``.
         """
         if self.engine is not None:
-            seeds = [(int(seed) + i) % 2**63 for i in range(len(prompts))]
+            from genpi.onpolicy_vllm import row_seed
+
+            seeds = [row_seed(seed, i) for i in range(len(prompts))]
             return self.engine.sample(prompts, seeds, self.temperature, self.top_p, self.max_new_tokens,
                                       self.stop_ids)
         from transformers import GenerationConfig

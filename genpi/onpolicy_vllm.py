@@ -5,27 +5,34 @@ Transformers ``generate`` in the training process is simple and exact, but slow 
 (and GPU), in a process of its own:
 
 - the engine holds the frozen base weights once; the student is a LoRA adapter on it, which the trainer saves to
-  ``<run_dir>/opcd_vllm/adapter-step<N>`` and the engine loads as a new ``LoRARequest``;
+  ``<run_dir>/opcd_vllm/rank<k>/adapter-step<N>`` and the engine loads as a new ``LoRARequest``;
 - the adapter is refreshed every ``loss.kl.sampling.refresh_every`` optimizer steps, so a sample may come from
   weights up to ``refresh_every - 1`` steps old: that staleness is logged (``train/opcd_staleness``) with the
   time a refresh takes (``train/opcd_refresh_s``);
-- each answer is sampled under its own seed, drawn by the on-policy generator, so a run killed and resumed samples
-  the same tokens: the step of the latest refresh is saved in the checkpoint and its adapter snapshot is kept, so
-  the resumed run samples from the weights the interrupted one would have used.
+- each answer is sampled under its own seed (a hash of the batch's seed, drawn by the on-policy generator, and the
+  row), and the step of the latest refresh is saved in the checkpoint with its adapter snapshot kept until a newer
+  checkpoint no longer needs it, so a run resumed from a checkpoint samples from the adapter the interrupted run
+  used at that point (whether vLLM then repeats its tokens exactly is vLLM's seeded sampling; tested on the CPU
+  build within one engine, not across engine processes or on a GPU).
 
 A process of its own keeps vLLM's state (its torch.distributed group, thread pinning, memory pools) away from the
-trainer's: under DDP every rank has its own engine and its own process group. The two talk over the engine
-process's stdin and stdout, one JSON object per line. ``python -m genpi.onpolicy_vllm CONFIG`` is that process.
+trainer's: under DDP every rank has its own engine (on a GPU, the rank's device) and its own process group. The two
+talk over the engine process's stdin and stdout, one JSON object per line (the engine's other output goes to its
+log). ``python -m genpi.onpolicy_vllm CONFIG`` is that process.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import queue
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,6 +43,12 @@ from genpi.schema import GenpiError
 log = logging.getLogger(__name__)
 
 READY = "genpi-opcd-vllm ready"
+
+
+def row_seed(seed: int, row: int) -> int:
+    """The seed of row ``row`` of a batch sampled under ``seed``: a hash of both, so that rows, and ranks (whose
+    batch seeds differ by their rank), never share one."""
+    return int.from_bytes(hashlib.sha256(f"{int(seed)}/{int(row)}".encode()).digest()[:8], "big") >> 2
 
 
 def keep_stop(ids: Sequence[int], finish_reason: str | None, stop_reason: Any, stop_ids: Sequence[int]) -> list[int]:
@@ -58,8 +71,7 @@ class VLLMEngine:
     Args:
         base: the base model's folder (what vLLM loads; the adapter rides on it as a LoRA request).
         lora_rank: the adapter's rank (vLLM's ``max_lora_rank``).
-        work_dir: where adapter snapshots and the engine's log go (``<run_dir>/opcd_vllm``; rank > 0 adds
-            ``rank<k>``).
+        work_dir: where adapter snapshots and the engine's log go (``<run_dir>/opcd_vllm/rank<k>``).
         refresh_every: optimizer steps between two adapter refreshes (1 = sample from the current weights).
         dtype: the engine's weight dtype (the training model's).
         seed: the engine's seed (each request carries its own seed too).
@@ -91,19 +103,17 @@ class VLLMEngine:
     def _env(self) -> dict[str, str]:
         import torch
 
-        env = dict(os.environ)
-        cuda = torch.cuda.is_available()
-        if not cuda:
-            env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.kvcache_gb))
-            # the trainer's threads use the cores too: do not pin the engine's threads to them
-            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if cuda else "0"
-        env.setdefault("TOKENIZERS_PARALLELISM", "false")
-        # the checkout that runs the trainer runs the engine too (a source tree that is not installed)
-        root = str(Path(__file__).resolve().parents[1])
-        env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+        from genpi.evaluation.generation import vllm_subprocess_env
+
+        # the trainer's threads use the cores too: on the CPU the engine's threads are not pinned to them
+        env = vllm_subprocess_env(self.kvcache_gb, None, None if torch.cuda.is_available() else "nobind")
         for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK", "NODE_RANK"):
             env.pop(k, None)  # the engine is not a rank of the trainer's process group
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            # the rank's own GPU (a child process does not inherit torch.cuda.set_device)
+            index = torch.cuda.current_device()
+            visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+            env["CUDA_VISIBLE_DEVICES"] = visible[index] if index < len(visible) else str(index)
         return env
 
     def start(self) -> None:
@@ -119,9 +129,13 @@ class VLLMEngine:
         cfg_path.write_text(json.dumps(config))
         t0 = time.perf_counter()
         self._log = (self.work_dir / "engine.log").open("a")
+        # its own session: closing it stops vLLM's engine-core child too (killpg)
         self.proc = subprocess.Popen([sys.executable, "-m", "genpi.onpolicy_vllm", str(cfg_path)], env=self._env(),
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
-                                     bufsize=1)
+                                     bufsize=1, start_new_session=True)
+        # one thread reads the replies into a queue: a read never blocks the trainer past the timeout
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=_pump, args=(self.proc.stdout, self._lines), daemon=True).start()
         line = self._readline()
         if line.strip() != READY:
             self._fail(f"did not start (it printed {line.strip()[:200]!r})")
@@ -129,35 +143,37 @@ class VLLMEngine:
         log.info("on-policy vLLM engine started in %.1f s (log: %s)", self.stats["start_s"], self.work_dir / "engine.log")
 
     def _readline(self) -> str:
-        import select
-
-        assert self.proc is not None and self.proc.stdout is not None
+        assert self.proc is not None
         deadline = time.time() + self.timeout_s
         while True:
-            ready, _, _ = select.select([self.proc.stdout], [], [], 1.0)
-            if ready:
-                line = self.proc.stdout.readline()
-                if not line:
-                    self._fail("exited")
-                if line.startswith("genpi-opcd-vllm"):
-                    return line
-                continue  # anything else a library printed on stdout
-            if self.proc.poll() is not None:
-                self._fail(f"exited with code {self.proc.returncode}")
-            if time.time() > deadline:
-                self._fail(f"gave no answer within {self.timeout_s:.0f} s (loss.kl.sampling.vllm.timeout_s)")
+            try:
+                line = self._lines.get(timeout=1.0)
+            except queue.Empty:
+                if self.proc.poll() is not None:
+                    self._fail(f"exited with code {self.proc.returncode}")
+                if time.time() > deadline:
+                    self._fail(f"gave no answer within {self.timeout_s:.0f} s (loss.kl.sampling.vllm.timeout_s)")
+                continue
+            if line is None:
+                self._fail("closed its output")
+            if line.startswith("genpi-opcd-vllm"):
+                return line
 
     def _fail(self, what: str) -> None:
+        from genpi.evaluation.generation import log_tail
+
         path = self.work_dir / "engine.log"
-        tail = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()][-8:] if path.is_file() else []
         self.close()
-        raise GenpiError(f"the on-policy vLLM engine {what}; see {path}; last lines:\n" + "\n".join(tail))
+        raise GenpiError(f"the on-policy vLLM engine {what}; see {path}; last lines:\n" + log_tail(path))
 
     def _ask(self, msg: dict[str, Any]) -> dict[str, Any]:
         self.start()
         assert self.proc is not None and self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(msg) + "\n")
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write(json.dumps(msg) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            self._fail("is gone (its input is closed)")
         reply = json.loads(self._readline()[len("genpi-opcd-vllm "):])
         if "error" in reply:
             self._fail(f"refused {msg['op']}: {reply['error']}")
@@ -174,9 +190,13 @@ class VLLMEngine:
                 proc.stdin.flush()
             proc.wait(timeout=60)
         except (OSError, subprocess.TimeoutExpired, ValueError):
-            proc.kill()
-            proc.wait()
+            pass
         finally:
+            try:  # the engine's whole session: vLLM's engine-core process with it
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            proc.wait()
             if getattr(self, "_log", None) is not None:
                 self._log.close()
 
@@ -203,10 +223,7 @@ class VLLMEngine:
             if path.exists():
                 shutil.rmtree(path)
             model.save_pretrained(str(path))
-            old = self.refreshed_at
-            self.refreshed_at = step
-            if old is not None and old != step:
-                shutil.rmtree(self.snapshot_dir(old), ignore_errors=True)
+            self.refreshed_at = step  # older snapshots stay until a checkpoint no longer needs them (prune)
         else:  # resumed between two refreshes: the engine starts from the kept snapshot
             path = self.snapshot_dir(self.refreshed_at)
             if not (path / "adapter_config.json").is_file():
@@ -216,6 +233,14 @@ class VLLMEngine:
         self.lora_id += 1
         self._ask({"op": "lora", "id": self.lora_id, "path": str(path)})
         self.stats = {**self.stats, "refresh_s": time.perf_counter() - t0}
+
+    def prune(self) -> None:
+        """Delete every adapter snapshot but the one in use: called when a checkpoint is saved, which records that
+        one (a run resumed from it needs no other)."""
+        keep = None if self.refreshed_at is None else self.snapshot_dir(self.refreshed_at).name
+        for path in self.work_dir.glob("adapter-step*"):
+            if path.name != keep:
+                shutil.rmtree(path, ignore_errors=True)
 
     def state_dict(self) -> dict[str, Any]:
         return {"refreshed_at": self.refreshed_at}
@@ -237,11 +262,23 @@ class VLLMEngine:
         return [keep_stop(o["ids"], o["finish_reason"], o["stop_reason"], stop_ids) for o in reply["outputs"]]
 
 
+def _pump(stream: Any, lines: queue.Queue) -> None:
+    """Every line of ``stream`` into ``lines``, then None at its end."""
+    try:
+        for line in stream:
+            lines.put(line)
+    finally:
+        lines.put(None)
+
+
 # -- the engine process ---------------------------------------------------------------------
 def serve(config: dict[str, Any]) -> None:
     """Build the engine, say ``READY``, then answer one JSON request per stdin line until ``close``."""
-    out = sys.stdout
-    sys.stdout = sys.stderr  # whatever vLLM prints goes to the log, not into the replies
+    # the replies get the stdout pipe to themselves: file descriptor 1 (what vLLM, its engine-core child and C code
+    # print to) becomes the log
+    out = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.lora.request import LoRARequest

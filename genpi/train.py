@@ -140,6 +140,11 @@ def _check_on_policy_strategy(spec: schema.Train, trainer_cfg: DictConfig) -> No
         raise GenpiError("loss.kl.on_policy=true cannot run under an FSDP strategy (sampling with sharded weights "
                          "would deadlock ranks whose answers end at different lengths): use trainer=ddp, or "
                          "loss.kl.on_policy=false")
+    kl = spec.loss.kl
+    if kl.on_policy and kl.weight > 0 and kl.sampling.engine == "vllm" and spec.model.load_in_4bit:
+        # vLLM would load the full-precision base: its samples would not be the 4-bit student's
+        raise GenpiError("loss.kl.sampling.engine=vllm samples from the full-precision base, not the 4-bit one "
+                         "model.load_in_4bit=true trains: use loss.kl.sampling.engine=hf, or model.load_in_4bit=false")
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -213,7 +218,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     log.info("training %s on %s (%d train / %d val records, terms %s)", task.name, datamodule.source,
              len(datamodule.datasets["train"]), len(datamodule.datasets["val"]), datamodule.losses)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
+    finally:  # a fit that fails does not call the module's teardown: the sampling engine's process ends here
+        if module.sampler is not None and module.sampler.engine is not None:
+            module.sampler.engine.close()
 
     if not fdr:
         end = _validate(trainer, module, datamodule)
@@ -251,10 +260,9 @@ def _sample_engine(spec: schema.Train, cfg: DictConfig, run_dir: Path) -> Any:
     from genpi.models.factory import resolve_model_path
     from genpi.onpolicy_vllm import VLLMEngine
 
-    rank = launching.process_rank()
     v = kl.sampling.vllm
     return VLLMEngine(resolve_model_path(cfg.model), spec.model.lora.r,
-                      run_dir / "opcd_vllm" / (f"rank{rank}" if rank else "rank0"),
+                      run_dir / "opcd_vllm" / f"rank{launching.process_rank()}",
                       refresh_every=kl.sampling.refresh_every, dtype=str(cfg.model.get("dtype") or "auto"),
                       seed=spec.seed, max_model_len=v.max_model_len, gpu_memory_utilization=v.gpu_memory_utilization,
                       kvcache_gb=v.kvcache_gb, timeout_s=v.timeout_s)

@@ -62,7 +62,10 @@ def test_refresh_schedule_staleness_and_snapshots(tmp_path):
     # one adapter per refresh, each a new LoRA id, read from the snapshot of its step
     assert [(m["id"], Path(m["path"]).name) for m in asked] == [(1, "adapter-step0"), (2, "adapter-step3"),
                                                                 (3, "adapter-step6")]
-    # only the snapshot in use is kept (a resume needs it)
+    # snapshots stay until a checkpoint is saved (a resume from an older checkpoint needs its own); then only the
+    # one in use is kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter-step0", "adapter-step3", "adapter-step6"]
+    engine.prune()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter-step6"]
     assert (tmp_path / "adapter-step6" / "adapter_config.json").read_text() == "6"
 
@@ -71,9 +74,20 @@ def test_a_resumed_run_samples_from_the_snapshot_the_interrupted_run_used(tmp_pa
     asked: list = []
     model = FakeModel()
     engine = fake_engine(tmp_path, 4, asked)
-    for step in range(6):  # refreshed at 0 and 4, then killed after step 5
+    early = None
+    for step in range(6):  # refreshed at 0 and 4, a checkpoint after step 2, then killed after step 5
         model.version = step
         engine.maybe_refresh(model, step)
+        if step == 2:
+            early = engine.state_dict()
+            engine.prune()  # what saving that checkpoint does
+    # resumed from the checkpoint of step 2, which a refresh after it did not invalidate: step 3 samples from the
+    # adapter of step 0, as the interrupted run did
+    back = fake_engine(tmp_path, 4, resumed := [])
+    back.load_state_dict(early)
+    back.maybe_refresh(model, 3)
+    assert [Path(m["path"]).name for m in resumed] == ["adapter-step0"] and back.staleness(3) == 3
+    assert (tmp_path / "adapter-step0" / "adapter_config.json").read_text() == "0"
     state = engine.state_dict()
     again = fake_engine(tmp_path, 4, asked := [])
     again.load_state_dict(state)
@@ -88,6 +102,22 @@ def test_a_resumed_run_samples_from_the_snapshot_the_interrupted_run_used(tmp_pa
     gone.load_state_dict({"refreshed_at": 4})
     with pytest.raises(GenpiError, match="adapter snapshot .* is gone.*refresh_every=1"):
         gone.maybe_refresh(model, 5)
+
+
+def test_row_seeds_differ_across_rows_and_ranks():
+    from genpi.onpolicy_vllm import row_seed
+
+    # rank r samples its batch under seed + r: no row of one rank shares a seed with a row of another
+    seeds = [row_seed(1000 + rank, row) for rank in range(4) for row in range(64)]
+    assert len(set(seeds)) == len(seeds) and all(0 <= s < 2**62 for s in seeds)
+
+
+def test_vllm_sampling_of_a_4bit_model_is_refused_before_it_loads(tmp_path):
+    from genpi.train import train
+
+    cfg = compose_cfg("train", ["loss=opcd", "loss.kl.sampling.engine=vllm", "model.load_in_4bit=true"], tmp_path)
+    with pytest.raises(GenpiError, match="full-precision base.*loss.kl.sampling.engine=hf"):
+        train(cfg)
 
 
 @pytest.mark.parametrize(("override", "needle"), [

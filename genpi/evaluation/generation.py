@@ -263,6 +263,32 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def vllm_subprocess_env(kvcache_gb: float | None = 1, multiprocessing: bool | None = None,
+                        cpu_threads_bind: str | None = None) -> dict[str, str]:
+    """The environment of a process that runs a vLLM engine for genpi (evaluation's worker, the on-policy
+    sampling engine): ``VLLM_CPU_KVCACHE_SPACE`` without a GPU (None leaves it as it is),
+    ``VLLM_ENABLE_V1_MULTIPROCESSING`` (None = on with CUDA, off without: on the CPU a separate engine process only
+    costs start time and memory), ``VLLM_CPU_OMP_THREADS_BIND`` when given, and this checkout on ``PYTHONPATH``."""
+    env = dict(os.environ)
+    cuda = _cuda()
+    if not cuda and kvcache_gb is not None:
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kvcache_gb))
+    mp = cuda if multiprocessing is None else bool(multiprocessing)
+    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if mp else "0"
+    if cpu_threads_bind:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = str(cpu_threads_bind)
+    env["PYTHONPATH"] = os.pathsep.join([str(repo_root()), *filter(None, [env.get("PYTHONPATH")])])
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def log_tail(path: Path, lines: int = 8) -> str:
+    """The last non-empty lines of a log file (for an error message); empty when there is no file."""
+    if not Path(path).is_file():
+        return ""
+    return "\n".join([ln for ln in Path(path).read_text(errors="replace").splitlines() if ln.strip()][-lines:])
+
+
 def run_vllm_worker(job: dict[str, Any] | list[dict[str, Any]], workdir: str | Path, timeout_s: float | None = 1800,
                     kvcache_gb: float | None = 1, multiprocessing: bool | None = None,
                     cpu_threads_bind: str | None = None, worker: str = "genpi.evaluation.vllm_worker",
@@ -291,16 +317,7 @@ def run_vllm_worker(job: dict[str, Any] | list[dict[str, Any]], workdir: str | P
     job_path, result_path, log_path = workdir / "vllm_job.json", workdir / "vllm_result.json", workdir / "vllm_worker.log"
     job_path.write_text(json.dumps({"jobs": job} if isinstance(job, list) else job))
     result_path.unlink(missing_ok=True)
-    env = dict(os.environ)
-    cuda = _cuda()
-    if not cuda and kvcache_gb is not None:
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kvcache_gb))
-    mp = cuda if multiprocessing is None else bool(multiprocessing)
-    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if mp else "0"
-    if cpu_threads_bind:
-        env["VLLM_CPU_OMP_THREADS_BIND"] = str(cpu_threads_bind)
-    env["PYTHONPATH"] = os.pathsep.join([str(repo_root()), *filter(None, [env.get("PYTHONPATH")])])
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env = vllm_subprocess_env(kvcache_gb, multiprocessing, cpu_threads_bind)
     t0 = time.perf_counter()
     with log_path.open("w") as logf:
         try:
@@ -310,9 +327,8 @@ def run_vllm_worker(job: dict[str, Any] | list[dict[str, Any]], workdir: str | P
             raise GenpiError(f"{what} did not finish within {timeout_s} s (eval.vllm.timeout_s); "
                              f"its log: {log_path}") from None
     if proc.returncode != 0 or not result_path.is_file():
-        tail = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()][-8:]
         raise GenpiError(f"{what} failed (exit {proc.returncode}); see {log_path}; last lines:\n"
-                         + "\n".join(tail))
+                         + log_tail(log_path))
     result = json.loads(result_path.read_text())
     wall = time.perf_counter() - t0
     results = result["results"] if isinstance(job, list) else [result]
