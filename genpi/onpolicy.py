@@ -45,19 +45,10 @@ def scoring_batch(student_prompts: Sequence[Sequence[int]], teacher_prompts: Seq
                   answers: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
     """A KL batch in the data module's layout whose answers are ``answers``: for each side (``student``,
     ``teacher``) its view + answer as ``{side}_input_ids`` ``[B, T]`` (right-padded), ``{side}_attention_mask`` and
-    ``{side}_response_mask`` (true where the logits predict an answer token)."""
-    out: dict[str, torch.Tensor] = {}
-    for side, prompts in (("student", student_prompts), ("teacher", teacher_prompts)):
-        seqs = [list(p) + list(a) for p, a in zip(prompts, answers)]
-        ids = torch.full((len(seqs), max(len(s) for s in seqs)), int(pad_id), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        response = torch.zeros(ids.shape, dtype=torch.bool)
-        for row, (seq, answer) in enumerate(zip(seqs, answers)):
-            ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-            mask[row, : len(seq)] = 1
-            response[row, len(seq) - len(answer) - 1 : len(seq) - 1] = True
-        out.update({f"{side}_input_ids": ids, f"{side}_attention_mask": mask, f"{side}_response_mask": response})
-    return out
+    ``{side}_response_mask`` (true where the logits predict an answer token). One turn of
+    :func:`conversation_batch`."""
+    none = [[] for _ in answers]
+    return conversation_batch(student_prompts, teacher_prompts, [[a] for a in answers], none, none, pad_id)
 
 
 def conversation_batch(student_prompts: Sequence[Sequence[int]], teacher_prompts: Sequence[Sequence[int]],
