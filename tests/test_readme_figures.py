@@ -135,6 +135,20 @@ def check_demo_timing(block: str) -> None:
     assert held["student_format_rate"] >= 0.5 and held["student_format_rate"] - held["floor_format_rate"] >= 0.4
 
 
+def check_onpolicy_pilot(block: str) -> None:
+    d = load("experiments/onpolicy_pilot/results/pilot.json")
+    g, o = d["runs"]["genpi"], d["runs"]["opcd"]
+    assert d["task"] == "os" and d["seed"] == 0 and g["eval/n_examples"] == o["eval/n_examples"]
+    contains(block, f"GenPI's fit wall time, {d['opcd_max_time_s']} s", f"On {int(o['eval/n_examples'])} held-out inputs",
+             f"follows the format {pct(o['eval/student/format_rate'], 1).removesuffix('.0')}% of the time",
+             f"(GenPI {pct(g['eval/student/format_rate'], 1)}%, teacher {pct(o['eval/teacher/format_rate'], 1)}%, "
+             f"floor {pct(o['eval/floor/format_rate'])}%)",
+             f"closes {pct(o['eval/gap_closed/kl_forward'], 1)}% of the KL gap (GenPI "
+             f"{pct(g['eval/gap_closed/kl_forward'], 1)}%)", f"after {o['train/steps']} steps to GenPI's {g['train/steps']}")
+    if "did not fix" in block:
+        assert o["eval/student/format_rate"] < 0.9 * o["eval/teacher/format_rate"]
+
+
 def check_tiny_agent(block: str) -> None:
     record = load("genpi/models/artifacts/tiny_agent.json")
     weights = ROOT / "genpi/models/artifacts/tiny_agent.safetensors"
@@ -358,6 +372,7 @@ def check_ablation(block: str) -> None:
 CHECKS: dict[str, Callable[[str], None]] = {
     "experiments/demo/results/selection.csv": check_demo_selection,
     "experiments/demo/results/timing.json": check_demo_timing,
+    "experiments/onpolicy_pilot/results/pilot.json": check_onpolicy_pilot,
     "genpi/models/artifacts/tiny_agent.json": check_tiny_agent,
     "experiments/bench/results/bench.json": lambda block: (check_teacher_attention(block)
                                                            if "| shape |" in block else check_bench_prose(block)),
