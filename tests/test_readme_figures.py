@@ -149,6 +149,25 @@ def check_onpolicy_pilot(block: str) -> None:
         assert o["eval/student/format_rate"] < 0.9 * o["eval/teacher/format_rate"]
 
 
+def check_onpolicy_selection(block: str) -> None:
+    d = load("experiments/onpolicy_pilot/results/selection.json")
+    rows, test = d["candidates"], d["test"]
+    best = rows[0]
+    assert d["chosen"] == best["run"] and d["task"] == "os"
+    # the ranking the script states: format rate on validation, then the share of the KL gap closed
+    assert rows == sorted(rows, key=lambda r: (-r["val_student_format_rate"], -r["val_gap_closed_kl_forward"]))
+    settings = {(r["temperature"], r["lmbda"]) for r in rows}
+    assert settings == {(1.0, 1.0), (0.5, 1.0), (0.0, 1.0), (1.0, 0.5)}
+    if "No candidate's student followed the format on any validation input" in block:
+        assert all(r["val_student_format_rate"] == 0 for r in rows)
+    contains(block, f"{int(best['val_inputs'])} validation inputs",
+             f"temperature {best['temperature']:g} with `lmbda` {best['lmbda']:g} "
+             f"({pct(best['val_gap_closed_kl_forward'], 1)}% on validation)",
+             f"On the {test['inputs']} held-out inputs that run follows the format "
+             f"{pct(test['student_format_rate'], 1).removesuffix('.0')}% of the time and closes "
+             f"{pct(test['gap_closed_kl_forward'], 1)}% of the KL gap")
+
+
 def check_tiny_agent(block: str) -> None:
     record = load("genpi/models/artifacts/tiny_agent.json")
     weights = ROOT / "genpi/models/artifacts/tiny_agent.safetensors"
@@ -373,6 +392,7 @@ CHECKS: dict[str, Callable[[str], None]] = {
     "experiments/demo/results/selection.csv": check_demo_selection,
     "experiments/demo/results/timing.json": check_demo_timing,
     "experiments/onpolicy_pilot/results/pilot.json": check_onpolicy_pilot,
+    "experiments/onpolicy_pilot/results/selection.json": check_onpolicy_selection,
     "genpi/models/artifacts/tiny_agent.json": check_tiny_agent,
     "experiments/bench/results/bench.json": lambda block: (check_teacher_attention(block)
                                                            if "| shape |" in block else check_bench_prose(block)),
