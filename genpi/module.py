@@ -248,27 +248,23 @@ class GenPIModule(pl.LightningModule):
             engine.maybe_refresh(self.model, self.global_step)
             engine_stats = {"staleness": float(engine.staleness(self.global_step)),
                             "refresh_s": float(engine.stats.get("refresh_s", 0.0))}
+        if turns > 1 and "env_student" not in kl:
+            raise GenpiError(f"loss.kl.sampling.turns={turns}: the KL batch carries no environment turns; build "
+                             f"the data module with kl_turns={turns} (genpi-train does)")
+        # one layout for one turn and several: per row, its sampled turns, the environment's turns between them
+        no_env = [[] for _ in student_prompts]
+        env_student, env_teacher = (kl["env_student"], kl["env_teacher"]) if turns > 1 else (no_env, no_env)
         start = time.perf_counter()
-        if turns > 1:
-            if "env_student" not in kl:
-                raise GenpiError(f"loss.kl.sampling.turns={turns}: the KL batch carries no environment turns; build "
-                                 f"the data module with kl_turns={turns} (genpi-train does)")
-            if answers is None:
-                answers = self.sampler.sample_turns(self.model, student_prompts, kl["env_student"],
-                                                    seed + self.global_rank)
-        elif answers is None:
-            answers = self.sampler.sample(self.model, student_prompts, seed + self.global_rank)
+        if answers is None:  # one turn: sample_turns makes exactly one sample call, under seed itself
+            trajectories = self.sampler.sample_turns(self.model, student_prompts, env_student, seed + self.global_rank)
+        else:
+            trajectories = answers if turns > 1 else [[a] for a in answers]
         sampled = time.perf_counter()
         pad_id = self.sampler.pad_id if self.sampler is not None else 0
         device = kl["student_input_ids"].device
-        if turns > 1:  # answers: per row, its sampled turns
-            batch = onpolicy.conversation_batch(student_prompts, teacher_prompts, answers, kl["env_student"],
-                                                kl["env_teacher"], pad_id)
-            n_sampled = [sum(len(t) for t in row) for row in answers]
-            n_turns = [len(row) for row in answers]
-        else:
-            batch = onpolicy.scoring_batch(student_prompts, teacher_prompts, answers, pad_id)
-            n_sampled, n_turns = [len(a) for a in answers], [1] * len(answers)
+        batch = onpolicy.conversation_batch(student_prompts, teacher_prompts, trajectories, env_student, env_teacher,
+                                            pad_id)
+        n_sampled = [sum(len(t) for t in row) for row in trajectories]
         scored = {k: v.to(device) for k, v in batch.items()}
         student_h = self.hidden(scored["student_input_ids"], scored["student_attention_mask"])
         student_h = student_h[scored["student_response_mask"]]
@@ -286,8 +282,9 @@ class GenPIModule(pl.LightningModule):
                                                       lm_head_bias=None if bias is None else bias.detach())
         scored_at = time.perf_counter()
         self.opcd_stats = {"sample_s": sampled - start, "score_s": scored_at - sampled,
-                           "sampled_len": sum(n_sampled) / max(1, len(answers)),
-                           "turns": sum(n_turns) / max(1, len(answers)), "reverse_kl": float(reverse),
+                           "sampled_len": sum(n_sampled) / max(1, len(trajectories)),
+                           "turns": sum(len(row) for row in trajectories) / max(1, len(trajectories)),
+                           "reverse_kl": float(reverse),
                            **engine_stats}
         # Token mean over this batch's sampled tokens (and over the ranks'): the window's token totals the data
         # module counts are those of the synthesized answers, which an on-policy batch does not use.
@@ -361,11 +358,6 @@ class GenPIModule(pl.LightningModule):
         name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.scheduler]
         sched = get_scheduler(name, opt, num_warmup_steps=int(cfg.warmup_ratio * total), num_training_steps=total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def teardown(self, stage: str) -> None:
-        engine = self.sampler.engine if self.sampler is not None else None
-        if engine is not None:  # the colocated vLLM engine's process ends with the fit
-            engine.close()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_checkpoint(checkpoint)

@@ -8,13 +8,12 @@ The pieces the training module glues together:
 - :meth:`OnPolicySampler.sample` runs transformers ``generate`` on the student (the model as it is: adapter on,
   no prompt) under ``torch.no_grad()`` in a forked RNG, so sampling neither carries gradients nor moves the global
   RNG that dropout and the data order read.
-- :func:`prompt_parts` and :func:`scoring_batch` take a KL batch of the data module apart into the student's and
-  the teacher's views of each input, and put them back together around the sampled answers, in the data module's
+- :func:`prompt_parts` and :func:`conversation_batch` take a KL batch of the data module apart into the student's
+  and the teacher's views of each input, and put them back together around the sampled turns, in the data module's
   own layout (so the teacher's cached-prompt paths apply unchanged).
 - Over several turns (``loss.kl.sampling.turns``), :meth:`OnPolicySampler.sample_turns` samples the agent's turns
   one after the other, each after the environment's turn that followed the previous one in the record's
-  conversation (``env_student`` of the KL batch); :func:`conversation_batch` lays the whole trajectory out in both
-  views, the scored positions being those of the sampled tokens only.
+  conversation (``env_student`` of the KL batch); the scored positions are those of the sampled tokens only.
 """
 
 from __future__ import annotations
@@ -41,23 +40,15 @@ def prompt_parts(kl: dict[str, torch.Tensor]) -> tuple[list[list[int]], list[lis
     return student, teacher
 
 
-def scoring_batch(student_prompts: Sequence[Sequence[int]], teacher_prompts: Sequence[Sequence[int]],
-                  answers: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """A KL batch in the data module's layout whose answers are ``answers``: for each side (``student``,
-    ``teacher``) its view + answer as ``{side}_input_ids`` ``[B, T]`` (right-padded), ``{side}_attention_mask`` and
-    ``{side}_response_mask`` (true where the logits predict an answer token). One turn of
-    :func:`conversation_batch`."""
-    none = [[] for _ in answers]
-    return conversation_batch(student_prompts, teacher_prompts, [[a] for a in answers], none, none, pad_id)
-
-
 def conversation_batch(student_prompts: Sequence[Sequence[int]], teacher_prompts: Sequence[Sequence[int]],
                        turns: Sequence[Sequence[Sequence[int]]], student_env: Sequence[Sequence[Sequence[int]]],
                        teacher_env: Sequence[Sequence[Sequence[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """:func:`scoring_batch` for trajectories of several turns: row ``i`` of each side is its view, then
-    ``turns[i][0]``, ``env[i][0]``, ``turns[i][1]``, ``env[i][1]``, ... up to its last sampled turn (no
-    environment turn after it); ``{side}_response_mask`` is true exactly at the positions whose logits predict a
-    token of a sampled turn (environment turns and agent headers are context)."""
+    """A KL batch in the data module's layout around sampled trajectories: row ``i`` of each side (``student``,
+    ``teacher``) is its view, then ``turns[i][0]``, ``env[i][0]``, ``turns[i][1]``, ``env[i][1]``, ... up to its
+    last sampled turn (no environment turn after it; one turn and no environment turns for a single answer), as
+    ``{side}_input_ids`` ``[B, T]`` (right-padded) and ``{side}_attention_mask``; ``{side}_response_mask`` is true
+    exactly at the positions whose logits predict a token of a sampled turn (environment turns and agent headers
+    are context)."""
     out: dict[str, torch.Tensor] = {}
     for side, prompts, envs in (("student", student_prompts, student_env), ("teacher", teacher_prompts, teacher_env)):
         seqs, spans = [], []
@@ -84,12 +75,21 @@ def conversation_batch(student_prompts: Sequence[Sequence[int]], teacher_prompts
     return out
 
 
+def _hashed_seed(key: str) -> int:
+    """A seed in [0, 2**62) from a text key."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") >> 2
+
+
 def turn_seed(seed: int, turn: int) -> int:
     """The sampling seed of agent turn ``turn`` (0-based) of a batch drawn with ``seed``: ``seed`` itself for the
     first (so its answers are those one-turn sampling gives), a hash of both for the next ones."""
-    if turn == 0:
-        return int(seed)
-    return int.from_bytes(hashlib.sha256(f"{int(seed)}:{int(turn)}".encode()).digest()[:8], "big") >> 2
+    return int(seed) if turn == 0 else _hashed_seed(f"{int(seed)}:{int(turn)}")
+
+
+def row_seed(seed: int, row: int) -> int:
+    """The seed of row ``row`` of a batch sampled under ``seed`` by an engine that seeds each request (vLLM): a
+    hash of both, so that rows, and ranks (whose batch seeds differ by their rank), never share one."""
+    return _hashed_seed(f"{int(seed)}/{int(row)}")
 
 
 class OnPolicySampler:
@@ -144,11 +144,9 @@ class OnPolicySampler:
         The model runs in eval mode (no dropout while sampling) and each module is put back in the mode it was in; the global
         RNG is forked and seeded with ``seed``, so the answers depend only on the weights, the prompts and ``seed``.
         With a colocated vLLM :attr:`engine`, the engine samples from the adapter it was last given, prompt ``i``
-        under the seed :func:`genpi.onpolicy_vllm.row_seed` ``(seed, i)``.
+        under the seed :func:`row_seed` ``(seed, i)``.
         """
         if self.engine is not None:
-            from genpi.onpolicy_vllm import row_seed
-
             seeds = [row_seed(seed, i) for i in range(len(prompts))]
             return self.engine.sample(prompts, seeds, self.temperature, self.top_p, self.max_new_tokens,
                                       self.stop_ids)

@@ -23,7 +23,6 @@ log). ``python -m genpi.onpolicy_vllm CONFIG`` is that process.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -45,22 +44,14 @@ log = logging.getLogger(__name__)
 READY = "genpi-opcd-vllm ready"
 
 
-def row_seed(seed: int, row: int) -> int:
-    """The seed of row ``row`` of a batch sampled under ``seed``: a hash of both, so that rows, and ranks (whose
-    batch seeds differ by their rank), never share one."""
-    return int.from_bytes(hashlib.sha256(f"{int(seed)}/{int(row)}".encode()).digest()[:8], "big") >> 2
-
-
 def keep_stop(ids: Sequence[int], finish_reason: str | None, stop_reason: Any, stop_ids: Sequence[int]) -> list[int]:
     """A sampled answer up to and including its end-of-turn token, whether or not the engine kept that token in
     its output: an answer that stopped on a stop id (``finish_reason == "stop"``) ends with it."""
-    stops = {int(s) for s in stop_ids}
-    out: list[int] = []
-    for t in ids:
-        out.append(int(t))
-        if int(t) in stops:
-            return out
-    if finish_reason == "stop" and isinstance(stop_reason, int) and int(stop_reason) in stops:
+    from genpi.evaluation.generation import cut_at_stop
+
+    out = cut_at_stop(ids, stop_ids, keep_stop=True)
+    kept = bool(out) and out[-1] in {int(s) for s in stop_ids}
+    if not kept and finish_reason == "stop" and isinstance(stop_reason, int) and stop_reason in stop_ids:
         out.append(int(stop_reason))
     return out
 

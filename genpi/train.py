@@ -52,7 +52,7 @@ def build_datamodule(spec: schema.Train, task, tokenizer) -> GenPIDataModule:
         w_prompt_drop_prob=loss.w_prompt.drop_prob if loss.w_prompt.enabled else None,
         group_by_length=data.group_by_length, max_records=data.max_records, num_workers=data.num_workers,
         overfit=data.overfit, drop_duplicates=data.drop_duplicates,
-        kl_turns=loss.kl.sampling.turns if loss.kl.on_policy and loss.kl.weight > 0 else 1,
+        kl_turns=loss.kl.sampling.turns if loss.kl.on_policy else 1,
     )
 
 
@@ -141,7 +141,7 @@ def _check_on_policy_strategy(spec: schema.Train, trainer_cfg: DictConfig) -> No
                          "would deadlock ranks whose answers end at different lengths): use trainer=ddp, or "
                          "loss.kl.on_policy=false")
     kl = spec.loss.kl
-    if kl.on_policy and kl.weight > 0 and kl.sampling.engine == "vllm" and spec.model.load_in_4bit:
+    if kl.on_policy and kl.sampling.engine == "vllm" and spec.model.load_in_4bit:
         # vLLM would load the full-precision base: its samples would not be the 4-bit student's
         raise GenpiError("loss.kl.sampling.engine=vllm samples from the full-precision base, not the 4-bit one "
                          "model.load_in_4bit=true trains: use loss.kl.sampling.engine=hf, or model.load_in_4bit=false")
@@ -220,7 +220,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
              len(datamodule.datasets["train"]), len(datamodule.datasets["val"]), datamodule.losses)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
-    finally:  # a fit that fails does not call the module's teardown: the sampling engine's process ends here
+    finally:  # the sampling engine's process ends with the fit, also one that fails
         if module.sampler is not None and module.sampler.engine is not None:
             module.sampler.engine.close()
 
@@ -255,7 +255,7 @@ def _sample_engine(spec: schema.Train, cfg: DictConfig, run_dir: Path) -> Any:
     """The colocated vLLM engine of on-policy sampling (``loss.kl.sampling.engine=vllm``), one per rank; None for
     transformers sampling. Its process starts at the first on-policy batch."""
     kl = spec.loss.kl
-    if not (kl.on_policy and kl.weight > 0 and kl.sampling.engine == "vllm"):
+    if not (kl.on_policy and kl.sampling.engine == "vllm"):
         return None
     from genpi.models.factory import resolve_model_path
     from genpi.onpolicy_vllm import VLLMEngine

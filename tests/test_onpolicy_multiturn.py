@@ -36,7 +36,7 @@ def _data(tok, task_name: str, turns: int, n: int = 3):
     dm = GenPIDataModule(builtin_task(task_name), tok, losses=("kl",), batch_size=n, val_size=1, test_size=1,
                          kl_turns=turns)
     dm.setup()
-    dm.add_conversations("train", dm.sampled_turns())
+    dm.add_conversations("train", dm.kl_turns)
     ds = dm.datasets["train"]
     return dm, dm.splits["train"][:n], Collator(tok.pad_token_id)([ds[i] for i in range(n)])
 

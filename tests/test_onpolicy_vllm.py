@@ -105,7 +105,7 @@ def test_a_resumed_run_samples_from_the_snapshot_the_interrupted_run_used(tmp_pa
 
 
 def test_row_seeds_differ_across_rows_and_ranks():
-    from genpi.onpolicy_vllm import row_seed
+    from genpi.onpolicy import row_seed
 
     # rank r samples its batch under seed + r: no row of one rank shares a seed with a row of another
     seeds = [row_seed(1000 + rank, row) for rank in range(4) for row in range(64)]

@@ -270,8 +270,7 @@ class GenPIDataModule(pl.LightningDataModule):
         w_prompt_drop_prob: with-prompt baseline: SFT inputs carry the prompt, dropped with this probability.
         kl_turns: agent turns the student samples on an on-policy batch (``loss.kl.sampling.turns``): above 1 the
             training KL examples also carry the environment's turns of their conversation
-            (:meth:`RecordEncoder.kl_conversation`); None = what the trainer's module asks for (its
-            ``sampled_turns``, read when the training loader is built), else 1.
+            (:meth:`RecordEncoder.kl_conversation`), added when the training loader is built.
     """
 
     def __init__(self, task: Task, tokenizer, path: str | None = None, losses: tuple[str, ...] = ("sft", "pg"),
@@ -279,7 +278,7 @@ class GenPIDataModule(pl.LightningDataModule):
                  test_size: float | int = 0.1, seed: int = 0, limits: dict | None = None, pg_reason: bool = True,
                  w_prompt_drop_prob: float | None = None, group_by_length: bool = True, max_records: int | None = None,
                  num_workers: int = 0, overfit: bool = False, sft_source: str = "conversation",
-                 drop_duplicates: bool = False, kl_turns: int | None = None):
+                 drop_duplicates: bool = False, kl_turns: int = 1):
         super().__init__()
         self.task = task
         self.tokenizer = tokenizer
@@ -299,7 +298,7 @@ class GenPIDataModule(pl.LightningDataModule):
         self.overfit = overfit
         self.sft_source = sft_source
         self.drop_duplicates = drop_duplicates
-        self.kl_turns = kl_turns
+        self.kl_turns = int(kl_turns)
         self._conversation_turns: dict[str, int] = {}  # split -> the turns its KL examples carry env turns for
         self.duplicates = 0
         self.splits: dict[str, list[dict[str, Any]]] = {}
@@ -360,13 +359,6 @@ class GenPIDataModule(pl.LightningDataModule):
                 e["kl"] = self.encoder.kl(rec)
             examples.append(e)
         return EncodedDataset(examples)
-
-    def sampled_turns(self) -> int:
-        """How many agent turns an on-policy batch samples: ``kl_turns``, else the trainer's module's."""
-        if self.kl_turns is not None:
-            return int(self.kl_turns)
-        module = getattr(getattr(self, "trainer", None), "lightning_module", None)
-        return int(getattr(module, "sampled_turns", 1) or 1)
 
     def add_conversations(self, split: str, turns: int) -> None:
         """Give the KL examples of ``split`` the environment's turns between their first ``turns`` agent turns
@@ -443,7 +435,7 @@ class GenPIDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         trainer = getattr(self, "trainer", None)
         accumulate = int(trainer.accumulate_grad_batches) if trainer is not None else 1
-        self.add_conversations("train", self.sampled_turns())
+        self.add_conversations("train", self.kl_turns)
         return self._loader("train", self.batch_size, shuffle=True, accumulate=accumulate)
 
     def val_dataloader(self) -> DataLoader:
