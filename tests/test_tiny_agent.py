@@ -92,6 +92,56 @@ def test_pretraining_inputs_never_meet_the_study_inputs():
         assert len(pre) >= 150 and len(held) >= 150 and not pre & held  # kg's slot pools allow ~150 per split
 
 
+def test_made_up_slot_values_are_new_and_change_only_the_pretrain_inputs_that_ask_for_them():
+    from genpi.tasks import generators as g
+
+    taken = {v for pool in (g.DIRS, g.EXTS, g.WORDS, g.USERS, g.PROCS, g.FILES, g.SHELLS) for v in pool}
+    taken |= {v for values in g.ENV_SLOT_VALUES.values() for v in values}
+    plain = generate_examples("os", 64, seed=0, split="pretrain")
+    fresh = generate_examples("os", 64, seed=0, split="pretrain", fresh=True)
+    assert plain == generate_examples("os", 64, seed=0, split="pretrain", fresh=False)
+    assert len({e["pseudo_input"] for e in fresh}) == 64
+    for ex in fresh:  # every slot value of the question is made up, and the command carries it
+        words = set(ex["pseudo_input"].replace("?", " ").replace("'", " ").split())
+        assert not words & taken, words & taken
+        assert not any(e["pseudo_input"] == ex["pseudo_input"] for e in plain)
+    with pytest.raises(ValueError, match="pretrain split only"):
+        generate_examples("os", 4, seed=0, split="heldout", fresh=True)
+    drill = g.copy_drill(20, seed=0)
+    assert drill == g.copy_drill(20, seed=0) and len({d[0]["content"] for d in drill}) == 20
+    for user, assistant in drill:
+        assert user["content"] == "Repeat these exactly: " + assistant["content"]
+        assert not set(assistant["content"].split()) & taken
+
+
+def test_later_pretraining_settings_are_checked_and_off_by_default():
+    from genpi.models.tiny_agent import recipe
+
+    assert recipe(pretrain_config(None)) == {k: v for k, v in DEFAULT_PRETRAIN.items()
+                                             if k not in ("fresh_slots", "copy_steps", "copy_batch_size", "copy_lr")}
+    on = pretrain_config({"fresh_slots": "[os]", "copy_steps": "300"})
+    assert on["fresh_slots"] == "os" and recipe(on)["copy_steps"] == 300 and recipe(on)["copy_lr"] == 1e-3
+    assert recipe(pretrain_config({"copy_lr": 0.5})) == recipe(pretrain_config(None))  # no drill: its lr means nothing
+    assert agent_hash(_arch(), on) != agent_hash(_arch(), pretrain_config(None))
+    for bad, what in [({"fresh_slots": "os,kg"}, "only os can take made-up slot values, not kg"),
+                      ({"copy_steps": -1}, "copy_steps >= 0"), ({"copy_steps": 5, "copy_batch_size": 0}, "copy_batch_size")]:
+        with pytest.raises(Exception, match=what):
+            pretrain_config(bad)
+
+
+def test_the_copy_drill_stage_trains_on_the_repeated_words(tiny_path, tiny_tokenizer):
+    from transformers import LlamaForCausalLM
+
+    from genpi.models.tiny_agent import _copy_drill
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM.from_pretrained(str(tiny_path))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    losses = _copy_drill(model, tiny_tokenizer, pretrain_config({"copy_steps": 3, "copy_batch_size": 4}), lambda _m: None)
+    assert len(losses) == 3 and all(loss > 0 for loss in losses)
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
 def test_cached_tiny_agent_follows_the_prompt_format(tiny_agent_path):
     """A handful of held-out inputs per task: the format with the prompt, plain answers without it."""
     from genpi.models.factory import load_model_and_tokenizer

@@ -29,13 +29,24 @@ class Slots:
     """Draws slot values from the part of each pool that belongs to one split.
 
     The ``env`` split (:data:`ENV_SPLIT`) draws from :data:`ENV_SLOT_VALUES` instead: values that are in no pool,
-    so its inputs never coincide with an input of any other split (pre-training, the study's synthesis)."""
+    so its inputs never coincide with an input of any other split (pre-training, the study's synthesis).
 
-    def __init__(self, rng: random.Random, split: str):
+    ``fresh=True`` (the ``pretrain`` split only) makes up a new value for every os slot (:func:`fresh_value`), never
+    one of a pool or of :data:`ENV_SLOT_VALUES`: a model pre-trained on such inputs cannot get a command right by
+    recalling a value it has seen, only by carrying the question's value into it."""
+
+    def __init__(self, rng: random.Random, split: str, fresh: bool = False):
+        if fresh and split != "pretrain":
+            raise ValueError("made-up slot values are for the pretrain split only")
         self.rng = rng
         self.split = split
+        self.fresh = fresh
 
     def pick(self, pool: list[str]) -> str:
+        if self.fresh:
+            name = next((k for k, v in globals().items() if v is pool), None)
+            if name in ENV_SLOT_VALUES:
+                return fresh_value(self.rng, name)
         if self.split == ENV_SPLIT:
             name = next((k for k, v in globals().items() if v is pool), None)
             if name not in ENV_SLOT_VALUES:
@@ -78,6 +89,54 @@ ENV_SLOT_VALUES = {
     "FILES": ["ledger", "backlog", "metrics", "digest", "roster", "catalog", "journal", "manifest"],
     "SHELLS": ["/bin/dash", "/usr/bin/fish", "/bin/tcsh", "/bin/ksh", "/usr/bin/zsh"],
 }
+
+
+_CONSONANTS, _VOWELS = "bcdfghjklmnprstvwz", "aeiou"
+
+
+def made_up_word(rng: random.Random, lo: int = 2, hi: int = 3) -> str:
+    """A pronounceable made-up word of ``lo``..``hi`` syllables (``kabo``, ``tevrisu``)."""
+    return "".join(rng.choice(_CONSONANTS) + rng.choice(_VOWELS) + (rng.choice(_CONSONANTS) if rng.random() < 0.4 else "")
+                   for _ in range(rng.randint(lo, hi)))
+
+
+def _taken() -> set[str]:
+    pools = (DIRS, EXTS, WORDS, USERS, PROCS, FILES, SHELLS)
+    return {v for pool in pools for v in pool} | {v for values in ENV_SLOT_VALUES.values() for v in values}
+
+
+def fresh_value(rng: random.Random, pool_name: str) -> str:
+    """A made-up value for the os slot pool ``pool_name`` (``DIRS``, ``EXTS``, ...), of the pool's shape and in
+    none of the pools nor :data:`ENV_SLOT_VALUES`."""
+    taken = _taken()
+    while True:
+        if pool_name == "DIRS":
+            top = rng.choice(["var", "opt", "srv", "data", "usr/local", "home/" + made_up_word(rng, 1, 2),
+                              made_up_word(rng, 1, 2)])
+            value = f"/{top}/{made_up_word(rng)}" + (f"/{made_up_word(rng, 1, 2)}" if rng.random() < 0.3 else "")
+        elif pool_name == "EXTS":
+            value = made_up_word(rng, 1, 1)[:rng.randint(2, 4)]
+        elif pool_name == "SHELLS":
+            value = rng.choice(["/bin/", "/usr/bin/", "/usr/sbin/"]) + made_up_word(rng, 1, 2)
+        elif pool_name == "PROCS":
+            value = made_up_word(rng, 1, 3) + rng.choice(["", "", "d", "-server", "3"])
+        else:  # WORDS, USERS, FILES
+            value = made_up_word(rng, 1, 3)
+        if value not in taken:
+            return value
+
+
+def copy_drill(n: int, seed: int) -> list[list[dict[str, str]]]:
+    """``n`` chats in which the assistant repeats 2-5 made-up values the user gave: the cheapest lesson in carrying
+    text from the input into the answer, which the os task needs (paths, names, numbers) and which a tiny model
+    does not pick up from the task's corpus alone."""
+    rng = random.Random(f"copy:{seed}")
+    names = sorted(ENV_SLOT_VALUES)
+    out = []
+    for _ in range(n):
+        values = [fresh_value(rng, rng.choice(names)) for _ in range(rng.randint(2, 5))]
+        out.append([_turn("user", "Repeat these exactly: " + " ".join(values)), _turn("assistant", " ".join(values))])
+    return out
 
 
 def _os_bash(think: str, code: str) -> str:
@@ -321,12 +380,14 @@ GENERATORS: dict[str, Callable[[Slots], dict[str, Any]]] = {
 }
 
 
-def generate_examples(task_name: str, n: int, seed: int, split: str = "train") -> list[dict[str, Any]]:
-    """``n`` distinct records (the 7 record columns; ``context_id``/``context`` left empty) for one split."""
+def generate_examples(task_name: str, n: int, seed: int, split: str = "train", fresh: bool = False
+                      ) -> list[dict[str, Any]]:
+    """``n`` distinct records (the 7 record columns; ``context_id``/``context`` left empty) for one split;
+    ``fresh``: made-up os slot values (:class:`Slots`; the pretrain split only)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}")
-    rng = random.Random(f"{task_name}:{seed}:{split}")
-    slots = Slots(rng, split)
+    rng = random.Random(f"{task_name}:{seed}:{split}" + (":fresh" if fresh else ""))
+    slots = Slots(rng, split, fresh)
     seen: set[str] = set()
     out: list[dict[str, Any]] = []
     for _ in range(n * 50):
