@@ -105,23 +105,44 @@ def _taken() -> set[str]:
     return {v for pool in pools for v in pool} | {v for values in ENV_SLOT_VALUES.values() for v in values}
 
 
+_WORDS_CACHE: list[str] = []
+
+
+def prompt_words() -> list[str]:
+    """English words (3-9 lowercase letters) of the four tasks' prompts, less every slot value of the pools and of
+    :data:`ENV_SLOT_VALUES`: real words, so that made-up values look like the words a question names too."""
+    if not _WORDS_CACHE:
+        import re
+
+        from genpi.tasks.base import TASK_NAMES, builtin_task
+
+        text = " ".join(turn["content"] for name in TASK_NAMES for turn in builtin_task(name).prompt_turns)
+        taken = _taken() | {part for value in _taken() for part in value.split("/")}
+        _WORDS_CACHE.extend(sorted(set(re.findall(r"\b[a-z]{3,9}\b", text)) - taken))
+    return _WORDS_CACHE
+
+
 def fresh_value(rng: random.Random, pool_name: str) -> str:
     """A made-up value for the os slot pool ``pool_name`` (``DIRS``, ``EXTS``, ...), of the pool's shape and in
-    none of the pools nor :data:`ENV_SLOT_VALUES`."""
-    taken = _taken()
+    none of the pools nor :data:`ENV_SLOT_VALUES`; its words are half made up (:func:`made_up_word`), half real
+    (:func:`prompt_words`)."""
+    taken, real = _taken(), prompt_words()
+
+    def word(lo: int = 2, hi: int = 3) -> str:
+        return rng.choice(real) if rng.random() < 0.5 else made_up_word(rng, lo, hi)
+
     while True:
         if pool_name == "DIRS":
-            top = rng.choice(["var", "opt", "srv", "data", "usr/local", "home/" + made_up_word(rng, 1, 2),
-                              made_up_word(rng, 1, 2)])
-            value = f"/{top}/{made_up_word(rng)}" + (f"/{made_up_word(rng, 1, 2)}" if rng.random() < 0.3 else "")
+            top = rng.choice(["var", "opt", "srv", "data", "usr/local", "home/" + word(1, 2), word(1, 2)])
+            value = f"/{top}/{word()}" + (f"/{word(1, 2)}" if rng.random() < 0.3 else "")
         elif pool_name == "EXTS":
-            value = made_up_word(rng, 1, 1)[:rng.randint(2, 4)]
+            value = word(1, 1)[:rng.randint(2, 4)]
         elif pool_name == "SHELLS":
-            value = rng.choice(["/bin/", "/usr/bin/", "/usr/sbin/"]) + made_up_word(rng, 1, 2)
+            value = rng.choice(["/bin/", "/usr/bin/", "/usr/sbin/"]) + word(1, 2)
         elif pool_name == "PROCS":
-            value = made_up_word(rng, 1, 3) + rng.choice(["", "", "d", "-server", "3"])
+            value = word(1, 3) + rng.choice(["", "", "d", "-server", "3"])
         else:  # WORDS, USERS, FILES
-            value = made_up_word(rng, 1, 3)
+            value = word(1, 3)
         if value not in taken:
             return value
 
