@@ -302,6 +302,25 @@ def check_teacher_floor(block: str) -> None:
                                                                     f["success_rate_ci_high"])
 
 
+def check_tiny_agent_copy(block: str) -> None:
+    """The probes' table is gather.py's summary.md, and summary.md follows the result files it is made of."""
+    summary = (ROOT / "experiments/tiny_agent_copy/results/summary.md").read_text().strip().splitlines()
+    for line in summary:
+        assert line in block, line
+    val = load("experiments/tiny_agent_copy/results/validation.json")
+    rows = {line.split(" | ")[0].strip("| "): line for line in summary[2:]}
+    assert set(rows) == set(val)
+    for name, row in rows.items():
+        fresh, pools = val[name]["fresh"], val[name]["pools"]
+        assert f"| {fresh['exact_code']}/{fresh['n']} / {fresh['dir_copied']}/{fresh['dir_inputs']} / " in row, name
+        assert f"| {pools['exact_code']}/{pools['n']} / {pools['dir_copied']}/{pools['dir_inputs']} / " in row, name
+        env = ROOT / f"experiments/tiny_agent_copy/results/env_{name}.json"
+        if env.is_file():
+            teacher = load(str(env.relative_to(ROOT)))["summary"]["teacher"]
+            assert row.endswith(f"| {teacher['successes']}/{teacher['n']} |"), name
+            contains(block, f"succeeds {teacher['successes']} of {teacher['n']} times")
+
+
 def check_serve(block: str) -> None:
     bench = load("experiments/serve/results/serve_bench_prefix_cache_on.json")
     stripped, plain = bench["genpi_serve_stripped"], bench["plain_vllm_full_prompt"]
@@ -403,6 +422,7 @@ CHECKS: dict[str, Callable[[str], None]] = {
     "experiments/environments/results/env_check_*.txt": check_env_check,
     "experiments/sandbox/results/env_check.md": check_sandbox,
     "experiments/environments/results/tiny_agent_teacher_floor.json": check_teacher_floor,
+    "experiments/tiny_agent_copy/results/summary.md": check_tiny_agent_copy,
     "experiments/serve/results/serve_bench_prefix_cache_on.json": check_serve,
     "experiments/real_tokenizers/results/tokenizers.json": check_tokenizers,
     INTERNALIZATION_MD: check_internalization_tables,

@@ -8,7 +8,8 @@
 #   measure  tiny_agent on genpi's own problems: synthesize os data with the model itself, train one GenPI run
 #            (loss=$LOSS, default genpi_kl), then genpi-eval with eval.env.enabled=true (teacher, student, floor)
 #   baseline tiny_agent's teacher and floor alone (no adapter) on the first $N_BASELINE (40) of genpi's problems
-#            ($TINY_AGENT: a built tiny_agent folder to use instead of model=tiny_agent's default build)
+#            ($TINY_AGENT: a built tiny_agent folder to use instead of model=tiny_agent's default build;
+#            $BASELINE_OUT: where to write, instead of results/tiny_agent_teacher_floor.json)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
@@ -60,7 +61,7 @@ PY
     cat "$OUT/tiny_agent_genpi_os.md"
     ;;
   baseline)  # teacher and floor of tiny_agent (no adapter needed) on the first $N_BASELINE of genpi's problems
-    "$PY" - "$ROOT/env/genpi_os" "${N_BASELINE:-40}" "$OUT/tiny_agent_teacher_floor.json" "${TINY_AGENT:-tiny_agent}" <<'PY'
+    "$PY" - "$ROOT/env/genpi_os" "${N_BASELINE:-40}" "${BASELINE_OUT:-$OUT/tiny_agent_teacher_floor.json}" "${TINY_AGENT:-tiny_agent}" <<'PY'
 import json, sys
 from pathlib import Path
 from genpi import schema

@@ -1,0 +1,50 @@
+"""Continue a model on the production made-up-slot os corpus + copy drill; report exact commands on env inputs."""
+import json, os, random, sys, time
+from pathlib import Path
+import torch
+from genpi.tasks import generators as G
+from genpi.models import tiny_agent as TA
+from genpi.models.tiny import build_tiny
+from genpi.data.tokenize import encode_chat
+from transformers import AutoTokenizer, LlamaForCausalLM
+steps, out, init_from, weights = int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
+torch.set_num_threads(1); torch.set_flush_denormal(True); torch.manual_seed(0)
+base = build_tiny(None); tok = AutoTokenizer.from_pretrained(str(base))
+model = LlamaForCausalLM.from_pretrained(init_from, dtype=torch.float32)
+tasks = {"os": TA._tasks()["os"]}
+pre = TA.pretrain_config({"steps": steps, "examples_per_task": 4096, "view_weights": weights,
+                          "lr": float(os.environ.get("LR", "1e-3")), "batch_size": int(os.environ.get("BS", "8"))})
+t0 = time.time()
+groups = TA.encode_corpus(tok, tasks, pre["examples_per_task"], 0, pre["max_tokens"], ["os"])
+groups = {k: v for k, v in groups.items() if k[1] != "env"}
+groups[("drill", "env")] = [encode_chat(tok, c, 1) for c in G.copy_drill(4096, 1)]
+if os.environ.get("VOCAB_DRILL"):
+    import re
+    vocab = sorted({w for w in (tok.convert_tokens_to_string([t]).strip() for t in tok.get_vocab())
+                    if re.fullmatch(r"[a-z]{2,}", w)})
+    print("vocab words", len(vocab), flush=True)
+    vr = random.Random(11); chats = []
+    for _ in range(8192):
+        vals = []
+        for _ in range(vr.randint(2, 5)):
+            w = "".join(vr.choice(vocab) for _ in range(vr.randint(1, 2)))
+            vals.append(vr.choice(["{}", "{}", "/{}/{}", "{}.{}"]).format(w, vr.choice(vocab)))
+        chats.append([{"role": "user", "content": "Repeat these exactly: " + " ".join(vals)},
+                      {"role": "assistant", "content": " ".join(vals)}])
+    groups[("drill", "env")] += [encode_chat(tok, c, 1) for c in chats]
+losses = TA._train(model, groups, pre, tok.pad_token_id, print)
+model.eval(); out.mkdir(parents=True, exist_ok=True); model.save_pretrained(str(out)); tok.save_pretrained(str(out))
+from genpi.synthesis.clients.base import Sampling
+from genpi.synthesis.clients.hf import HFClient
+client = HFClient(model, tok, batch_size=16)
+rng = G.Slots(random.Random("probe"), G.ENV_SPLIT)
+recs = [G.os_example_with_slots(rng) for _ in range(48)]
+task = tasks["os"]
+withp = client.chat([task.teacher_messages(r["pseudo_input"]) for r, _ in recs], Sampling(temperature=0.0, max_tokens=96))
+without = client.chat([task.student_messages(r["pseudo_input"]) for r, _ in recs], Sampling(temperature=0.0, max_tokens=96))
+res = {"steps": steps, "init": Path(init_from).name, "weights": weights, "seconds": round(time.time() - t0),
+       "exact_code": sum(s["code"] in a for (r, s), a in zip(recs, withp)),
+       "format_with": sum(map(task.check_format, withp)), "format_without": sum(map(task.check_format, without)), "n": 48}
+print(json.dumps(res)); (out / "probe.json").write_text(json.dumps(res))
+for (r, s), a in list(zip(recs, withp))[:8]:
+    print("Q:", r["pseudo_input"]); print("REF:", s["code"]); print("GOT:", a); print()
