@@ -33,18 +33,6 @@ if os.environ.get("VOCAB_DRILL"):
                       {"role": "assistant", "content": " ".join(vals)}])
     groups[("drill", "env")] += [encode_chat(tok, c, 1) for c in chats]
 losses = TA._train(model, groups, pre, tok.pad_token_id, print)
-model.eval(); out.mkdir(parents=True, exist_ok=True); model.save_pretrained(str(out)); tok.save_pretrained(str(out))
-from genpi.synthesis.clients.base import Sampling
-from genpi.synthesis.clients.hf import HFClient
-client = HFClient(model, tok, batch_size=16)
-rng = G.Slots(random.Random("probe"), G.ENV_SPLIT)
-recs = [G.os_example_with_slots(rng) for _ in range(48)]
-task = tasks["os"]
-withp = client.chat([task.teacher_messages(r["pseudo_input"]) for r, _ in recs], Sampling(temperature=0.0, max_tokens=96))
-without = client.chat([task.student_messages(r["pseudo_input"]) for r, _ in recs], Sampling(temperature=0.0, max_tokens=96))
-res = {"steps": steps, "init": Path(init_from).name, "weights": weights, "seconds": round(time.time() - t0),
-       "exact_code": sum(s["code"] in a for (r, s), a in zip(recs, withp)),
-       "format_with": sum(map(task.check_format, withp)), "format_without": sum(map(task.check_format, without)), "n": 48}
-print(json.dumps(res)); (out / "probe.json").write_text(json.dumps(res))
-for (r, s), a in list(zip(recs, withp))[:8]:
-    print("Q:", r["pseudo_input"]); print("REF:", s["code"]); print("GOT:", a); print()
+from proxy import save_and_probe
+save_and_probe(model, tok, tasks["os"], out, {"steps": steps, "init": Path(init_from).name, "weights": weights,
+                                              "seconds": None}, t0, show=8)

@@ -65,21 +65,6 @@ if "drill" in mode:
     groups[("drill", "env")] = seqs
 print("corpus", {k: len(v) for k, v in groups.items()}, time.time() - t0, flush=True)
 losses = TA._train(model, groups, pre, tok.pad_token_id, print)
-model.eval(); out.mkdir(parents=True, exist_ok=True)
-model.save_pretrained(str(out)); tok.save_pretrained(str(out))
-# proxy: env-split inputs, greedy, with and without the prompt
-from genpi.synthesis.clients.base import Sampling
-from genpi.synthesis.clients.hf import HFClient
-client = HFClient(model, tok, batch_size=16)
-rng = G.Slots(random.Random("probe"), G.ENV_SPLIT)
-recs = [G.os_example_with_slots(rng) for _ in range(48)]
-task = tasks["os"]
-withp = client.chat([task.teacher_messages(r["pseudo_input"]) for r, _ in recs], Sampling(temperature=0.0, max_tokens=96))
-without = client.chat([task.student_messages(r["pseudo_input"]) for r, _ in recs], Sampling(temperature=0.0, max_tokens=96))
-exact = sum(s["code"] in a for (r, s), a in zip(recs, withp))
-fmt = sum(map(task.check_format, withp)); fmt0 = sum(map(task.check_format, without))
-res = {"mode": mode, "steps": steps, "seconds": round(time.time() - t0), "exact_code": exact, "format_with": fmt,
-       "format_without": fmt0, "n": 48, "loss_last": losses[-8:]}
-print(json.dumps(res)); (out / "probe.json").write_text(json.dumps(res))
-for (r, s), a in list(zip(recs, withp))[:6]:
-    print("Q:", r["pseudo_input"]); print("REF:", s["code"]); print("GOT:", a); print()
+from proxy import save_and_probe
+save_and_probe(model, tok, tasks["os"], out, {"mode": mode, "steps": steps, "seconds": None,
+                                              "loss_last": losses[-8:]}, t0, show=6)
