@@ -121,6 +121,8 @@ def test_later_pretraining_settings_are_checked_and_off_by_default():
                                              if k not in ("fresh_slots", "copy_steps", "copy_batch_size", "copy_lr")}
     on = pretrain_config({"fresh_slots": "[os]", "copy_steps": "300"})
     assert on["fresh_slots"] == "os" and recipe(on)["copy_steps"] == 300 and recipe(on)["copy_lr"] == 1e-3
+    assert pretrain_config({"fresh_slots": ["os"]})["fresh_slots"] == "os" == pretrain_config({"fresh_slots": "'os'"})[
+        "fresh_slots"]  # a list from a config, or a quoted string from a command line
     assert recipe(pretrain_config({"copy_lr": 0.5})) == recipe(pretrain_config(None))  # no drill: its lr means nothing
     assert agent_hash(_arch(), on) != agent_hash(_arch(), pretrain_config(None))
     for bad, what in [({"fresh_slots": "os,kg"}, "only os can take made-up slot values, not kg"),

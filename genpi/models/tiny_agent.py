@@ -98,8 +98,9 @@ def pretrain_config(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     def weights(value: Any) -> str:
         return ",".join(str(int(w)) for w in str(value).strip("[]() ").split(","))
 
-    def tasks(value: Any) -> str:
-        return ",".join(t.strip() for t in str(value or "").strip("[]() ").split(",") if t.strip())
+    def tasks(value: Any) -> str:  # "os", "os,kg", "[os]" or a list from a config
+        parts = value if isinstance(value, (list, tuple)) else str(value or "").strip("[]() ").split(",")
+        return ",".join(str(t).strip(" '\"") for t in parts if str(t).strip(" '\""))
 
     out = with_overrides(DEFAULT_PRETRAIN, overrides, "model.tiny_agent", _FLOAT_KEYS,
                          {"view_weights": weights, "fresh_slots": tasks})
@@ -358,7 +359,8 @@ def _pretrain_into(tmp: Path, base: Path, arch: dict[str, Any], pretrain: dict[s
 def _copy_drill(model, tokenizer, pretrain: dict[str, Any], say: Callable[[str], None]) -> list[float]:
     """The first stage when ``copy_steps`` > 0: the assistant repeats made-up words the user gave
     (:func:`genpi.tasks.generators.copy_drill`), every chat seen once. A tiny model learns to copy from its input
-    here in a few hundred steps of short sequences; from the task corpus alone it did not in 2,400 steps."""
+    here in a few hundred steps of short sequences; from the task corpus alone it did not in 2,400 steps
+    (``experiments/tiny_agent_copy/``, which also shows what it does not yet do: copy words it was never drilled on)."""
     from genpi.data.tokenize import encode_chat
     from genpi.tasks.generators import copy_drill
 
