@@ -101,12 +101,16 @@ def test_made_up_slot_values_are_new_and_change_only_the_pretrain_inputs_that_as
     fresh = generate_examples("os", 64, seed=0, split="pretrain", fresh=True)
     assert plain == generate_examples("os", 64, seed=0, split="pretrain", fresh=False)
     assert len({e["pseudo_input"] for e in fresh}) == 64
-    for ex in fresh:  # every slot value of the question is made up, and the command carries it
+    for ex in fresh:  # every slot value of the question is made up
         words = set(ex["pseudo_input"].replace("?", " ").replace("'", " ").split())
         assert not words & taken, words & taken
         assert not any(e["pseudo_input"] == ex["pseudo_input"] for e in plain)
+    others = {e["pseudo_input"] for split in ("train", "heldout") for e in generate_examples("os", 160, seed=0, split=split)}
+    assert not others & {e["pseudo_input"] for e in fresh}
     with pytest.raises(ValueError, match="pretrain split only"):
         generate_examples("os", 4, seed=0, split="heldout", fresh=True)
+    with pytest.raises(ValueError, match="only the os task"):
+        generate_examples("kg", 4, seed=0, split="pretrain", fresh=True)
     drill = g.copy_drill(20, seed=0)
     assert drill == g.copy_drill(20, seed=0) and len({d[0]["content"] for d in drill}) == 20
     for user, assistant in drill:

@@ -407,6 +407,8 @@ def generate_examples(task_name: str, n: int, seed: int, split: str = "train", f
     ``fresh``: made-up os slot values (:class:`Slots`; the pretrain split only)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}")
+    if fresh and task_name != "os":
+        raise ValueError(f"only the os task has made-up slot values, not {task_name}")
     rng = random.Random(f"{task_name}:{seed}:{split}" + (":fresh" if fresh else ""))
     slots = Slots(rng, split, fresh)
     seen: set[str] = set()
