@@ -95,8 +95,8 @@ def test_pretraining_inputs_never_meet_the_study_inputs():
 def test_made_up_slot_values_are_new_and_change_only_the_pretrain_inputs_that_ask_for_them():
     from genpi.tasks import generators as g
 
-    taken = {v for pool in (g.DIRS, g.EXTS, g.WORDS, g.USERS, g.PROCS, g.FILES, g.SHELLS) for v in pool}
-    taken |= {v for values in g.ENV_SLOT_VALUES.values() for v in values}
+    taken = g._taken()
+    assert {"alice", "/var/log", "kevin", "/srv/site/ledger"} <= taken
     plain = generate_examples("os", 64, seed=0, split="pretrain")
     fresh = generate_examples("os", 64, seed=0, split="pretrain", fresh=True)
     assert plain == generate_examples("os", 64, seed=0, split="pretrain", fresh=False)
@@ -146,6 +146,37 @@ def test_the_copy_drill_stage_trains_on_the_repeated_words(tiny_path, tiny_token
     losses = _copy_drill(model, tiny_tokenizer, pretrain_config({"copy_steps": 3, "copy_batch_size": 4}), lambda _m: None)
     assert len(losses) == 3 and all(loss > 0 for loss in losses)
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_pretraining_passes_the_later_settings_on(tiny_path, monkeypatch, tmp_path):
+    from genpi.models import tiny_agent
+    from genpi.models.tiny import arch_config
+
+    calls = {}
+
+    def drill(_model, _tok, pre, _say):
+        calls["drill"] = pre
+        return [2.0]
+
+    def train(_model, groups, _pre, _pad, _say):
+        calls["corpus"] = groups
+        return [1.0]
+
+    monkeypatch.setattr(tiny_agent, "_copy_drill", drill)
+    monkeypatch.setattr(tiny_agent, "_train", train)
+    monkeypatch.setattr(tiny_agent, "format_rates", lambda *_a, **_k: {})
+    pre = pretrain_config({"fresh_slots": "os", "copy_steps": 2, "examples_per_task": 8})
+    tiny_agent._pretrain_into(tmp_path, tiny_path, arch_config(None), pre, "x", lambda _m: None)
+    assert calls["drill"]["copy_steps"] == 2
+    record = read_card(tmp_path)
+    assert record["loss_first"][:2] == [2.0, 1.0] and record["pretrain"]["fresh_slots"] == "os"
+    texts = calls["corpus"][("os", "teacher")]
+    fresh = {e["pseudo_input"] for e in generate_examples("os", 8, seed=0, split="pretrain", fresh=True)}
+    plain = {e["pseudo_input"] for e in generate_examples("os", 8, seed=0, split="pretrain")}
+    from transformers import AutoTokenizer
+
+    decoded = " ".join(AutoTokenizer.from_pretrained(str(tiny_path)).decode(ids) for ids, _ in texts)
+    assert all(x in decoded for x in fresh) and not any(x in decoded for x in plain)
 
 
 def test_cached_tiny_agent_follows_the_prompt_format(tiny_agent_path):

@@ -43,12 +43,11 @@ class Slots:
         self.fresh = fresh
 
     def pick(self, pool: list[str]) -> str:
-        if self.fresh:
-            name = next((k for k, v in globals().items() if v is pool), None)
-            if name in ENV_SLOT_VALUES:
+        if self.fresh or self.split == ENV_SPLIT:
+            name = next((k for k, v in globals().items() if v is pool), None)  # the pool's name, e.g. "DIRS"
+            if self.fresh and name in ENV_SLOT_VALUES:
                 return fresh_value(self.rng, name)
         if self.split == ENV_SPLIT:
-            name = next((k for k, v in globals().items() if v is pool), None)
             if name not in ENV_SLOT_VALUES:
                 raise ValueError("the env split has slot values for the os task's pools only")
             return self.rng.choice(ENV_SLOT_VALUES[name])
