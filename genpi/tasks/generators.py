@@ -154,9 +154,13 @@ def copy_drill(n: int, seed: int) -> list[list[dict[str, str]]]:
     names = sorted(ENV_SLOT_VALUES)
     out = []
     for _ in range(n):
-        values = [fresh_value(rng, rng.choice(names)) for _ in range(rng.randint(2, 5))]
-        out.append([_turn("user", "Repeat these exactly: " + " ".join(values)), _turn("assistant", " ".join(values))])
+        out.append(repeat_chat([fresh_value(rng, rng.choice(names)) for _ in range(rng.randint(2, 5))]))
     return out
+
+
+def repeat_chat(values: list[str]) -> list[dict[str, str]]:
+    """One copy-drill chat: the user gives ``values``, the assistant repeats them."""
+    return [_turn("user", "Repeat these exactly: " + " ".join(values)), _turn("assistant", " ".join(values))]
 
 
 def _os_bash(think: str, code: str) -> str:
