@@ -11,6 +11,7 @@ and every template uses at least one slot, so inputs of different splits never c
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 from collections.abc import Callable
@@ -99,26 +100,24 @@ def made_up_word(rng: random.Random, lo: int = 2, hi: int = 3) -> str:
                    for _ in range(rng.randint(lo, hi)))
 
 
-def _taken() -> set[str]:
-    pools = (DIRS, EXTS, WORDS, USERS, PROCS, FILES, SHELLS)
-    return {v for pool in pools for v in pool} | {v for values in ENV_SLOT_VALUES.values() for v in values}
+@functools.cache
+def _taken() -> frozenset[str]:
+    """Every slot value of the os pools and of :data:`ENV_SLOT_VALUES`."""
+    pools = [globals()[name] for name in ENV_SLOT_VALUES] + list(ENV_SLOT_VALUES.values())
+    return frozenset(v for pool in pools for v in pool)
 
 
-_WORDS_CACHE: list[str] = []
-
-
-def prompt_words() -> list[str]:
+@functools.cache
+def prompt_words() -> tuple[str, ...]:
     """English words (3-9 lowercase letters) of the four tasks' prompts, less every slot value of the pools and of
     :data:`ENV_SLOT_VALUES`: real words, so that made-up values look like the words a question names too."""
-    if not _WORDS_CACHE:
-        import re
+    import re
 
-        from genpi.tasks.base import TASK_NAMES, builtin_task
+    from genpi.tasks.base import TASK_NAMES, builtin_task
 
-        text = " ".join(turn["content"] for name in TASK_NAMES for turn in builtin_task(name).prompt_turns)
-        taken = _taken() | {part for value in _taken() for part in value.split("/")}
-        _WORDS_CACHE.extend(sorted(set(re.findall(r"\b[a-z]{3,9}\b", text)) - taken))
-    return _WORDS_CACHE
+    text = " ".join(turn["content"] for name in TASK_NAMES for turn in builtin_task(name).prompt_turns)
+    taken = _taken() | {part for value in _taken() for part in value.split("/")}
+    return tuple(sorted(set(re.findall(r"\b[a-z]{3,9}\b", text)) - taken))
 
 
 def fresh_value(rng: random.Random, pool_name: str) -> str:
