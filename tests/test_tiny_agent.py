@@ -122,7 +122,8 @@ def test_later_pretraining_settings_are_checked_and_off_by_default():
     from genpi.models.tiny_agent import recipe
 
     assert recipe(pretrain_config(None)) == {k: v for k, v in DEFAULT_PRETRAIN.items()
-                                             if k not in ("fresh_slots", "copy_steps", "copy_batch_size", "copy_lr")}
+                                             if k not in ("fresh_slots", "copy_steps", "copy_batch_size", "copy_lr",
+                                                          "copy_mix")}
     on = pretrain_config({"fresh_slots": "[os]", "copy_steps": "300"})
     assert on["fresh_slots"] == "os" and recipe(on)["copy_steps"] == 300 and recipe(on)["copy_lr"] == 1e-3
     assert pretrain_config({"fresh_slots": ["os"]})["fresh_slots"] == "os" == pretrain_config({"fresh_slots": "'os'"})[
@@ -130,7 +131,8 @@ def test_later_pretraining_settings_are_checked_and_off_by_default():
     assert recipe(pretrain_config({"copy_lr": 0.5})) == recipe(pretrain_config(None))  # no drill: its lr means nothing
     assert agent_hash(_arch(), on) != agent_hash(_arch(), pretrain_config(None))
     for bad, what in [({"fresh_slots": "os,kg"}, "only os can take made-up slot values, not kg"),
-                      ({"copy_steps": -1}, "copy_steps >= 0"), ({"copy_steps": 5, "copy_batch_size": 0}, "copy_batch_size")]:
+                      ({"copy_steps": -1}, "copy_steps >= 0"), ({"copy_steps": 5, "copy_batch_size": 0}, "copy_batch_size"),
+                      ({"copy_mix": -1}, "copy_mix=-1")]:
         with pytest.raises(Exception, match=what):
             pretrain_config(bad)
 
@@ -146,6 +148,12 @@ def test_the_copy_drill_stage_trains_on_the_repeated_words(tiny_path, tiny_token
     losses = _copy_drill(model, tiny_tokenizer, pretrain_config({"copy_steps": 3, "copy_batch_size": 4}), lambda _m: None)
     assert len(losses) == 3 and all(loss > 0 for loss in losses)
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def recipe_has_mix(pre) -> bool:
+    from genpi.models.tiny_agent import recipe
+
+    return "copy_mix" in recipe(pre)
 
 
 def test_pretraining_passes_the_later_settings_on(tiny_path, monkeypatch, tmp_path):
@@ -165,9 +173,14 @@ def test_pretraining_passes_the_later_settings_on(tiny_path, monkeypatch, tmp_pa
     monkeypatch.setattr(tiny_agent, "_copy_drill", drill)
     monkeypatch.setattr(tiny_agent, "_train", train)
     monkeypatch.setattr(tiny_agent, "format_rates", lambda *_a, **_k: {})
-    pre = pretrain_config({"fresh_slots": "os", "copy_steps": 2, "examples_per_task": 8})
+    pre = pretrain_config({"fresh_slots": "os", "copy_steps": 2, "examples_per_task": 8, "copy_mix": 2, "steps": 50})
     tiny_agent._pretrain_into(tmp_path, tiny_path, arch_config(None), pre, "x", lambda _m: None)
     assert calls["drill"]["copy_steps"] == 2
+    # the drill mixed into the corpus: copy_mix steps in every cycle of the 4 tasks' views (2,1,1), each chat seen once
+    cycle = tiny_agent._cycle(calls["corpus"], pre)
+    assert len(cycle) == 4 * 4 + 2 and cycle.count(tiny_agent.DRILL_KEY) == 2
+    assert len(calls["corpus"][tiny_agent.DRILL_KEY]) == -(-50 * 2 // 18) * pre["batch_size"]
+    assert recipe_has_mix(pre) and not recipe_has_mix(pretrain_config({"copy_mix": 0}))
     record = read_card(tmp_path)
     assert record["loss_first"][:2] == [2.0, 1.0] and record["pretrain"]["fresh_slots"] == "os"
     texts = calls["corpus"][("os", "teacher")]

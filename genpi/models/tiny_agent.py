@@ -76,6 +76,8 @@ DEFAULT_PRETRAIN: dict[str, Any] = {
     "copy_steps": 0,            # steps of a copy drill (repeat made-up words) before the corpus; 0 = none
     "copy_batch_size": 32,      # sequences per copy-drill step (short ones: no prompt)
     "copy_lr": 1.0e-3,          # the copy drill's peak learning rate
+    "copy_mix": 0,              # drill steps in every cycle of the corpus's (task, view) steps, so that copying is
+                                # not forgotten while the corpus trains (0 = none; every copying probe needed it)
 }
 _FLOAT_KEYS = {"lr", "weight_decay", "copy_lr"}
 FRESH_TASKS = ("os",)  # tasks whose generators have made-up slot values (genpi.tasks.generators.fresh_value)
@@ -83,10 +85,13 @@ FRESH_TASKS = ("os",)  # tasks whose generators have made-up slot values (genpi.
 
 def recipe(pretrain: dict[str, Any]) -> dict[str, Any]:
     """The settings that make a build: ``pretrain`` without the later settings that are off (no made-up slots; no
-    copy drill, whose batch size and learning rate then mean nothing). Equal recipes give equal weights."""
+    copy drill, whose batch size and learning rate then mean nothing; no drill in the corpus). Equal recipes give
+    equal weights."""
     out = dict(pretrain)
     if not out.get("fresh_slots"):
         out.pop("fresh_slots", None)
+    if not out.get("copy_mix"):
+        out.pop("copy_mix", None)
     if not out.get("copy_steps"):
         for key in ("copy_steps", "copy_batch_size", "copy_lr"):
             out.pop(key, None)
@@ -111,6 +116,9 @@ def pretrain_config(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     if out["copy_steps"] < 0 or (out["copy_steps"] and out["copy_batch_size"] < 1):
         raise GenpiError(f"model.tiny_agent.copy_steps={out['copy_steps']} / copy_batch_size={out['copy_batch_size']}: "
                          "give copy_steps >= 0 and copy_batch_size >= 1")
+    if out["copy_mix"] < 0:
+        raise GenpiError(f"model.tiny_agent.copy_mix={out['copy_mix']}: give a whole number of drill steps per "
+                         "cycle >= 0 (0 = no drill in the corpus)")
     per_view = [int(w) for w in out["view_weights"].split(",")]
     if len(per_view) != len(VIEWS) or min(per_view) < 0 or not sum(per_view):
         raise GenpiError(f"model.tiny_agent.view_weights={out['view_weights']!r}: give {len(VIEWS)} non-negative "
@@ -337,6 +345,8 @@ def _pretrain_into(tmp: Path, base: Path, arch: dict[str, Any], pretrain: dict[s
             losses += _copy_drill(model, tokenizer, pretrain, say)
         groups = encode_corpus(tokenizer, tasks, int(pretrain["examples_per_task"]), int(pretrain["seed"]),
                                int(pretrain["max_tokens"]), [t for t in pretrain["fresh_slots"].split(",") if t])
+        if pretrain["copy_mix"]:
+            groups[DRILL_KEY] = _drill_group(tokenizer, groups, pretrain)
         losses += _train(model, groups, pretrain, tokenizer.pad_token_id, say)
         seconds = time.perf_counter() - t0
         model.eval()
@@ -354,6 +364,28 @@ def _pretrain_into(tmp: Path, base: Path, arch: dict[str, Any], pretrain: dict[s
         "weights_sha256": weights, "seconds": round(seconds, 1), "loss_first": losses[:12], "loss_last": losses[-12:],
         "format_rates": rates, "parameters": sum(p.numel() for p in model.parameters()),
     }, indent=2) + "\n")
+
+
+DRILL_KEY = ("copy", "drill")  # the drill's group in the corpus stage (copy_mix > 0)
+
+
+def _cycle(groups, pretrain: dict[str, Any]) -> list[tuple[str, str]]:
+    """One cycle of the steps' groups: every task, each view as often as its weight; the drill ``copy_mix`` times."""
+    weights = dict(zip(VIEWS, (int(w) for w in pretrain["view_weights"].split(","))))
+    weights[DRILL_KEY[1]] = int(pretrain.get("copy_mix") or 0)
+    return [(task, view) for task, view in sorted(groups) for _ in range(weights[view])]
+
+
+def _drill_group(tokenizer, groups, pretrain: dict[str, Any]) -> list[tuple[list[int], list[int]]]:
+    """The drill chats of the corpus stage, as many as its steps take (each seen once), of a seed the drill stage
+    does not use."""
+    from genpi.data.tokenize import encode_chat
+    from genpi.tasks.generators import copy_drill
+
+    cycle = _cycle({**groups, DRILL_KEY: []}, pretrain)
+    steps = -(-int(pretrain["steps"]) * cycle.count(DRILL_KEY) // len(cycle))
+    chats = copy_drill(steps * int(pretrain["batch_size"]), int(pretrain["seed"]) + 1)
+    return [encode_chat(tokenizer, chat, 1) for chat in chats]
 
 
 def _copy_drill(model, tokenizer, pretrain: dict[str, Any], say: Callable[[str], None]) -> list[float]:
@@ -379,9 +411,7 @@ def _train(model, groups: dict[tuple[str, str], list[tuple[list[int], list[int]]
 
     rng = random.Random(int(pretrain["seed"]))
     order: dict[tuple[str, str], list[int]] = {key: [] for key in groups}
-    weights = dict(zip(VIEWS, (int(w) for w in pretrain["view_weights"].split(","))))
-    # One cycle: every task, each view as often as its weight.
-    keys = [(task, view) for task, view in sorted(groups) for _ in range(weights[view])]
+    keys = _cycle(groups, pretrain)
     bs, total = int(pretrain["batch_size"]), int(pretrain["steps"])
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=float(pretrain["lr"]), weight_decay=float(pretrain["weight_decay"]),
