@@ -16,6 +16,7 @@ from genpi.models.tiny_agent import (
     encode_corpus,
     pretrain_config,
     read_card,
+    recipe,
     shared_prefix_loss,
     view_messages,
 )
@@ -118,12 +119,46 @@ def test_made_up_slot_values_are_new_and_change_only_the_pretrain_inputs_that_as
         assert not set(assistant["content"].split()) & taken
 
 
+def test_made_up_values_of_vocabulary_pieces_spell_only_those_pieces_and_never_a_taken_word():
+    import random
+    import re
+
+    from genpi.tasks import generators as g
+
+    pieces = ("led", "g", "er", "site", "up", "lo", "ads", "inbox")
+    assert {"site", "inbox"} <= g._taken_words()  # words of genpi's problems' paths, which values must never be
+    spelled = re.compile(r"^(?:" + "|".join(pieces) + r")+$")
+    kept = {"var", "opt", "srv", "data", "usr", "local", "home", "bin", "sbin"}  # the pools' fixed path parts
+
+    def check(value: str, name: str) -> None:
+        assert value not in g._taken() and len(value) > 1
+        if name == "EXTS":  # a piece's first 2-4 letters
+            assert any(p.startswith(value) for p in pieces), value
+            return
+        words = [w for w in value.split("/") if w]
+        if name == "PROCS":  # a word and one of the pool's endings
+            words = [re.sub(r"(-server|3)$", "", words[0])]
+            assert spelled.match(words[0]) or spelled.match(words[0][:-1]), value
+        else:
+            assert all(spelled.match(w) or w in kept for w in words), value
+        assert not set(words) & (g._taken_words() - kept), value
+
+    rng = random.Random(0)
+    for name in sorted(g.ENV_SLOT_VALUES):
+        for _ in range(200):
+            check(g.fresh_value(rng, name, pieces), name)
+    fresh = generate_examples("os", 16, seed=0, split="pretrain", fresh=True, pieces=pieces)
+    assert fresh != generate_examples("os", 16, seed=0, split="pretrain", fresh=True)
+    drilled = [v for _, answer in g.copy_drill(50, seed=0, pieces=pieces) for v in answer["content"].split()]
+    assert all(v not in g._taken() for v in drilled) and any(spelled.match(v) for v in drilled)
+
+
 def test_later_pretraining_settings_are_checked_and_off_by_default():
     from genpi.models.tiny_agent import recipe
 
     assert recipe(pretrain_config(None)) == {k: v for k, v in DEFAULT_PRETRAIN.items()
                                              if k not in ("fresh_slots", "copy_steps", "copy_batch_size", "copy_lr",
-                                                          "copy_mix")}
+                                                          "copy_mix", "fresh_values")}
     on = pretrain_config({"fresh_slots": "[os]", "copy_steps": "300"})
     assert on["fresh_slots"] == "os" and recipe(on)["copy_steps"] == 300 and recipe(on)["copy_lr"] == 1e-3
     assert pretrain_config({"fresh_slots": ["os"]})["fresh_slots"] == "os" == pretrain_config({"fresh_slots": "'os'"})[
@@ -132,7 +167,8 @@ def test_later_pretraining_settings_are_checked_and_off_by_default():
     assert agent_hash(_arch(), on) != agent_hash(_arch(), pretrain_config(None))
     for bad, what in [({"fresh_slots": "os,kg"}, "only os can take made-up slot values, not kg"),
                       ({"copy_steps": -1}, "copy_steps >= 0"), ({"copy_steps": 5, "copy_batch_size": 0}, "copy_batch_size"),
-                      ({"copy_mix": -1}, "copy_mix=-1")]:
+                      ({"copy_mix": -1}, "copy_mix=-1"), ({"fresh_values": "tokens"}, "choose one of"),
+                      ({"steps": "abc"}, "steps='abc' is not a whole number")]:
         with pytest.raises(Exception, match=what):
             pretrain_config(bad)
 
@@ -162,8 +198,8 @@ def test_pretraining_passes_the_later_settings_on(tiny_path, monkeypatch, tmp_pa
 
     calls = {}
 
-    def drill(_model, _tok, pre, _say):
-        calls["drill"] = pre
+    def drill(_model, _tok, pre, _say, pieces=None):
+        calls["drill"], calls["pieces"] = pre, pieces
         return [2.0]
 
     def train(_model, groups, _pre, _pad, _say):
@@ -181,6 +217,7 @@ def test_pretraining_passes_the_later_settings_on(tiny_path, monkeypatch, tmp_pa
     assert len(cycle) == 4 * 4 + 2 and cycle.count(tiny_agent.DRILL_KEY) == 2
     assert len(calls["corpus"][tiny_agent.DRILL_KEY]) == -(-50 * 2 // 18) * pre["batch_size"]
     assert recipe_has_mix(pre) and not recipe_has_mix(pretrain_config({"copy_mix": 0}))
+    assert calls["pieces"] is None  # fresh_values=words
     record = read_card(tmp_path)
     assert record["loss_first"][:2] == [2.0, 1.0] and record["pretrain"]["fresh_slots"] == "os"
     texts = calls["corpus"][("os", "teacher")]
@@ -214,3 +251,22 @@ def test_cached_tiny_agent_follows_the_prompt_format(tiny_agent_path):
     assert without / total <= 0.2
     for rates in card["format_rates"].values():
         assert rates["with_prompt"] > rates["without_prompt"]
+
+
+def test_pieces_pretraining_makes_its_values_of_the_vocabulary(tiny_path, tiny_tokenizer, monkeypatch, tmp_path):
+    from genpi.models import tiny_agent
+    from genpi.models.tiny import arch_config
+
+    calls = {}
+    monkeypatch.setattr(tiny_agent, "_copy_drill", lambda _m, _t, _p, _s, pieces=None: calls.update(pieces=pieces) or [2.0])
+    monkeypatch.setattr(tiny_agent, "_train", lambda _m, groups, *_a: calls.update(corpus=groups) or [1.0])
+    monkeypatch.setattr(tiny_agent, "format_rates", lambda *_a, **_k: {})
+    pre = pretrain_config({"fresh_slots": "os", "copy_steps": 2, "examples_per_task": 8, "fresh_values": "pieces"})
+    assert recipe(pre)["fresh_values"] == "pieces" and agent_hash(_arch(), pre) != agent_hash(
+        _arch(), {**pre, "fresh_values": "words"})
+    tiny_agent._pretrain_into(tmp_path, tiny_path, arch_config(None), pre, "x", lambda _m: None)
+    pieces = tiny_agent.vocab_pieces(tiny_tokenizer)
+    assert calls["pieces"] == pieces and len(pieces) > 1000 and all(p.isalpha() and p.islower() for p in pieces)
+    want = generate_examples("os", 8, seed=0, split="pretrain", fresh=True, pieces=pieces)
+    decoded = " ".join(tiny_tokenizer.decode(ids) for ids, _ in calls["corpus"][("os", "teacher")])
+    assert all(e["pseudo_input"] in decoded for e in want)

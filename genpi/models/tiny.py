@@ -164,10 +164,14 @@ def with_overrides(defaults: dict[str, Any], overrides: dict[str, Any] | None, w
     for key, value in overrides.items():
         if value is None:
             continue
-        if normalize and key in normalize:
-            out[key] = normalize[key](value)
-        else:
-            out[key] = float(value) if key in float_keys else int(value)
+        try:
+            if normalize and key in normalize:
+                out[key] = normalize[key](value)
+            else:
+                out[key] = float(value) if key in float_keys else int(value)
+        except (TypeError, ValueError):
+            kind = "a number" if key in float_keys else "a whole number"
+            raise GenpiError(f"{where}.{key}={value!r} is not {kind}; give e.g. {where}.{key}={defaults[key]}") from None
     return out
 
 

@@ -76,11 +76,15 @@ DEFAULT_PRETRAIN: dict[str, Any] = {
     "copy_steps": 0,            # steps of a copy drill (repeat made-up words) before the corpus; 0 = none
     "copy_batch_size": 32,      # sequences per copy-drill step (short ones: no prompt)
     "copy_lr": 1.0e-3,          # the copy drill's peak learning rate
+    "fresh_values": "words",    # what made-up values (fresh_slots, the drills) are made of: words (half made-up
+                                # syllables, half the prompts' words) | pieces (1-3 alphabetic tokens of the
+                                # vocabulary, drawn uniformly, so that any word they spell may be a value)
     "copy_mix": 0,              # drill steps in every cycle of the corpus's (task, view) steps, so that copying is
                                 # not forgotten while the corpus trains (0 = none; every copying probe needed it)
 }
 _FLOAT_KEYS = {"lr", "weight_decay", "copy_lr"}
-FRESH_TASKS = ("os",)  # tasks whose generators have made-up slot values (genpi.tasks.generators.fresh_value)
+FRESH_TASKS = ("os",)
+FRESH_VALUES = ("words", "pieces")  # genpi.tasks.generators.fresh_value without / with the vocabulary's pieces  # tasks whose generators have made-up slot values (genpi.tasks.generators.fresh_value)
 
 
 def recipe(pretrain: dict[str, Any]) -> dict[str, Any]:
@@ -92,6 +96,8 @@ def recipe(pretrain: dict[str, Any]) -> dict[str, Any]:
         out.pop("fresh_slots", None)
     if not out.get("copy_mix"):
         out.pop("copy_mix", None)
+    if out.get("fresh_values") == "words":
+        out.pop("fresh_values", None)
     if not out.get("copy_steps"):
         for key in ("copy_steps", "copy_batch_size", "copy_lr"):
             out.pop(key, None)
@@ -108,7 +114,8 @@ def pretrain_config(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         return ",".join(str(t).strip(" '\"") for t in parts if str(t).strip(" '\""))
 
     out = with_overrides(DEFAULT_PRETRAIN, overrides, "model.tiny_agent", _FLOAT_KEYS,
-                         {"view_weights": weights, "fresh_slots": tasks})
+                         {"view_weights": weights, "fresh_slots": tasks,
+                          "fresh_values": lambda v: str(v).strip(" '\"")})
     unknown = [t for t in out["fresh_slots"].split(",") if t and t not in FRESH_TASKS]
     if unknown:
         raise GenpiError(f"model.tiny_agent.fresh_slots={out['fresh_slots']!r}: only {', '.join(FRESH_TASKS)} can take "
@@ -116,6 +123,8 @@ def pretrain_config(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     if out["copy_steps"] < 0 or (out["copy_steps"] and out["copy_batch_size"] < 1):
         raise GenpiError(f"model.tiny_agent.copy_steps={out['copy_steps']} / copy_batch_size={out['copy_batch_size']}: "
                          "give copy_steps >= 0 and copy_batch_size >= 1")
+    if out["fresh_values"] not in FRESH_VALUES:
+        raise GenpiError(f"model.tiny_agent.fresh_values={out['fresh_values']!r}: choose one of {list(FRESH_VALUES)}")
     if out["copy_mix"] < 0:
         raise GenpiError(f"model.tiny_agent.copy_mix={out['copy_mix']}: give a whole number of drill steps per "
                          "cycle >= 0 (0 = no drill in the corpus)")
@@ -277,15 +286,17 @@ def view_messages(task, example: dict[str, Any], view: str) -> tuple[list[dict[s
 
 
 def encode_corpus(tokenizer, tasks: dict[str, Any], examples_per_task: int, seed: int, max_tokens: int,
-                  fresh: tuple[str, ...] | list[str] = ()) -> dict[tuple[str, str], list[tuple[list[int], list[int]]]]:
+                  fresh: tuple[str, ...] | list[str] = (), pieces: tuple[str, ...] | None = None
+                  ) -> dict[tuple[str, str], list[tuple[list[int], list[int]]]]:
     """``(task, view) -> [(ids, labels)]`` over the pretrain split's examples (made-up slot values for the tasks
-    in ``fresh``)."""
+    in ``fresh``, of ``pieces`` if given)."""
     from genpi.data.tokenize import encode_chat
     from genpi.tasks.generators import generate_examples
 
     groups: dict[tuple[str, str], list[tuple[list[int], list[int]]]] = {}
     for name, task in sorted(tasks.items()):
-        examples = generate_examples(name, examples_per_task, seed=seed, split="pretrain", fresh=name in fresh)
+        examples = generate_examples(name, examples_per_task, seed=seed, split="pretrain", fresh=name in fresh,
+                                     pieces=pieces)
         for view in VIEWS:
             seqs = []
             for ex in examples:
@@ -341,12 +352,14 @@ def _pretrain_into(tmp: Path, base: Path, arch: dict[str, Any], pretrain: dict[s
         tasks = _tasks()
         t0 = time.perf_counter()
         losses = []
+        pieces = vocab_pieces(tokenizer) if pretrain["fresh_values"] == "pieces" else None
         if pretrain["copy_steps"]:
-            losses += _copy_drill(model, tokenizer, pretrain, say)
+            losses += _copy_drill(model, tokenizer, pretrain, say, pieces)
         groups = encode_corpus(tokenizer, tasks, int(pretrain["examples_per_task"]), int(pretrain["seed"]),
-                               int(pretrain["max_tokens"]), [t for t in pretrain["fresh_slots"].split(",") if t])
+                               int(pretrain["max_tokens"]), [t for t in pretrain["fresh_slots"].split(",") if t],
+                               pieces)
         if pretrain["copy_mix"]:
-            groups[DRILL_KEY] = _drill_group(tokenizer, groups, pretrain)
+            groups[DRILL_KEY] = _drill_group(tokenizer, groups, pretrain, pieces)
         losses += _train(model, groups, pretrain, tokenizer.pad_token_id, say)
         seconds = time.perf_counter() - t0
         model.eval()
@@ -376,7 +389,17 @@ def _cycle(groups, pretrain: dict[str, Any]) -> list[tuple[str, str]]:
     return [(task, view) for task, view in sorted(groups) for _ in range(weights[view])]
 
 
-def _drill_group(tokenizer, groups, pretrain: dict[str, Any]) -> list[tuple[list[int], list[int]]]:
+def vocab_pieces(tokenizer) -> tuple[str, ...]:
+    """The vocabulary's alphabetic tokens (lowercase a-z, the word-start marker dropped): the pieces of made-up values
+    with ``fresh_values=pieces``."""
+    import re
+
+    spelled = (tokenizer.convert_tokens_to_string([t]).strip() for t in tokenizer.get_vocab())
+    return tuple(sorted({w for w in spelled if re.fullmatch(r"[a-z]+", w)}))
+
+
+def _drill_group(tokenizer, groups, pretrain: dict[str, Any], pieces: tuple[str, ...] | None = None
+                 ) -> list[tuple[list[int], list[int]]]:
     """The drill chats of the corpus stage, as many as its steps take (each seen once), of a seed the drill stage
     does not use."""
     from genpi.data.tokenize import encode_chat
@@ -384,11 +407,12 @@ def _drill_group(tokenizer, groups, pretrain: dict[str, Any]) -> list[tuple[list
 
     cycle = _cycle({**groups, DRILL_KEY: []}, pretrain)
     steps = -(-int(pretrain["steps"]) * cycle.count(DRILL_KEY) // len(cycle))
-    chats = copy_drill(steps * int(pretrain["batch_size"]), int(pretrain["seed"]) + 1)
+    chats = copy_drill(steps * int(pretrain["batch_size"]), int(pretrain["seed"]) + 1, pieces)
     return [encode_chat(tokenizer, chat, 1) for chat in chats]
 
 
-def _copy_drill(model, tokenizer, pretrain: dict[str, Any], say: Callable[[str], None]) -> list[float]:
+def _copy_drill(model, tokenizer, pretrain: dict[str, Any], say: Callable[[str], None],
+                pieces: tuple[str, ...] | None = None) -> list[float]:
     """The first stage when ``copy_steps`` > 0: the assistant repeats made-up words the user gave
     (:func:`genpi.tasks.generators.copy_drill`), every chat seen once. From the task corpus alone the tiny model
     did not learn to copy in 2,400 steps; after a drill, with the drill mixed into the corpus, it copies values like
@@ -397,7 +421,7 @@ def _copy_drill(model, tokenizer, pretrain: dict[str, Any], say: Callable[[str],
     from genpi.tasks.generators import copy_drill
 
     steps, bs = int(pretrain["copy_steps"]), int(pretrain["copy_batch_size"])
-    chats = copy_drill(steps * bs, int(pretrain["seed"]))
+    chats = copy_drill(steps * bs, int(pretrain["seed"]), pieces)
     group = [encode_chat(tokenizer, chat, 1) for chat in chats]
     stage = {**pretrain, "steps": steps, "batch_size": bs, "lr": pretrain["copy_lr"], "view_weights": "1,0,0"}
     say(f"genpi: tiny_agent copy drill, {steps} steps of {bs}")

@@ -34,20 +34,22 @@ class Slots:
 
     ``fresh=True`` (the ``pretrain`` split only) makes up a new value for every os slot (:func:`fresh_value`), never
     one of a pool or of :data:`ENV_SLOT_VALUES`: a model pre-trained on such inputs cannot get a command right by
-    recalling a value it has seen, only by carrying the question's value into it."""
+    recalling a value it has seen, only by carrying the question's value into it. ``pieces``: make them of those
+    pieces (:func:`fresh_value`)."""
 
-    def __init__(self, rng: random.Random, split: str, fresh: bool = False):
+    def __init__(self, rng: random.Random, split: str, fresh: bool = False, pieces: tuple[str, ...] | None = None):
         if fresh and split != "pretrain":
             raise ValueError("made-up slot values are for the pretrain split only")
         self.rng = rng
         self.split = split
         self.fresh = fresh
+        self.pieces = pieces
 
     def pick(self, pool: list[str]) -> str:
         if self.fresh or self.split == ENV_SPLIT:
             name = next((k for k, v in globals().items() if v is pool), None)  # the pool's name, e.g. "DIRS"
             if self.fresh and name in ENV_SLOT_VALUES:
-                return fresh_value(self.rng, name)
+                return fresh_value(self.rng, name, self.pieces)
         if self.split == ENV_SPLIT:
             if name not in ENV_SLOT_VALUES:
                 raise ValueError("the env split has slot values for the os task's pools only")
@@ -116,17 +118,27 @@ def prompt_words() -> tuple[str, ...]:
     from genpi.tasks.base import TASK_NAMES, builtin_task
 
     text = " ".join(turn["content"] for name in TASK_NAMES for turn in builtin_task(name).prompt_turns)
-    taken = _taken() | {part for value in _taken() for part in value.split("/")}
-    return tuple(sorted(set(re.findall(r"\b[a-z]{3,9}\b", text)) - taken))
+    return tuple(sorted(set(re.findall(r"\b[a-z]{3,9}\b", text)) - _taken_words()))
 
 
-def fresh_value(rng: random.Random, pool_name: str) -> str:
+@functools.cache
+def _taken_words() -> frozenset[str]:
+    """Every slot value of the os pools and of :data:`ENV_SLOT_VALUES`, and every part of their paths."""
+    return _taken() | {part for value in _taken() for part in value.split("/")}
+
+
+def fresh_value(rng: random.Random, pool_name: str, pieces: tuple[str, ...] | None = None) -> str:
     """A made-up value for the os slot pool ``pool_name`` (``DIRS``, ``EXTS``, ...), of the pool's shape and in
-    none of the pools nor :data:`ENV_SLOT_VALUES`; its words are half made up (:func:`made_up_word`), half real
-    (:func:`prompt_words`)."""
-    taken, real = _taken(), prompt_words()
+    none of the pools nor :data:`ENV_SLOT_VALUES`. Its words are half made up (:func:`made_up_word`), half real
+    (:func:`prompt_words`); or, given ``pieces`` (e.g. a tokenizer's alphabetic tokens), each word joins 1 to 3
+    pieces drawn uniformly, so that any word the pieces spell is a value the model may meet."""
+    taken, real, taken_words = _taken(), prompt_words(), _taken_words()
 
     def word(lo: int = 2, hi: int = 3) -> str:
+        while pieces:  # never a whole word of a pool's or the env split's values
+            made = "".join(rng.choice(pieces) for _ in range(rng.randint(1, hi)))
+            if made not in taken_words:
+                return made
         return rng.choice(real) if rng.random() < 0.5 else made_up_word(rng, lo, hi)
 
     while True:
@@ -141,19 +153,19 @@ def fresh_value(rng: random.Random, pool_name: str) -> str:
             value = word(1, 3) + rng.choice(["", "", "d", "-server", "3"])
         else:  # WORDS, USERS, FILES
             value = word(1, 3)
-        if value not in taken:
+        if value not in taken and len(value) > 1:
             return value
 
 
-def copy_drill(n: int, seed: int) -> list[list[dict[str, str]]]:
+def copy_drill(n: int, seed: int, pieces: tuple[str, ...] | None = None) -> list[list[dict[str, str]]]:
     """``n`` chats in which the assistant repeats 2-5 made-up values the user gave: the cheapest lesson in carrying
     text from the input into the answer, which the os task needs (paths, names, numbers) and which a tiny model
-    does not pick up from the task's corpus alone."""
+    does not pick up from the task's corpus alone. ``pieces``: values made of them (:func:`fresh_value`)."""
     rng = random.Random(f"copy:{seed}")
     names = sorted(ENV_SLOT_VALUES)
     out = []
     for _ in range(n):
-        out.append(repeat_chat([fresh_value(rng, rng.choice(names)) for _ in range(rng.randint(2, 5))]))
+        out.append(repeat_chat([fresh_value(rng, rng.choice(names), pieces) for _ in range(rng.randint(2, 5))]))
     return out
 
 
@@ -403,16 +415,16 @@ GENERATORS: dict[str, Callable[[Slots], dict[str, Any]]] = {
 }
 
 
-def generate_examples(task_name: str, n: int, seed: int, split: str = "train", fresh: bool = False
-                      ) -> list[dict[str, Any]]:
+def generate_examples(task_name: str, n: int, seed: int, split: str = "train", fresh: bool = False,
+                      pieces: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
     """``n`` distinct records (the 7 record columns; ``context_id``/``context`` left empty) for one split;
-    ``fresh``: made-up os slot values (:class:`Slots`; the pretrain split only)."""
+    ``fresh``: made-up os slot values (:class:`Slots`; the pretrain split only), of ``pieces`` if given."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}")
     if fresh and task_name != "os":
         raise ValueError(f"only the os task has made-up slot values, not {task_name}")
     rng = random.Random(f"{task_name}:{seed}:{split}" + (":fresh" if fresh else ""))
-    slots = Slots(rng, split, fresh)
+    slots = Slots(rng, split, fresh, pieces)
     seen: set[str] = set()
     out: list[dict[str, Any]] = []
     for _ in range(n * 50):
