@@ -158,7 +158,7 @@ def test_later_pretraining_settings_are_checked_and_off_by_default():
 
     assert recipe(pretrain_config(None)) == {k: v for k, v in DEFAULT_PRETRAIN.items()
                                              if k not in ("fresh_slots", "copy_steps", "copy_batch_size", "copy_lr",
-                                                          "copy_mix", "fresh_values")}
+                                                          "copy_mix", "fresh_values", "task_weights")}
     on = pretrain_config({"fresh_slots": "[os]", "copy_steps": "300"})
     assert on["fresh_slots"] == "os" and recipe(on)["copy_steps"] == 300 and recipe(on)["copy_lr"] == 1e-3
     assert pretrain_config({"fresh_slots": ["os"]})["fresh_slots"] == "os" == pretrain_config({"fresh_slots": "'os'"})[
@@ -168,7 +168,8 @@ def test_later_pretraining_settings_are_checked_and_off_by_default():
     for bad, what in [({"fresh_slots": "os,kg"}, "only os can take made-up slot values, not kg"),
                       ({"copy_steps": -1}, "copy_steps >= 0"), ({"copy_steps": 5, "copy_batch_size": 0}, "copy_batch_size"),
                       ({"copy_mix": -1}, "copy_mix=-1"), ({"fresh_values": "tokens"}, "choose one of"),
-                      ({"steps": "abc"}, "steps='abc' is not a whole number")]:
+                      ({"steps": "abc"}, "steps='abc' is not a whole number"),
+                      ({"task_weights": "os:0"}, "whole weights >= 1"), ({"task_weights": "shell:2"}, "task:weight")]:
         with pytest.raises(Exception, match=what):
             pretrain_config(bad)
 
@@ -218,6 +219,11 @@ def test_pretraining_passes_the_later_settings_on(tiny_path, monkeypatch, tmp_pa
     assert len(calls["corpus"][tiny_agent.DRILL_KEY]) == -(-50 * 2 // 18) * pre["batch_size"]
     assert recipe_has_mix(pre) and not recipe_has_mix(pretrain_config({"copy_mix": 0}))
     assert calls["pieces"] is None  # fresh_values=words
+    # task weights: the os task's views three times a cycle, the drill as before
+    heavy = pretrain_config({**pre, "task_weights": {"os": 3}})
+    assert heavy["task_weights"] == "os:3" == pretrain_config({"task_weights": "'os:3,kg:1'"})["task_weights"]
+    cycle = tiny_agent._cycle(calls["corpus"], heavy)
+    assert len(cycle) == 6 * 4 + 2 and cycle.count(("os", "teacher")) == 6 and cycle.count(("kg", "teacher")) == 2
     record = read_card(tmp_path)
     assert record["loss_first"][:2] == [2.0, 1.0] and record["pretrain"]["fresh_slots"] == "os"
     texts = calls["corpus"][("os", "teacher")]

@@ -79,6 +79,7 @@ DEFAULT_PRETRAIN: dict[str, Any] = {
     "fresh_values": "words",    # what made-up values (fresh_slots, the drills) are made of: words (half made-up
                                 # syllables, half the prompts' words) | pieces (1-3 alphabetic tokens of the
                                 # vocabulary, drawn uniformly, so that any word they spell may be a value)
+    "task_weights": "",         # how many times a task's views come in a cycle of steps ("os:3"; unnamed tasks 1)
     "copy_mix": 0,              # drill steps in every cycle of the corpus's (task, view) steps, so that copying is
                                 # not forgotten while the corpus trains (0 = none; every copying probe needed it)
 }
@@ -96,12 +97,31 @@ def recipe(pretrain: dict[str, Any]) -> dict[str, Any]:
         out.pop("fresh_slots", None)
     if not out.get("copy_mix"):
         out.pop("copy_mix", None)
+    if not out.get("task_weights"):
+        out.pop("task_weights", None)
     if out.get("fresh_values") == "words":
         out.pop("fresh_values", None)
     if not out.get("copy_steps"):
         for key in ("copy_steps", "copy_batch_size", "copy_lr"):
             out.pop(key, None)
     return out
+
+
+def _task_weights(value: Any) -> str:
+    """A ``{task: weight}`` mapping from a config, or ``"os:3,kg:2"`` from a command line, as ``"kg:2,os:3"``."""
+    if isinstance(value, dict) or hasattr(value, "items"):
+        pairs = [(str(k), v) for k, v in value.items()]
+    else:
+        pairs = [part.split(":", 1) for part in str(value).strip("{}[]() '\"").replace(" ", "").split(",") if part]
+    from genpi.tasks.base import TASK_NAMES
+
+    out = {}
+    for pair in pairs:
+        if len(pair) != 2 or pair[0] not in TASK_NAMES or not str(pair[1]).isdigit() or int(pair[1]) < 1:
+            raise GenpiError(f"model.tiny_agent.task_weights={value!r}: give task:weight pairs of the tasks "
+                             f"{list(TASK_NAMES)} with whole weights >= 1, e.g. os:3")
+        out[pair[0]] = int(pair[1])
+    return ",".join(f"{k}:{v}" for k, v in sorted(out.items()) if v != 1)
 
 
 def pretrain_config(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -114,7 +134,7 @@ def pretrain_config(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         return ",".join(str(t).strip(" '\"") for t in parts if str(t).strip(" '\""))
 
     out = with_overrides(DEFAULT_PRETRAIN, overrides, "model.tiny_agent", _FLOAT_KEYS,
-                         {"view_weights": weights, "fresh_slots": tasks,
+                         {"view_weights": weights, "fresh_slots": tasks, "task_weights": _task_weights,
                           "fresh_values": lambda v: str(v).strip(" '\"")})
     unknown = [t for t in out["fresh_slots"].split(",") if t and t not in FRESH_TASKS]
     if unknown:
@@ -386,7 +406,14 @@ def _cycle(groups, pretrain: dict[str, Any]) -> list[tuple[str, str]]:
     """One cycle of the steps' groups: every task, each view as often as its weight; the drill ``copy_mix`` times."""
     weights = dict(zip(VIEWS, (int(w) for w in pretrain["view_weights"].split(","))))
     weights[DRILL_KEY[1]] = int(pretrain.get("copy_mix") or 0)
-    return [(task, view) for task, view in sorted(groups) for _ in range(weights[view])]
+    per_task = task_weights(pretrain.get("task_weights") or "")
+    return [(task, view) for task, view in sorted(groups)
+            for _ in range(weights[view] * (1 if view == DRILL_KEY[1] else per_task.get(task, 1)))]
+
+
+def task_weights(value: str) -> dict[str, int]:
+    """``"os:3,kg:2"`` -> ``{"os": 3, "kg": 2}`` (tasks not named weigh 1)."""
+    return {task: int(weight) for task, weight in (part.split(":") for part in value.split(",") if part)}
 
 
 def vocab_pieces(tokenizer) -> tuple[str, ...]:
