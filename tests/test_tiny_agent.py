@@ -147,6 +147,14 @@ def test_made_up_values_of_vocabulary_pieces_spell_only_those_pieces_and_never_a
     for name in sorted(g.ENV_SLOT_VALUES):
         for _ in range(200):
             check(g.fresh_value(rng, name, pieces), name)
+    # a terminal's final newline on the os observations, and nothing else changed
+    plain = generate_examples("os", 24, seed=0, split="train")
+    ended = generate_examples("os", 24, seed=0, split="train", terminal_newline=True)
+    observed = [(a["teacher_output_conv"][1]["content"], b["teacher_output_conv"][1]["content"])
+                for a, b in zip(plain, ended)]
+    assert all(b == a + "\n" and a.startswith(g.OS_OBSERVATION) for a, b in observed)
+    assert [g.with_terminal_newline(a) for a in plain] == ended == [g.with_terminal_newline(b) for b in ended]
+    assert generate_examples("kg", 8, seed=0, terminal_newline=True) == generate_examples("kg", 8, seed=0)
     fresh = generate_examples("os", 16, seed=0, split="pretrain", fresh=True, pieces=pieces)
     assert fresh != generate_examples("os", 16, seed=0, split="pretrain", fresh=True)
     drilled = [v for _, answer in g.copy_drill(50, seed=0, pieces=pieces) for v in answer["content"].split()]
@@ -158,7 +166,8 @@ def test_later_pretraining_settings_are_checked_and_off_by_default():
 
     assert recipe(pretrain_config(None)) == {k: v for k, v in DEFAULT_PRETRAIN.items()
                                              if k not in ("fresh_slots", "copy_steps", "copy_batch_size", "copy_lr",
-                                                          "copy_mix", "fresh_values", "task_weights")}
+                                                          "copy_mix", "fresh_values", "task_weights",
+                                                          "terminal_newline")}
     on = pretrain_config({"fresh_slots": "[os]", "copy_steps": "300"})
     assert on["fresh_slots"] == "os" and recipe(on)["copy_steps"] == 300 and recipe(on)["copy_lr"] == 1e-3
     assert pretrain_config({"fresh_slots": ["os"]})["fresh_slots"] == "os" == pretrain_config({"fresh_slots": "'os'"})[
@@ -169,6 +178,7 @@ def test_later_pretraining_settings_are_checked_and_off_by_default():
                       ({"copy_steps": -1}, "copy_steps >= 0"), ({"copy_steps": 5, "copy_batch_size": 0}, "copy_batch_size"),
                       ({"copy_mix": -1}, "copy_mix=-1"), ({"fresh_values": "tokens"}, "choose one of"),
                       ({"steps": "abc"}, "steps='abc' is not a whole number"),
+                      ({"terminal_newline": "maybe"}, "terminal_newline='maybe' is not valid"),
                       ({"task_weights": "os:0"}, "whole weights >= 1"), ({"task_weights": "shell:2"}, "task:weight")]:
         with pytest.raises(Exception, match=what):
             pretrain_config(bad)
@@ -267,12 +277,17 @@ def test_pieces_pretraining_makes_its_values_of_the_vocabulary(tiny_path, tiny_t
     monkeypatch.setattr(tiny_agent, "_copy_drill", lambda _m, _t, _p, _s, pieces=None: calls.update(pieces=pieces) or [2.0])
     monkeypatch.setattr(tiny_agent, "_train", lambda _m, groups, *_a: calls.update(corpus=groups) or [1.0])
     monkeypatch.setattr(tiny_agent, "format_rates", lambda *_a, **_k: {})
-    pre = pretrain_config({"fresh_slots": "os", "copy_steps": 2, "examples_per_task": 8, "fresh_values": "pieces"})
+    pre = pretrain_config({"fresh_slots": "os", "copy_steps": 2, "examples_per_task": 8, "fresh_values": "pieces",
+                           "terminal_newline": "true"})
     assert recipe(pre)["fresh_values"] == "pieces" and agent_hash(_arch(), pre) != agent_hash(
         _arch(), {**pre, "fresh_values": "words"})
     tiny_agent._pretrain_into(tmp_path, tiny_path, arch_config(None), pre, "x", lambda _m: None)
     pieces = tiny_agent.vocab_pieces(tiny_tokenizer)
     assert calls["pieces"] == pieces and len(pieces) > 1000 and all(p.isalpha() and p.islower() for p in pieces)
-    want = generate_examples("os", 8, seed=0, split="pretrain", fresh=True, pieces=pieces)
-    decoded = " ".join(tiny_tokenizer.decode(ids) for ids, _ in calls["corpus"][("os", "teacher")])
-    assert all(e["pseudo_input"] in decoded for e in want)
+    os_task = {"os": builtin_task("os")}
+    want = encode_corpus(tiny_tokenizer, os_task, 8, 0, pre["max_tokens"], ["os"], pieces, terminal_newline=True)
+    assert calls["corpus"][("os", "teacher")] == want[("os", "teacher")]
+    assert want != encode_corpus(tiny_tokenizer, os_task, 8, 0, pre["max_tokens"], ["os"], pieces)
+    decoded = " ".join(tiny_tokenizer.decode(ids) for ids, _ in want[("os", "teacher")])
+    examples = generate_examples("os", 8, seed=0, split="pretrain", fresh=True, pieces=pieces)
+    assert all(e["pseudo_input"] in decoded for e in examples)

@@ -170,7 +170,8 @@ def with_overrides(defaults: dict[str, Any], overrides: dict[str, Any] | None, w
             else:
                 out[key] = float(value) if key in float_keys else int(value)
         except (TypeError, ValueError):
-            kind = "a number" if key in float_keys else "a whole number"
+            kind = ("valid" if normalize and key in normalize else "a number" if key in float_keys
+                    else "a whole number")
             raise GenpiError(f"{where}.{key}={value!r} is not {kind}; give e.g. {where}.{key}={defaults[key]}") from None
     return out
 

@@ -79,6 +79,8 @@ DEFAULT_PRETRAIN: dict[str, Any] = {
     "fresh_values": "words",    # what made-up values (fresh_slots, the drills) are made of: words (half made-up
                                 # syllables, half the prompts' words) | pieces (1-3 alphabetic tokens of the
                                 # vocabulary, drawn uniformly, so that any word they spell may be a value)
+    "terminal_newline": False,  # os observations end in a newline, as a terminal prints them and genpi's problems
+                                # show them (the corpus's do not; the env's answer turns then copy worse)
     "task_weights": "",         # how many times a task's views come in a cycle of steps ("os:3"; unnamed tasks 1)
     "copy_mix": 0,              # drill steps in every cycle of the corpus's (task, view) steps, so that copying is
                                 # not forgotten while the corpus trains (0 = none; every copying probe needed it)
@@ -99,12 +101,22 @@ def recipe(pretrain: dict[str, Any]) -> dict[str, Any]:
         out.pop("copy_mix", None)
     if not out.get("task_weights"):
         out.pop("task_weights", None)
+    if not out.get("terminal_newline"):
+        out.pop("terminal_newline", None)
     if out.get("fresh_values") == "words":
         out.pop("fresh_values", None)
     if not out.get("copy_steps"):
         for key in ("copy_steps", "copy_batch_size", "copy_lr"):
             out.pop(key, None)
     return out
+
+
+def _flag(value: Any) -> bool:
+    """true/false from a config or a command line (``true``, ``1``, ``yes``; ``false``, ``0``, ``no``)."""
+    text = str(value).strip(" '\"").lower()
+    if text not in ("true", "1", "yes", "false", "0", "no"):
+        raise ValueError(value)
+    return text in ("true", "1", "yes")
 
 
 def _task_weights(value: Any) -> str:
@@ -135,6 +147,7 @@ def pretrain_config(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
 
     out = with_overrides(DEFAULT_PRETRAIN, overrides, "model.tiny_agent", _FLOAT_KEYS,
                          {"view_weights": weights, "fresh_slots": tasks, "task_weights": _task_weights,
+                          "terminal_newline": _flag,
                           "fresh_values": lambda v: str(v).strip(" '\"")})
     unknown = [t for t in out["fresh_slots"].split(",") if t and t not in FRESH_TASKS]
     if unknown:
@@ -306,17 +319,17 @@ def view_messages(task, example: dict[str, Any], view: str) -> tuple[list[dict[s
 
 
 def encode_corpus(tokenizer, tasks: dict[str, Any], examples_per_task: int, seed: int, max_tokens: int,
-                  fresh: tuple[str, ...] | list[str] = (), pieces: tuple[str, ...] | None = None
-                  ) -> dict[tuple[str, str], list[tuple[list[int], list[int]]]]:
+                  fresh: tuple[str, ...] | list[str] = (), pieces: tuple[str, ...] | None = None,
+                  terminal_newline: bool = False) -> dict[tuple[str, str], list[tuple[list[int], list[int]]]]:
     """``(task, view) -> [(ids, labels)]`` over the pretrain split's examples (made-up slot values for the tasks
-    in ``fresh``, of ``pieces`` if given)."""
+    in ``fresh``, of ``pieces`` if given; os observations ending in a newline with ``terminal_newline``)."""
     from genpi.data.tokenize import encode_chat
     from genpi.tasks.generators import generate_examples
 
     groups: dict[tuple[str, str], list[tuple[list[int], list[int]]]] = {}
     for name, task in sorted(tasks.items()):
         examples = generate_examples(name, examples_per_task, seed=seed, split="pretrain", fresh=name in fresh,
-                                     pieces=pieces)
+                                     pieces=pieces, terminal_newline=terminal_newline)
         for view in VIEWS:
             seqs = []
             for ex in examples:
@@ -377,7 +390,7 @@ def _pretrain_into(tmp: Path, base: Path, arch: dict[str, Any], pretrain: dict[s
             losses += _copy_drill(model, tokenizer, pretrain, say, pieces)
         groups = encode_corpus(tokenizer, tasks, int(pretrain["examples_per_task"]), int(pretrain["seed"]),
                                int(pretrain["max_tokens"]), [t for t in pretrain["fresh_slots"].split(",") if t],
-                               pieces)
+                               pieces, bool(pretrain["terminal_newline"]))
         if pretrain["copy_mix"]:
             groups[DRILL_KEY] = _drill_group(tokenizer, groups, pretrain, pieces)
         losses += _train(model, groups, pretrain, tokenizer.pad_token_id, say)

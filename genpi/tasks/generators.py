@@ -96,6 +96,17 @@ ENV_SLOT_VALUES = {
 _CONSONANTS, _VOWELS = "bcdfghjklmnprstvwz", "aeiou"
 
 
+OS_OBSERVATION = "The terminal printed:\n"  # how the os corpus's user turns report a command's output
+
+
+def with_terminal_newline(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with its os observations ending in a newline, as a real terminal's output does (and as genpi's
+    own problems print it): the corpus's observations end without one."""
+    conv = [{**t, "content": t["content"] + "\n"} if t["role"] == "user" and t["content"].startswith(OS_OBSERVATION)
+            and not t["content"].endswith("\n") else t for t in record["teacher_output_conv"]]
+    return {**record, "teacher_output_conv": conv}
+
+
 def made_up_word(rng: random.Random, lo: int = 2, hi: int = 3) -> str:
     """A pronounceable made-up word of ``lo``..``hi`` syllables (``kabo``, ``tevrisu``)."""
     return "".join(rng.choice(_CONSONANTS) + rng.choice(_VOWELS) + (rng.choice(_CONSONANTS) if rng.random() < 0.4 else "")
@@ -241,7 +252,7 @@ def os_example_with_slots(s: Slots) -> tuple[dict[str, Any], dict[str, Any]]:
     first = _os_bash(think, code)
     last_think = "The output gives the answer." if final.startswith("answer") else "The output shows that the task is done."
     last = f"Think: {last_think}\n\nAct: {final}"
-    conv = [_turn("assistant", first), _turn("user", f"The terminal printed:\n{out}"), _turn("assistant", last),
+    conv = [_turn("assistant", first), _turn("user", OS_OBSERVATION + out), _turn("assistant", last),
             _turn("user", END)]
     reason = ("Without the instructions the model explains in prose and names commands loosely; with them it acts as "
               "the shell agent: a 'Think:' line, then exactly one 'Act: bash' with a runnable code block, so the "
@@ -416,9 +427,10 @@ GENERATORS: dict[str, Callable[[Slots], dict[str, Any]]] = {
 
 
 def generate_examples(task_name: str, n: int, seed: int, split: str = "train", fresh: bool = False,
-                      pieces: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+                      pieces: tuple[str, ...] | None = None, terminal_newline: bool = False) -> list[dict[str, Any]]:
     """``n`` distinct records (the 7 record columns; ``context_id``/``context`` left empty) for one split;
-    ``fresh``: made-up os slot values (:class:`Slots`; the pretrain split only), of ``pieces`` if given."""
+    ``fresh``: made-up os slot values (:class:`Slots`; the pretrain split only), of ``pieces`` if given;
+    ``terminal_newline``: os observations end in a newline (:func:`with_terminal_newline`)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}")
     if fresh and task_name != "os":
@@ -433,6 +445,8 @@ def generate_examples(task_name: str, n: int, seed: int, split: str = "train", f
         if key in seen:
             continue
         seen.add(key)
+        if terminal_newline and task_name == "os":
+            ex = with_terminal_newline(ex)
         out.append({"context_id": "", "context": "", **ex})
         if len(out) == n:
             break
