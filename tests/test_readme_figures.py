@@ -321,6 +321,19 @@ def check_tiny_agent_copy(block: str) -> None:
             contains(block, f"succeeds {teacher['successes']} of {teacher['n']} times")
 
 
+def check_tiny_agent_copy_measure(block: str) -> None:
+    """GenPI on the probe that copies (pieces_2): success on genpi's 120 problems per side, and the gap closed."""
+    m = load("experiments/tiny_agent_copy/results/measure_pieces_2_metrics.json")
+    env = m["env"]
+    for side in ("teacher", "student", "floor"):
+        s = env[side]
+        contains(block, f"| {side} | {pct(s['success_rate'], 1)}% ({s['successes']}/{s['n']}) | "
+                        f"{pct(s['success_rate_ci_low'], 1)}-{pct(s['success_rate_ci_high'], 1)}% | "
+                        f"{pct(m[side]['format_rate'], 1)}% |")
+    contains(block, f"closes {pct(env['gap_closed']['success_rate'], 1)}% of the success gap",
+             f"{pct(m['gap_closed']['kl_forward'], 1)}% of the KL gap")
+
+
 def check_serve(block: str) -> None:
     bench = load("experiments/serve/results/serve_bench_prefix_cache_on.json")
     stripped, plain = bench["genpi_serve_stripped"], bench["plain_vllm_full_prompt"]
@@ -423,6 +436,7 @@ CHECKS: dict[str, Callable[[str], None]] = {
     "experiments/sandbox/results/env_check.md": check_sandbox,
     "experiments/environments/results/tiny_agent_teacher_floor.json": check_teacher_floor,
     "experiments/tiny_agent_copy/results/summary.md": check_tiny_agent_copy,
+    "experiments/tiny_agent_copy/results/measure_pieces_2_metrics.json": check_tiny_agent_copy_measure,
     "experiments/serve/results/serve_bench_prefix_cache_on.json": check_serve,
     "experiments/real_tokenizers/results/tokenizers.json": check_tokenizers,
     INTERNALIZATION_MD: check_internalization_tables,

@@ -48,17 +48,23 @@ print(f"{r['episodes']} episodes of {r['model']} ({r['engine']}, {r['backend']} 
 PY
     ;;
   measure)
-    "$PY" -m genpi.synth task=os model=tiny_agent experiment_name=internalization synth.name=internalization \
+    # $TINY_AGENT: a built tiny_agent folder instead of model=tiny_agent's default build; $MEASURE_OUT: the file
+    # prefix of the two results (default results/tiny_agent_genpi_os)
+    MODEL=(model=tiny_agent ${TINY_AGENT:+model.name_or_path=$TINY_AGENT})
+    NAME=$(basename "${TINY_AGENT:-tiny_agent}")
+    PREFIX=${MEASURE_OUT:-$OUT/tiny_agent_genpi_os}
+    "$PY" -m genpi.synth task=os "${MODEL[@]}" experiment_name=internalization synth.name=internalization \
       synth.pseudo_inputs.source=templates synth.pseudo_inputs.split=heldout synth.pseudo_inputs.num_inputs=160 \
       synth.outputs.sampling.max_tokens=96 synth.conversations.sampling.max_tokens=96 \
       synth.conversations.env_sampling.max_tokens=128 synth.progress=false
-    "$PY" -m genpi.train experiment=internalization task=os loss="$LOSS" post_eval=false
-    RUN=$(ls -td "$ROOT"/runs/os-"$LOSS"-tiny_agent* | head -n 1)
-    REPORT=$("$PY" -m genpi.evaluate run_dir="$RUN" eval.engine=hf eval.savings.measure=false \
+    "$PY" -m genpi.train experiment=internalization task=os loss="$LOSS" "${MODEL[@]}" post_eval=false \
+      data.path="$ROOT/synth/os/$NAME/internalization"
+    RUN=$(ls -td "$ROOT"/runs/os-"$LOSS"-"$NAME"-* | head -n 1)
+    REPORT=$("$PY" -m genpi.evaluate run_dir="$RUN" task=os "${MODEL[@]}" eval.engine=hf eval.savings.measure=false \
       eval.max_new_tokens=96 eval.env.enabled=true env=genpi_os eval.env.max_new_tokens=96 | sed -n 's/^report: //p')
-    cp "$(dirname "$REPORT")/metrics.json" "$OUT/tiny_agent_genpi_os_metrics.json"
-    sed -n '/^## Agents in the environment/,/^## Examples/p' "$REPORT" | sed '$d' > "$OUT/tiny_agent_genpi_os.md"
-    cat "$OUT/tiny_agent_genpi_os.md"
+    cp "$(dirname "$REPORT")/metrics.json" "${PREFIX}_metrics.json"
+    sed -n '/^## Agents in the environment/,/^## Examples/p' "$REPORT" | sed '$d' > "$PREFIX.md"
+    cat "$PREFIX.md"
     ;;
   baseline)  # teacher and floor of tiny_agent (no adapter needed) on the first $N_BASELINE of genpi's problems
     "$PY" - "$ROOT/env/genpi_os" "${N_BASELINE:-40}" "${BASELINE_OUT:-$OUT/tiny_agent_teacher_floor.json}" "${TINY_AGENT:-tiny_agent}" <<'PY'

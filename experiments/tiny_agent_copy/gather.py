@@ -15,6 +15,15 @@ RECIPES = {  # candidate: (what it was trained on, what it started from)
     "words_2_drill3": ("words_1, then 1,500 more steps, the drill 3 steps in 7 instead of 1 in 5", "words_1"),
     "words_3": ("words_2_drill3, then 3,000 more steps of the same", "words_2_drill3"),
     "vocab_1": ("words_2, then 1,500 steps with the drill also over the whole vocabulary (drill 3 steps in 7)", "words_2"),
+    "pieces_1": ("words_3, then values of 1-3 vocabulary pieces (builder's fresh_values=pieces), observations ending "
+                 "in a newline, their drill 3 steps in 7, 1,500 steps", "words_3"),
+    "pieces_2": ("pieces_1, then 1,500 more steps of the same (new inputs)", "pieces_1"),
+    "tokens_1": ("copy drill of values of 1-3 random vocabulary tokens, 900 steps, then the os corpus of such values + "
+                 "their drill (1 step in 5), 1,500 steps, lr 1e-3", "random"),
+    "tokens_2": ("tokens_1, then 1,500 more steps (new inputs)", "tokens_1"),
+    "tokens_3": ("tokens_2, then 1,500 more steps (new inputs)", "tokens_2"),
+    "tokens_4": ("tokens_3, then 1,500 more steps (new inputs)", "tokens_3"),
+    "tokens_5": ("tokens_4, then 1,500 more steps (new inputs)", "tokens_4"),
 }
 
 

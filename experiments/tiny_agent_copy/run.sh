@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
 # Can the tiny architecture learn to carry a question's paths and names into its commands (issue 11)? Probes of
 # pre-training recipes on the os task alone, every one single-threaded and seeded. Writes results/.
-#   experiments/tiny_agent_copy/run.sh [steps...]     (default: all; the probes take about two hours, one after another)
+#   experiments/tiny_agent_copy/run.sh [steps...]     (default: all; the probes take about four hours, one after another)
 # Steps:
 #   probes   the chain of candidates (folders under $OUT; each writes probe.json: exact commands on env-split inputs,
 #            a proxy only, never used to choose)
 #   val      eval_val.py on every candidate and the shipped tiny_agent: the validation proxies (two sets)
 #   env      the best candidate on validation: its teacher and floor on the first 40 of genpi's own problems (the real judge)
+#   measure  GenPI on the copying candidates: success of teacher, student and floor on all 120 of genpi's problems
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 HERE=experiments/tiny_agent_copy
 OUT=${OUT:-outputs/tiny_agent_copy}
 RES=$HERE/results
-STEPS=${*:-probes val env}
+STEPS=${*:-probes val env measure}
 mkdir -p "$OUT" "$RES"
 for step in $STEPS; do
   case $step in
@@ -35,8 +36,23 @@ for step in $STEPS; do
     # the drill also over the whole vocabulary (words made of the tokenizer's alphabetic tokens), so that every token
     # has been a copy target once:
     VOCAB_DRILL=1 "$PY" $HERE/probe_continue.py 1500 "$OUT/vocab_1" "$OUT/words_2" 3,1,3 | tail -n 1
-    for m in pools fresh fresh2 drill_then_lr3e-3 drill_then_lr1e-3 words_1 words_2 words_2_drill3 words_3 vocab_1; do
+    # words_3 continued on values made of the vocabulary's pieces, as the builder's fresh_values=pieces makes them,
+    # observations ending in a newline (the builder's terminal_newline), their drill 3 steps in 7:
+    "$PY" $HERE/probe_pieces.py 1500 "$OUT/pieces_1" "$OUT/words_3" 3,1,3 | tail -n 1
+    "$PY" $HERE/probe_pieces.py 1500 "$OUT/pieces_2" "$OUT/pieces_1" 3,1,3 | tail -n 1
+    for m in pools fresh fresh2 drill_then_lr3e-3 drill_then_lr1e-3 words_1 words_2 words_2_drill3 words_3 vocab_1 \
+        pieces_1 pieces_2; do
       cp "$OUT/$m/probe.json" "$RES/probe_$m.json"
+    done
+    # made-up values whose words are 1-3 random tokens of the whole vocabulary (probe_tokens.py): their copy drill
+    # from the random base, then the os corpus of such values + their drill, chunks of 1,500 steps (corpus seed = i),
+    # each validated as it ends
+    "$PY" $HERE/probe_tokens.py drill 900 "$OUT/tokens_drill" | tail -n 1
+    prev=tokens_drill
+    for i in 1 2 3 4 5; do
+      SEED=$i "$PY" $HERE/probe_tokens.py corpus 1500 "$OUT/tokens_$i" "$OUT/$prev" 3,1,1 | tail -n 1
+      cp "$OUT/tokens_$i/probe.json" "$RES/probe_tokens_$i.json"
+      prev=tokens_$i
     done
     ;;
   val)
@@ -44,19 +60,34 @@ for step in $STEPS; do
     "$PY" $HERE/eval_val.py "$RES/validation.json" shipped="$SHIPPED" pools="$OUT/pools" fresh2="$OUT/fresh2" \
       drill_then_lr3e-3="$OUT/drill_then_lr3e-3" drill_then_lr1e-3="$OUT/drill_then_lr1e-3" words_1="$OUT/words_1" \
       words_2="$OUT/words_2" words_2_drill3="$OUT/words_2_drill3" words_3="$OUT/words_3" \
-      vocab_1="$OUT/vocab_1"
+      vocab_1="$OUT/vocab_1" pieces_1="$OUT/pieces_1" pieces_2="$OUT/pieces_2" tokens_1="$OUT/tokens_1" \
+      tokens_2="$OUT/tokens_2" tokens_3="$OUT/tokens_3" tokens_4="$OUT/tokens_4" tokens_5="$OUT/tokens_5"
+    # the answer turn alone, with and without a terminal's final newline after the output
+    "$PY" $HERE/answer_turn.py "$RES/answer_turn.json" words_3="$OUT/words_3" pieces_1="$OUT/pieces_1" \
+      pieces_2="$OUT/pieces_2" tokens_5="$OUT/tokens_5"
     "$PY" $HERE/gather.py
     ;;
   env)
-    # the candidate with the most exact commands on the made-up-value validation set (ties: directories carried
-    # there, then the same on the pool-value set), never chosen on genpi's problems or the env-split proxy
+    # the candidate with the most exact commands on the pool-value validation set, whose values are real words as
+    # genpi's problems' are (ties: directories carried there, then the same on the made-up-value set), never chosen
+    # on genpi's problems or the env-split proxy. (Before the pieces and tokens candidates, the made-up set came
+    # first, which chose words_3; pieces_2 was played when it led the pool-value set of the candidates then.)
     BEST=$("$PY" -c "import json, sys; v = json.load(open(sys.argv[1])); v.pop('shipped', None)
 key = lambda s: (s['exact_code'], s['dir_copied'])
-print(max(v, key=lambda k: (key(v[k]['fresh']), key(v[k]['pools']))))" "$RES/validation.json")
-    echo "playing $BEST on genpi's problems"
-    GENPI_OUTPUT_ROOT="$OUT" N_BASELINE=40 TINY_AGENT="$OUT/$BEST" BASELINE_OUT="$RES/env_$BEST.json" \
-      experiments/environments/run.sh baseline
+print(max(v, key=lambda k: (key(v[k]['pools']), key(v[k]['fresh']))))" "$RES/validation.json")
+    for m in words_3 pieces_2 "$BEST"; do
+      echo "playing $m on genpi's problems"
+      GENPI_OUTPUT_ROOT="$OUT" N_BASELINE=40 TINY_AGENT="$OUT/$m" BASELINE_OUT="$RES/env_$m.json" \
+        experiments/environments/run.sh baseline
+    done
     "$PY" $HERE/gather.py
+    ;;
+  measure)
+    # GenPI on copying candidates, judged by success on all 120 of genpi's problems: synthesis with the candidate
+    # itself, one genpi_kl run, genpi-eval with the environment (experiments/environments/run.sh measure)
+    for m in pieces_2 tokens_5; do
+      GENPI_OUTPUT_ROOT="$OUT" TINY_AGENT="$OUT/$m" MEASURE_OUT="$RES/measure_$m" experiments/environments/run.sh measure
+    done
     ;;
   *) echo "unknown step $step (probes | val | env)" >&2; exit 2 ;;
   esac
