@@ -321,9 +321,9 @@ def check_tiny_agent_copy(block: str) -> None:
             contains(block, f"succeeds {teacher['successes']} of {teacher['n']} times")
 
 
-def check_tiny_agent_copy_measure(block: str) -> None:
-    """GenPI on the probe that copies (pieces_2): success on genpi's 120 problems per side, and the gap closed."""
-    m = load("experiments/tiny_agent_copy/results/measure_pieces_2_metrics.json")
+def check_tiny_agent_copy_measure(block: str, probe: str = "pieces_2") -> None:
+    """GenPI on a probe that copies: success on genpi's 120 problems per side, and the gaps closed."""
+    m = load(f"experiments/tiny_agent_copy/results/measure_{probe}_metrics.json")
     env = m["env"]
     for side in ("teacher", "student", "floor"):
         s = env[side]
@@ -437,6 +437,8 @@ CHECKS: dict[str, Callable[[str], None]] = {
     "experiments/environments/results/tiny_agent_teacher_floor.json": check_teacher_floor,
     "experiments/tiny_agent_copy/results/summary.md": check_tiny_agent_copy,
     "experiments/tiny_agent_copy/results/measure_pieces_2_metrics.json": check_tiny_agent_copy_measure,
+    "experiments/tiny_agent_copy/results/measure_tokens_5_metrics.json":
+        lambda block: check_tiny_agent_copy_measure(block, "tokens_5"),
     "experiments/serve/results/serve_bench_prefix_cache_on.json": check_serve,
     "experiments/real_tokenizers/results/tokenizers.json": check_tokenizers,
     INTERNALIZATION_MD: check_internalization_tables,
