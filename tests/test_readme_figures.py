@@ -439,6 +439,8 @@ CHECKS: dict[str, Callable[[str], None]] = {
     "experiments/tiny_agent_copy/results/measure_pieces_2_metrics.json": check_tiny_agent_copy_measure,
     "experiments/tiny_agent_copy/results/measure_tokens_5_metrics.json":
         lambda block: check_tiny_agent_copy_measure(block, "tokens_5"),
+    "experiments/tiny_agent_copy/results/measure_tokens_5_opcd_metrics.json":
+        lambda block: check_tiny_agent_copy_measure(block, "tokens_5_opcd"),
     "experiments/serve/results/serve_bench_prefix_cache_on.json": check_serve,
     "experiments/real_tokenizers/results/tokenizers.json": check_tokenizers,
     INTERNALIZATION_MD: check_internalization_tables,

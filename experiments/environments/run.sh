@@ -49,7 +49,7 @@ PY
     ;;
   measure)
     # $TINY_AGENT: a built tiny_agent folder instead of model=tiny_agent's default build; $MEASURE_OUT: the file
-    # prefix of the two results (default results/tiny_agent_genpi_os)
+    # prefix of the two results (default results/tiny_agent_genpi_os); $TRAIN_ARGS: more overrides for the training
     MODEL=(model=tiny_agent ${TINY_AGENT:+model.name_or_path=$TINY_AGENT})
     NAME=$(basename "${TINY_AGENT:-tiny_agent}")
     PREFIX=${MEASURE_OUT:-$OUT/tiny_agent_genpi_os}
@@ -57,8 +57,9 @@ PY
       synth.pseudo_inputs.source=templates synth.pseudo_inputs.split=heldout synth.pseudo_inputs.num_inputs=160 \
       synth.outputs.sampling.max_tokens=96 synth.conversations.sampling.max_tokens=96 \
       synth.conversations.env_sampling.max_tokens=128 synth.progress=false
+    # shellcheck disable=SC2086  # TRAIN_ARGS is a list of overrides
     "$PY" -m genpi.train experiment=internalization task=os loss="$LOSS" "${MODEL[@]}" post_eval=false \
-      data.path="$ROOT/synth/os/$NAME/internalization"
+      data.path="$ROOT/synth/os/$NAME/internalization" ${TRAIN_ARGS:-}
     RUN=$(ls -td "$ROOT"/runs/os-"$LOSS"-"$NAME"-* | head -n 1)
     REPORT=$("$PY" -m genpi.evaluate run_dir="$RUN" task=os "${MODEL[@]}" eval.engine=hf eval.savings.measure=false \
       eval.max_new_tokens=96 eval.env.enabled=true env=genpi_os eval.env.max_new_tokens=96 | sed -n 's/^report: //p')

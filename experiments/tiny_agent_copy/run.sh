@@ -8,6 +8,7 @@
 #   val      eval_val.py on every candidate and the shipped tiny_agent: the validation proxies (two sets)
 #   env      the best candidate on validation: its teacher and floor on the first 40 of genpi's own problems (the real judge)
 #   measure  GenPI on the copying candidates: success of teacher, student and floor on all 120 of genpi's problems
+#   opcd     a pilot of issue 13 on tokens_5: on-policy distillation in GenPI's wall time, judged as in measure
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
@@ -89,6 +90,19 @@ print(max(v, key=lambda k: (key(v[k]['pools']), key(v[k]['fresh']))))" "$RES/val
       GENPI_OUTPUT_ROOT="$OUT" TINY_AGENT="$OUT/$m" MEASURE_OUT="$RES/measure_$m" experiments/environments/run.sh measure
     done
     ;;
-  *) echo "unknown step $step (probes | val | env)" >&2; exit 2 ;;
+  opcd)
+    # issue 13 on a copying probe, a pilot (one seed, opcd's defaults, not chosen on validation): on-policy
+    # distillation (loss=opcd, answers up to 96 tokens) on tokens_5's data, its fit held to the wall time of GenPI's
+    # fit there (its train.log, from "training os on" to "Trainer.fit stopped"), judged as in measure
+    budget=$("$PY" -c "import re, sys, datetime as d
+t = [d.datetime.strptime(m[1], '%Y-%m-%d %H:%M:%S,%f') for m in re.finditer(
+    r'^\[([^]]+)\]\[[^]]+\]\[INFO\] (?:training os on|.Trainer.fit. stopped)', open(sys.argv[1]).read(), re.M)]
+print(int((t[-1] - t[0]).total_seconds()))" "$(ls -d "$OUT"/runs/os-genpi_kl-tokens_5-* | head -n 1)/train.log")
+    echo "opcd's fit budget: $budget s (GenPI's fit)"
+    GENPI_OUTPUT_ROOT="$OUT" TINY_AGENT="$OUT/tokens_5" LOSS=opcd MEASURE_OUT="$RES/measure_tokens_5_opcd" \
+      TRAIN_ARGS="loss.kl.sampling.max_new_tokens=96 trainer.max_epochs=1000 +trainer.max_time=$(printf 00:00:%02d:%02d $((budget / 60)) $((budget % 60)))" \
+      experiments/environments/run.sh measure
+    ;;
+  *) echo "unknown step $step (probes | val | env | measure | opcd)" >&2; exit 2 ;;
   esac
 done
