@@ -72,7 +72,8 @@ for step in $STEPS; do
     # the candidate with the most exact commands on the pool-value validation set, whose values are real words as
     # genpi's problems' are (ties: directories carried there, then the same on the made-up-value set), never chosen
     # on genpi's problems or the env-split proxy. (Before the pieces and tokens candidates, the made-up set came
-    # first, which chose words_3; pieces_2 was played when it led the pool-value set of the candidates then.)
+    # first, which chose words_3; pieces_2 was played as soon as its chain ended, before the tokens chain's
+    # candidates were compared with it.)
     BEST=$("$PY" -c "import json, sys; v = json.load(open(sys.argv[1])); v.pop('shipped', None)
 key = lambda s: (s['exact_code'], s['dir_copied'])
 print(max(v, key=lambda k: (key(v[k]['pools']), key(v[k]['fresh']))))" "$RES/validation.json")
