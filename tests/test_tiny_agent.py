@@ -226,12 +226,17 @@ def test_pretraining_passes_the_later_settings_on(tiny_path, monkeypatch, tmp_pa
     # the drill mixed into the corpus: copy_mix steps in every cycle of the 4 tasks' views (2,1,1), each chat seen once
     cycle = tiny_agent._cycle(calls["corpus"], pre)
     assert len(cycle) == 4 * 4 + 2 and cycle.count(tiny_agent.DRILL_KEY) == 2
-    assert len(calls["corpus"][tiny_agent.DRILL_KEY]) == -(-50 * 2 // 18) * pre["batch_size"]
+    # as many chats as the drill's steps spread evenly; the steps it really takes, counted over the schedule, are at
+    # most copy_mix more (the drill leads each cycle), so a chat is seen at most twice
+    chats = len(calls["corpus"][tiny_agent.DRILL_KEY]) // pre["batch_size"]
+    taken = sum(cycle[step % len(cycle)] == tiny_agent.DRILL_KEY for step in range(pre["steps"]))
+    assert chats * pre["batch_size"] == len(calls["corpus"][tiny_agent.DRILL_KEY]) and chats <= taken <= chats + 2
     assert recipe_has_mix(pre) and not recipe_has_mix(pretrain_config({"copy_mix": 0}))
     assert calls["pieces"] is None  # fresh_values=words
     # task weights: the os task's views three times a cycle, the drill as before
     heavy = pretrain_config({**pre, "task_weights": {"os": 3}})
     assert heavy["task_weights"] == "os:3" == pretrain_config({"task_weights": "'os:3,kg:1'"})["task_weights"]
+    assert pretrain_config({"task_weights": ["os:3", "kg:2"]})["task_weights"] == "kg:2,os:3"  # a list from a config
     cycle = tiny_agent._cycle(calls["corpus"], heavy)
     assert len(cycle) == 6 * 4 + 2 and cycle.count(("os", "teacher")) == 6 and cycle.count(("kg", "teacher")) == 2
     record = read_card(tmp_path)
@@ -279,6 +284,8 @@ def test_pieces_pretraining_makes_its_values_of_the_vocabulary(tiny_path, tiny_t
     monkeypatch.setattr(tiny_agent, "format_rates", lambda *_a, **_k: {})
     pre = pretrain_config({"fresh_slots": "os", "copy_steps": 2, "examples_per_task": 8, "fresh_values": "pieces",
                            "terminal_newline": "true"})
+    # pieces with nothing made up (no made-up slots, no drill) would train the default model: not a new recipe
+    assert recipe(pretrain_config({"fresh_values": "pieces"})) == recipe(pretrain_config(None))
     assert recipe(pre)["fresh_values"] == "pieces" and agent_hash(_arch(), pre) != agent_hash(
         _arch(), {**pre, "fresh_values": "words"})
     tiny_agent._pretrain_into(tmp_path, tiny_path, arch_config(None), pre, "x", lambda _m: None)

@@ -50,8 +50,8 @@ PY
   measure)
     # $TINY_AGENT: a built tiny_agent folder instead of model=tiny_agent's default build; $MEASURE_OUT: the file
     # prefix of the two results (default results/tiny_agent_genpi_os); $TRAIN_ARGS: more overrides for the training
-    MODEL=(model=tiny_agent ${TINY_AGENT:+model.name_or_path=$TINY_AGENT})
-    NAME=$(basename "${TINY_AGENT:-tiny_agent}")
+    MODEL=(model=tiny_agent ${TINY_AGENT:+"model.name_or_path=$TINY_AGENT"})
+    NAME=$(basename "${TINY_AGENT:-tiny_agent}" | tr '[:upper:]' '[:lower:]')  # as genpi names its folders
     PREFIX=${MEASURE_OUT:-$OUT/tiny_agent_genpi_os}
     "$PY" -m genpi.synth task=os "${MODEL[@]}" experiment_name=internalization synth.name=internalization \
       synth.pseudo_inputs.source=templates synth.pseudo_inputs.split=heldout synth.pseudo_inputs.num_inputs=160 \

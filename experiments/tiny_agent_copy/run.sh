@@ -6,7 +6,8 @@
 #   probes   the chain of candidates (folders under $OUT; each writes probe.json: exact commands on env-split inputs,
 #            a proxy only, never used to choose)
 #   val      eval_val.py on every candidate and the shipped tiny_agent: the validation proxies (two sets)
-#   env      the best candidate on validation: its teacher and floor on the first 40 of genpi's own problems (the real judge)
+#   env      the best candidate on validation (and the two played before, words_3 and pieces_2): teacher and floor on
+#            the first 40 of genpi's own problems (the real judge)
 #   measure  GenPI on the copying candidates: success of teacher, student and floor on all 120 of genpi's problems
 #   opcd     a pilot of issue 13 on tokens_5: on-policy distillation in GenPI's wall time, judged as in measure
 set -euo pipefail
@@ -77,7 +78,7 @@ for step in $STEPS; do
     BEST=$("$PY" -c "import json, sys; v = json.load(open(sys.argv[1])); v.pop('shipped', None)
 key = lambda s: (s['exact_code'], s['dir_copied'])
 print(max(v, key=lambda k: (key(v[k]['pools']), key(v[k]['fresh']))))" "$RES/validation.json")
-    for m in words_3 pieces_2 "$BEST"; do
+    for m in $(printf "%s\n" words_3 pieces_2 "$BEST" | awk '!seen[$0]++'); do
       echo "playing $m on genpi's problems"
       GENPI_OUTPUT_ROOT="$OUT" N_BASELINE=40 TINY_AGENT="$OUT/$m" BASELINE_OUT="$RES/env_$m.json" \
         experiments/environments/run.sh baseline
@@ -98,7 +99,8 @@ print(max(v, key=lambda k: (key(v[k]['pools']), key(v[k]['fresh']))))" "$RES/val
     budget=$("$PY" -c "import re, sys, datetime as d
 t = [d.datetime.strptime(m[1], '%Y-%m-%d %H:%M:%S,%f') for m in re.finditer(
     r'^\[([^]]+)\]\[[^]]+\]\[INFO\] (?:training os on|.Trainer.fit. stopped)', open(sys.argv[1]).read(), re.M)]
-print(int((t[-1] - t[0]).total_seconds()))" "$(ls -d "$OUT"/runs/os-genpi_kl-tokens_5-* | head -n 1)/train.log")
+assert len(t) == 2, f'{sys.argv[1]}: expected one start and one end of the fit, found {len(t)} lines'
+print(int((t[1] - t[0]).total_seconds()))" "$(ls -d "$OUT"/runs/os-genpi_kl-tokens_5-* | head -n 1)/train.log")
     echo "opcd's fit budget: $budget s (GenPI's fit)"
     GENPI_OUTPUT_ROOT="$OUT" TINY_AGENT="$OUT/tokens_5" LOSS=opcd MEASURE_OUT="$RES/measure_tokens_5_opcd" \
       TRAIN_ARGS="loss.kl.sampling.max_new_tokens=96 trainer.max_epochs=1000 +trainer.max_time=$(printf 00:00:%02d:%02d $((budget / 60)) $((budget % 60)))" \

@@ -78,7 +78,8 @@ DEFAULT_PRETRAIN: dict[str, Any] = {
     "copy_lr": 1.0e-3,          # the copy drill's peak learning rate
     "fresh_values": "words",    # what made-up values (fresh_slots, the drills) are made of: words (half made-up
                                 # syllables, half the prompts' words) | pieces (1-3 alphabetic tokens of the
-                                # vocabulary, drawn uniformly, so that any word they spell may be a value)
+                                # vocabulary, drawn uniformly, so that any word they spell may be a value; an
+                                # extension is a piece's first letters)
     "terminal_newline": False,  # os observations end in a newline, as a terminal prints them and genpi's problems
                                 # show them (the corpus's do not; the env's answer turns then copy worse)
     "task_weights": "",         # how many times a task's views come in a cycle of steps ("os:3"; unnamed tasks 1)
@@ -103,8 +104,8 @@ def recipe(pretrain: dict[str, Any]) -> dict[str, Any]:
         out.pop("task_weights", None)
     if not out.get("terminal_newline"):
         out.pop("terminal_newline", None)
-    if out.get("fresh_values") == "words":
-        out.pop("fresh_values", None)
+    if out.get("fresh_values") == "words" or not (out.get("fresh_slots") or out.get("copy_steps") or out.get("copy_mix")):
+        out.pop("fresh_values", None)  # the default, or no made-up values to make
     if not out.get("copy_steps"):
         for key in ("copy_steps", "copy_batch_size", "copy_lr"):
             out.pop(key, None)
@@ -123,6 +124,8 @@ def _task_weights(value: Any) -> str:
     """A ``{task: weight}`` mapping from a config, or ``"os:3,kg:2"`` from a command line, as ``"kg:2,os:3"``."""
     if isinstance(value, dict) or hasattr(value, "items"):
         pairs = [(str(k), v) for k, v in value.items()]
+    elif isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":  # [os:3, kg:2] from a config
+        pairs = [str(part).replace(" ", "").split(":", 1) for part in value]
     else:
         pairs = [part.split(":", 1) for part in str(value).strip("{}[]() '\"").replace(" ", "").split(",") if part]
     from genpi.tasks.base import TASK_NAMES
@@ -441,8 +444,9 @@ def vocab_pieces(tokenizer) -> tuple[str, ...]:
 
 def _drill_group(tokenizer, groups, pretrain: dict[str, Any], pieces: tuple[str, ...] | None = None
                  ) -> list[tuple[list[int], list[int]]]:
-    """The drill chats of the corpus stage, as many as its steps take (each seen once), of a seed the drill stage
-    does not use."""
+    """The drill chats of the corpus stage, of a seed the drill stage does not use: as many as its steps take when
+    they are spread evenly over the cycles (the drill comes first in a cycle, so a run that ends within one can take
+    up to ``copy_mix`` steps more, which reuse chats). Kept so, as builds were made with it."""
     from genpi.data.tokenize import encode_chat
     from genpi.tasks.generators import copy_drill
 
