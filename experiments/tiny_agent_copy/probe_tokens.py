@@ -7,7 +7,6 @@ distribution), never a value of a pool or of the env split (generators._taken())
                                                            (env: LR 1e-3, BS 8, EXAMPLES 8192, SEED 0: the corpus seed)"""
 import os
 import random
-import re
 import sys
 import time
 from pathlib import Path
@@ -27,9 +26,7 @@ torch.set_flush_denormal(True)
 torch.manual_seed(0)
 base = build_tiny(None)
 tok = AutoTokenizer.from_pretrained(str(base))
-# every token that reads as lowercase letters only once its leading-space marker is stripped
-VOCAB = sorted({w for w in (tok.convert_tokens_to_string([t]).strip() for t in tok.get_vocab())
-                if re.fullmatch(r"[a-z]+", w)})
+VOCAB = TA.vocab_pieces(tok)  # the builder's pieces: the same 2,130 tokens, in the same order
 
 
 def token_value(rng: random.Random, pool_name: str, pieces=None) -> str:
