@@ -209,11 +209,11 @@ def test_pretraining_passes_the_later_settings_on(tiny_path, monkeypatch, tmp_pa
 
     calls = {}
 
-    def drill(_model, _tok, pre, _say, pieces=None):
+    def drill(_model, _tok, pre, _say, pieces=None, **_k):
         calls["drill"], calls["pieces"] = pre, pieces
         return [2.0]
 
-    def train(_model, groups, _pre, _pad, _say):
+    def train(_model, groups, _pre, _pad, _say, **_k):
         calls["corpus"] = groups
         return [1.0]
 
@@ -279,8 +279,8 @@ def test_pieces_pretraining_makes_its_values_of_the_vocabulary(tiny_path, tiny_t
     from genpi.models.tiny import arch_config
 
     calls = {}
-    monkeypatch.setattr(tiny_agent, "_copy_drill", lambda _m, _t, _p, _s, pieces=None: calls.update(pieces=pieces) or [2.0])
-    monkeypatch.setattr(tiny_agent, "_train", lambda _m, groups, *_a: calls.update(corpus=groups) or [1.0])
+    monkeypatch.setattr(tiny_agent, "_copy_drill", lambda _m, _t, _p, _s, pieces=None, **_k: calls.update(pieces=pieces) or [2.0])
+    monkeypatch.setattr(tiny_agent, "_train", lambda _m, groups, *_a, **_k: calls.update(corpus=groups) or [1.0])
     monkeypatch.setattr(tiny_agent, "format_rates", lambda *_a, **_k: {})
     pre = pretrain_config({"fresh_slots": "os", "copy_steps": 2, "examples_per_task": 8, "fresh_values": "pieces",
                            "terminal_newline": "true"})
@@ -298,3 +298,47 @@ def test_pieces_pretraining_makes_its_values_of_the_vocabulary(tiny_path, tiny_t
     decoded = " ".join(tiny_tokenizer.decode(ids) for ids, _ in want[("os", "teacher")])
     examples = generate_examples("os", 8, seed=0, split="pretrain", fresh=True, pieces=pieces)
     assert all(e["pseudo_input"] in decoded for e in examples)
+
+
+def test_a_killed_pretraining_resumes_to_the_same_weights(tiny_path, monkeypatch, tmp_path):
+    """A build killed in the drill and again in the corpus stage, restarted each time, ends with the weights and
+    losses of a build never stopped (checkpoints every step here; every two minutes by default)."""
+    import hashlib
+    import json
+
+    from genpi.models import tiny_agent
+    from genpi.models.tiny import arch_config
+
+    monkeypatch.setattr(tiny_agent, "format_rates", lambda *_a, **_k: {})
+    monkeypatch.setattr(tiny_agent.Checkpoints, "EVERY_S", 0.0)
+    pre = pretrain_config({"copy_steps": 3, "copy_batch_size": 2, "copy_mix": 1, "examples_per_task": 4,
+                           "batch_size": 2, "steps": 7, "warmup_steps": 2, "eval_inputs": 1})
+
+    def build(out: Path, resume: Path | None) -> tuple[str, list[float]]:
+        out.mkdir()
+        tiny_agent._pretrain_into(out, tiny_path, arch_config(None), pre, "x", lambda _m: None, resume)
+        card = json.loads((out / MARKER).read_text())
+        assert card["weights_sha256"] == hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+        return card["weights_sha256"], card["loss_first"]
+
+    whole = build(tmp_path / "whole", None)
+
+    saved = []
+    real_save = tiny_agent.Checkpoints.save
+
+    def save_then_die(self, stage, step, *args, **kwargs):
+        real_save(self, stage, step, *args, **kwargs)
+        saved.append((stage, step))
+        if (stage, step) in {("drill", 2), ("corpus", 4)}:
+            raise KeyboardInterrupt  # stands in for a kill right after a checkpoint
+
+    monkeypatch.setattr(tiny_agent.Checkpoints, "save", save_then_die)
+    resume = tmp_path / ".x.resume"
+    for attempt in range(2):
+        with pytest.raises(KeyboardInterrupt):
+            build(tmp_path / f"killed{attempt}", resume)
+        assert (resume / tiny_agent.Checkpoints.FILE).is_file()
+    assert saved[-1] == ("corpus", 4) and ("drill", 1) in saved and ("corpus", 0) in saved
+    assert saved.count(("drill", 1)) == 1  # the second run went on from the checkpoint, it did not start over
+    assert build(tmp_path / "resumed", resume) == whole
+    assert not resume.exists()  # removed with the complete build

@@ -30,8 +30,10 @@ Why a plain PyTorch loop (:func:`_train`) and not Lightning, and why here in ``m
 that made the shipped weights (a seeded batch order, one task and view per step; AdamW, a warm-up + cosine
 ``LambdaLR``, gradient norm clipped at 1.0; one thread), and ``weights_sha256`` in their record is what a rebuild is
 checked against. Lightning's automatic optimization performs the same operations, so a port should be able to
-reproduce those bytes, but only a full 36-minute single-thread rebuild would show it, and the port would add nothing
-this one-off build uses (no logging, checkpoints, devices or resumption): it is not done. The model factory builds
+reproduce those bytes, but only a full 36-minute single-thread rebuild would show it, and the port would add little
+this one-off build uses (no logging or devices): it is not done. Longer recipes (hours on one thread) need to
+survive a kill: :class:`Checkpoints` saves the loop's whole state every two minutes and a rebuild resumes it to the
+same weights. The model factory builds
 it on first use, as it builds ``tiny``, so it lives beside ``tiny``; it imports :mod:`genpi.tasks` only inside
 functions, and nothing in ``genpi.tasks`` imports ``genpi.models``, so there is no import circle.
 """
@@ -283,7 +285,10 @@ def build_tiny_agent(model_cfg: dict[str, Any] | None = None, cache: Path | None
     drill = f" after a {pretrain['copy_steps']}-step copy drill" if pretrain["copy_steps"] else ""
     say(f"genpi: pre-training the tiny_agent model here ({why}): {pretrain['steps']} steps{drill} (the default "
         f"2,400 take about 9 minutes on 2 cores), once; it is cached at {folder}")
-    return build_once(folder, lambda tmp: _pretrain_into(tmp, base, arch, pretrain, folder.name, say),
+    resume = root / f".{folder.name}.resume"
+    if (resume / Checkpoints.FILE).is_file():
+        say(f"genpi: a killed pre-training of {folder.name} left a checkpoint in {resume}: resuming it")
+    return build_once(folder, lambda tmp: _pretrain_into(tmp, base, arch, pretrain, folder.name, say, resume),
                       marker=MARKER, lock=True)
 
 
@@ -373,8 +378,68 @@ def _schedule(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
+class Checkpoints:
+    """Resumable pre-training: every ``every_s`` seconds of training, the stage in progress (model, optimizer,
+    schedule, batch order and random states, losses so far) is saved atomically to ``folder/state.pt``; a build of
+    the same name started after a kill reads it and goes on from that step, giving the same weights as a build that
+    was never stopped (same versions and CPU). The folder, ``.<build name>.resume`` beside the build, is removed when
+    the build is complete. ``folder=None``: no checkpoints."""
+
+    FILE = "state.pt"
+    EVERY_S = 120.0
+
+    def __init__(self, folder: Path | None, every_s: float | None = None):
+        self.folder = Path(folder) if folder is not None else None
+        self.every_s = self.EVERY_S if every_s is None else float(every_s)
+        self.done: list[float] = []      # losses of the stages already finished
+        self.seconds_before = 0.0        # training time of the runs before this one
+        self.started = time.perf_counter()
+        self._last = time.perf_counter()
+
+    def load(self) -> dict[str, Any] | None:
+        import torch
+
+        if self.folder is None or not (self.folder / self.FILE).is_file():
+            return None
+        state = torch.load(self.folder / self.FILE, map_location="cpu", weights_only=True)
+        self.done, self.seconds_before = list(state["done"]), float(state["seconds"])
+        return state
+
+    def seconds(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.started
+
+    def due(self) -> bool:
+        return self.folder is not None and time.perf_counter() - self._last >= self.every_s
+
+    def save(self, stage: str, step: int, model, opt=None, sched=None, rng=None, order=None,
+             losses: list[float] | None = None) -> None:
+        import os
+
+        import torch
+
+        if self.folder is None:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        state = {"stage": stage, "step": step, "model": model.state_dict(), "losses": list(losses or []),
+                 "done": list(self.done), "seconds": self.seconds(), "torch_rng": torch.get_rng_state(),
+                 "opt": opt.state_dict() if opt is not None else None,
+                 "sched": sched.state_dict() if sched is not None else None,
+                 "rng": rng.getstate() if rng is not None else None,
+                 "order": [[list(key), idx] for key, idx in order.items()] if order is not None else None}
+        part = self.folder / f"{self.FILE}.part"
+        torch.save(state, part)
+        os.replace(part, self.folder / self.FILE)
+        self._last = time.perf_counter()
+
+    def clear(self) -> None:
+        import shutil
+
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
 def _pretrain_into(tmp: Path, base: Path, arch: dict[str, Any], pretrain: dict[str, Any], name: str,
-                   say: Callable[[str], None]) -> None:
+                   say: Callable[[str], None], resume: Path | None = None) -> None:
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
@@ -387,18 +452,24 @@ def _pretrain_into(tmp: Path, base: Path, arch: dict[str, Any], pretrain: dict[s
         tokenizer = AutoTokenizer.from_pretrained(str(base))
         model = LlamaForCausalLM.from_pretrained(str(base), dtype=torch.float32)
         tasks = _tasks()
-        t0 = time.perf_counter()
-        losses = []
+        ckpt = Checkpoints(resume)
+        state = ckpt.load()
+        if state is not None:
+            say(f"genpi: tiny_agent resumes at {state['stage']} step {state['step']} "
+                f"({ckpt.seconds_before:.0f} s of training before)")
         pieces = vocab_pieces(tokenizer) if pretrain["fresh_values"] == "pieces" else None
-        if pretrain["copy_steps"]:
-            losses += _copy_drill(model, tokenizer, pretrain, say, pieces)
+        if pretrain["copy_steps"] and (state is None or state["stage"] == "drill"):
+            ckpt.done = ckpt.done + _copy_drill(model, tokenizer, pretrain, say, pieces, ckpt=ckpt, resume=state)
+            state = None
+            ckpt.save("corpus", 0, model)  # the drill's end: a kill from here on does not repeat it
         groups = encode_corpus(tokenizer, tasks, int(pretrain["examples_per_task"]), int(pretrain["seed"]),
                                int(pretrain["max_tokens"]), [t for t in pretrain["fresh_slots"].split(",") if t],
                                pieces, bool(pretrain["terminal_newline"]))
         if pretrain["copy_mix"]:
             groups[DRILL_KEY] = _drill_group(tokenizer, groups, pretrain, pieces)
-        losses += _train(model, groups, pretrain, tokenizer.pad_token_id, say)
-        seconds = time.perf_counter() - t0
+        losses = ckpt.done + _train(model, groups, pretrain, tokenizer.pad_token_id, say, ckpt=ckpt, stage="corpus",
+                                    resume=state)
+        seconds = ckpt.seconds()
         model.eval()
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
@@ -414,6 +485,7 @@ def _pretrain_into(tmp: Path, base: Path, arch: dict[str, Any], pretrain: dict[s
         "weights_sha256": weights, "seconds": round(seconds, 1), "loss_first": losses[:12], "loss_last": losses[-12:],
         "format_rates": rates, "parameters": sum(p.numel() for p in model.parameters()),
     }, indent=2) + "\n")
+    ckpt.clear()
 
 
 DRILL_KEY = ("copy", "drill")  # the drill's group in the corpus stage (copy_mix > 0)
@@ -457,7 +529,8 @@ def _drill_group(tokenizer, groups, pretrain: dict[str, Any], pieces: tuple[str,
 
 
 def _copy_drill(model, tokenizer, pretrain: dict[str, Any], say: Callable[[str], None],
-                pieces: tuple[str, ...] | None = None) -> list[float]:
+                pieces: tuple[str, ...] | None = None, ckpt: Checkpoints | None = None,
+                resume: dict[str, Any] | None = None) -> list[float]:
     """The first stage when ``copy_steps`` > 0: the assistant repeats made-up words the user gave
     (:func:`genpi.tasks.generators.copy_drill`), every chat seen once. From the task corpus alone the tiny model
     did not learn to copy in 2,400 steps; after a drill, with the drill mixed into the corpus, it copies values like
@@ -470,12 +543,15 @@ def _copy_drill(model, tokenizer, pretrain: dict[str, Any], say: Callable[[str],
     group = [encode_chat(tokenizer, chat, 1) for chat in chats]
     stage = {**pretrain, "steps": steps, "batch_size": bs, "lr": pretrain["copy_lr"], "view_weights": "1,0,0"}
     say(f"genpi: tiny_agent copy drill, {steps} steps of {bs}")
-    return _train(model, {("copy", "teacher"): group}, stage, tokenizer.pad_token_id, say)
+    return _train(model, {("copy", "teacher"): group}, stage, tokenizer.pad_token_id, say, ckpt=ckpt, stage="drill",
+                  resume=resume)
 
 
 def _train(model, groups: dict[tuple[str, str], list[tuple[list[int], list[int]]]], pretrain: dict[str, Any],
-           pad_id: int, say: Callable[[str], None]) -> list[float]:
-    """Full-weight pre-training; steps cycle over (task, view) groups, each view as often as its weight."""
+           pad_id: int, say: Callable[[str], None], ckpt: Checkpoints | None = None, stage: str = "corpus",
+           resume: dict[str, Any] | None = None) -> list[float]:
+    """Full-weight pre-training; steps cycle over (task, view) groups, each view as often as its weight. With
+    ``ckpt``, the state is saved when due; ``resume`` (a saved state of this ``stage``) goes on from its step."""
     import torch
 
     rng = random.Random(int(pretrain["seed"]))
@@ -488,8 +564,18 @@ def _train(model, groups: dict[tuple[str, str], list[tuple[list[int], list[int]]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, total, int(pretrain["warmup_steps"])))
     model.train()
     losses: list[float] = []
+    start = 0
+    if resume is not None:  # the model's weights always; the rest unless saved at the stage's first step
+        model.load_state_dict(resume["model"])
+        torch.set_rng_state(resume["torch_rng"])
+        start, losses = int(resume["step"]), list(resume["losses"])
+        if resume["opt"] is not None:
+            opt.load_state_dict(resume["opt"])
+            sched.load_state_dict(resume["sched"])
+            rng.setstate(resume["rng"])
+            order = {tuple(key): list(idx) for key, idx in resume["order"]}
     t0 = time.perf_counter()
-    for step in range(total):
+    for step in range(start, total):
         key = keys[step % len(keys)]
         if len(order[key]) < bs:
             more = list(range(len(groups[key])))
@@ -508,6 +594,8 @@ def _train(model, groups: dict[tuple[str, str], list[tuple[list[int], list[int]]
             recent = losses[-len(keys):]
             say(f"genpi: tiny_agent step {step + 1}/{total}, loss {sum(recent) / len(recent):.3f}, "
                 f"{time.perf_counter() - t0:.0f} s")
+        if ckpt is not None and step + 1 < total and ckpt.due():
+            ckpt.save(stage, step + 1, model, opt, sched, rng, order, losses)
     return losses
 
 
