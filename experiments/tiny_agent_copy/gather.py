@@ -24,6 +24,9 @@ RECIPES = {  # candidate: (what it was trained on, what it started from)
     "tokens_3": ("tokens_2, then 1,500 more steps (new inputs)", "tokens_2"),
     "tokens_4": ("tokens_3, then 1,500 more steps (new inputs)", "tokens_3"),
     "tokens_5": ("tokens_4, then 1,500 more steps (new inputs)", "tokens_4"),
+    "four_task": ("genpi's builder, four_task.json: copy drill of vocabulary-piece values 1,500 steps of 32, then the "
+                  "four tasks' corpus (os 4:1, its values made-up pieces, newline observations) + drill 3 steps per "
+                  "cycle, 11,400 steps, lr 1e-3", "random"),
 }
 
 

@@ -10,6 +10,8 @@
 #            the first 40 of genpi's own problems (the real judge)
 #   measure  GenPI on the copying candidates: success of teacher, student and floor on all 120 of genpi's problems
 #   opcd     a pilot of issue 13 on tokens_5: on-policy distillation in GenPI's wall time, judged as in measure
+#   four     the four-task build of four_task.json (genpi's builder; hours on one thread, resumed after a kill): its
+#            validation proxies, its answer turns, teacher and floor on the first 40 of genpi's problems
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
@@ -106,6 +108,16 @@ print(int((t[1] - t[0]).total_seconds()))" "$(ls -d "$OUT"/runs/os-genpi_kl-toke
       TRAIN_ARGS="loss.kl.sampling.max_new_tokens=96 trainer.max_epochs=1000 +trainer.max_time=$(printf 00:00:%02d:%02d $((budget / 60)) $((budget % 60)))" \
       experiments/environments/run.sh measure
     ;;
-  *) echo "unknown step $step (probes | val | env | measure | opcd)" >&2; exit 2 ;;
+  four)
+    FOUR=$("$PY" $HERE/build_four.py | tail -n 1)
+    "$PY" -c "import json, sys; c = json.load(open(sys.argv[1])); c.pop('base', None)
+json.dump(c, open(sys.argv[2], 'w'), indent=2); open(sys.argv[2], 'a').write('\\n')" "$FOUR/genpi_tiny_agent.json" "$RES/four_task_card.json"
+    "$PY" $HERE/eval_val.py "$RES/validation.json" four_task="$FOUR"
+    "$PY" $HERE/answer_turn.py "$RES/answer_turn.json" four_task="$FOUR"
+    GENPI_OUTPUT_ROOT="$OUT" N_BASELINE=40 TINY_AGENT="$FOUR" BASELINE_OUT="$RES/env_four_task.json" \
+      experiments/environments/run.sh baseline
+    "$PY" $HERE/gather.py
+    ;;
+  *) echo "unknown step $step (probes | val | env | measure | opcd | four)" >&2; exit 2 ;;
   esac
 done
