@@ -78,10 +78,14 @@ def collect_wandb(group: str, project: str, entity: str | None = None) -> list[d
 REFERENCES = {"teacher": "teacher (base + prompt)", "floor": "floor (base, no prompt)"}
 
 
+STUDENT = ("eval/student/", "eval/env/student/")      # the student's metrics, proxies and in the environment
+GAP_CLOSED = ("eval/gap_closed/", "eval/env/gap_closed/")
+
+
 def reference_rows(rows: list[dict[str, Any]], row_key: str) -> list[dict[str, Any]]:
     """Rows for the evaluation's two reference models, to read beside the students: for every metric
-    ``eval/student/X`` the teacher's (floor's) ``eval/teacher/X`` (``eval/floor/X``); the share of the gap closed is
-    1 for the teacher and 0 for the floor by definition."""
+    ``eval/student/X`` (``eval/env/student/X``) the teacher's (floor's) ``eval/teacher/X`` (``eval/env/teacher/X``);
+    the share of the gap closed is 1 for the teacher and 0 for the floor by definition."""
     out = []
     for r in rows:
         if r.get("status") != "ok":
@@ -90,9 +94,9 @@ def reference_rows(rows: list[dict[str, Any]], row_key: str) -> list[dict[str, A
             ref = {k: v for k, v in r.items() if not k.startswith("eval/")}
             ref[row_key] = label
             for k, v in r.items():
-                if k.startswith("eval/student/"):
-                    ref[k] = r.get(f"eval/{model}/" + k[len("eval/student/"):])
-                elif k.startswith("eval/gap_closed/") and isinstance(v, (int, float)):
+                if k.startswith(STUDENT):
+                    ref[k] = r.get(k.replace("/student/", f"/{model}/", 1))
+                elif k.startswith(GAP_CLOSED) and isinstance(v, (int, float)):
                     ref[k] = 1.0 if model == "teacher" else 0.0
             out.append(ref)
     return out
@@ -100,6 +104,13 @@ def reference_rows(rows: list[dict[str, Any]], row_key: str) -> list[dict[str, A
 
 def pivot(rows: list[dict[str, Any]], row_key: str, col_key: str, metric: str) -> tuple[list, list, dict]:
     """Mean of ``metric`` per (row value, column value) over seeds; returns row labels, column labels, cells."""
+    rl, cl, stats = pivot_stats(rows, row_key, col_key, metric)
+    return rl, cl, {k: mean for k, (mean, _sd, _n) in stats.items()}
+
+
+def pivot_stats(rows: list[dict[str, Any]], row_key: str, col_key: str, metric: str) -> tuple[list, list, dict]:
+    """As :func:`pivot`, each cell ``(mean, sample standard deviation or None for one run, number of runs)``: the
+    spread over seeds (or any runs that share the row and column value)."""
     cells: dict[tuple[Any, Any], list[float]] = {}
     for r in rows:
         v = r.get(metric)
@@ -109,7 +120,20 @@ def pivot(rows: list[dict[str, Any]], row_key: str, col_key: str, metric: str) -
     refs = list(REFERENCES.values())
     row_labels = sorted({k[0] for k in cells}, key=lambda r: (r in refs, refs.index(r) if r in refs else 0, str(r)))
     col_labels = sorted({k[1] for k in cells}, key=str)
-    return row_labels, col_labels, {k: sum(v) / len(v) for k, v in cells.items()}
+    return row_labels, col_labels, {k: _mean_sd(v) for k, v in cells.items()}
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float | None, int]:
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None, len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)), len(values)
+
+
+def cell_text(stats: tuple[float, float | None, int]) -> str:
+    """``0.594`` for one run, ``0.594 ± 0.031 (3)`` for the mean, standard deviation and count of several."""
+    mean, sd, n = stats
+    return f"{mean:.3f}" if sd is None else f"{mean:.3f} ± {sd:.3f} ({n})"
 
 
 def _portable(value: Any) -> Any:
@@ -134,11 +158,11 @@ def write_tables(rows: list[dict[str, Any]], out_dir: Path, row_key: str, col_ke
         w.writerows({k: _portable(v) for k, v in r.items()} for r in rows)
     lines = []
     for metric in metrics:
-        rl, cl, cells = pivot(rows, row_key, col_key, metric)
+        rl, cl, cells = pivot_stats(rows, row_key, col_key, metric)
         lines += [f"### {metric}", "", "| " + " | ".join([row_key, *map(str, cl)]) + " |",
                   "|" + "---|" * (len(cl) + 1)]
         for r in rl:
-            vals = [f"{cells[(r, c)]:.3f}" if (r, c) in cells else "–" for c in cl]
+            vals = [cell_text(cells[(r, c)]) if (r, c) in cells else "–" for c in cl]
             lines.append("| " + " | ".join([str(r), *vals]) + " |")
         lines.append("")
     failed = [r for r in rows if r.get("status") == "failed"]
@@ -150,18 +174,21 @@ def write_tables(rows: list[dict[str, Any]], out_dir: Path, row_key: str, col_ke
 
 
 def plot(rows: list[dict[str, Any]], out_path: Path, row_key: str, col_key: str, metric: str) -> Path:
-    """Grouped bars: one group per column value (e.g. task), one bar per row value (e.g. loss)."""
+    """Grouped bars: one group per column value (e.g. task), one bar per row value (e.g. loss); a bar of several
+    runs (seeds) is their mean with a standard-deviation error bar."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rl, cl, cells = pivot(rows, row_key, col_key, metric)
+    rl, cl, cells = pivot_stats(rows, row_key, col_key, metric)
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cl) + 4), 3.6))
     width = 0.8 / max(1, len(rl))
     for i, r in enumerate(rl):
         xs = [j + i * width for j in range(len(cl))]
-        ax.bar(xs, [cells.get((r, c), float("nan")) for c in cl], width, label=str(r))
+        got = [cells.get((r, c), (float("nan"), None, 0)) for c in cl]
+        ax.bar(xs, [m for m, _, _ in got], width, label=str(r),
+               yerr=[sd or 0.0 for _, sd, _ in got] if any(sd for _, sd, _ in got) else None, capsize=2)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cl))], [str(c) for c in cl])
     ax.set_ylabel(metric)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title=row_key, title_fontsize=8)

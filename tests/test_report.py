@@ -111,3 +111,24 @@ def test_aggregate_reference_rows_show_teacher_and_floor(tmp_path):
     assert cells[(REFERENCES["teacher"], "os")] == 0.9 and cells[(REFERENCES["floor"], "os")] == 0.1
     _, _, gap = pivot(rows, "loss", "task", "eval/gap_closed/format_rate")
     assert gap[(REFERENCES["teacher"], "os")] == 1.0 and gap[("genpi", "os")] == pytest.approx(0.875)
+
+
+def test_aggregate_reports_the_spread_over_seeds_and_env_references(tmp_path):
+    import statistics
+
+    from genpi.aggregate import REFERENCES, cell_text, pivot_stats, reference_rows, write_tables
+
+    rows = [{"loss": "opcd", "task": "os", "seed": seed, "status": "ok", "eval/env/student/success_rate": s,
+             "eval/env/teacher/success_rate": 0.7, "eval/env/floor/success_rate": 0.0,
+             "eval/env/gap_closed/success_rate": s / 0.7} for seed, s in enumerate((0.5, 0.6, 0.4))]
+    rows.append({"loss": "genpi", "task": "os", "seed": 0, "status": "ok", "eval/env/student/success_rate": 0.3})
+    rows += reference_rows(rows[:3], "loss")
+    _, _, stats = pivot_stats(rows, "loss", "task", "eval/env/student/success_rate")
+    mean, sd, n = stats[("opcd", "os")]
+    assert n == 3 and mean == pytest.approx(0.5) and sd == pytest.approx(statistics.stdev([0.5, 0.6, 0.4]))
+    assert stats[("genpi", "os")] == (0.3, None, 1) and cell_text(stats[("genpi", "os")]) == "0.300"
+    assert stats[(REFERENCES["teacher"], "os")][0] == pytest.approx(0.7) and stats[(REFERENCES["floor"], "os")][0] == 0.0
+    _, _, gap = pivot_stats(rows, "loss", "task", "eval/env/gap_closed/success_rate")
+    assert gap[(REFERENCES["teacher"], "os")][0] == 1.0 and gap[(REFERENCES["floor"], "os")][0] == 0.0
+    md, _ = write_tables(rows, tmp_path, "loss", "task", ["eval/env/student/success_rate"])
+    assert "| opcd | 0.500 ± 0.100 (3) |" in md.read_text() and "| genpi | 0.300 |" in md.read_text()
