@@ -463,3 +463,15 @@ def test_every_marker_has_a_checker_and_an_artifact_and_every_checker_a_marker()
                          ids=[f"{readme}:{key.rsplit('/', 1)[-1]}:{i}" for i, (readme, key, _) in enumerate(MARKED)])
 def test_readme_figures_equal_their_artifact(readme, key, text):
     CHECKS[key](text)
+
+
+def test_no_committed_file_names_this_checkouts_folder():
+    """Results are committed and shared: a path of the machine that wrote them (the checkout's absolute folder) has
+    no place in them."""
+    import subprocess
+
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    proc = subprocess.run(["git", "grep", "-I", "-l", "-F", str(ROOT) + "/"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode in (0, 1), proc.stderr
+    assert proc.stdout.split() == [], f"committed files name {ROOT}: {proc.stdout.split()}"
