@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Gathers the newest internalization sweep (or the folder given) into results.md / results.csv / results.png here.
+# Gathers the study's runs (default outputs/internalization/runs, or the folder given) into results.md / results.csv /
+# results.png here: a cell of several seeds is their mean ± standard deviation (count).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
-SWEEP=${1:-$(ls -d outputs/multirun/internalization/*/ | sort | tail -n 1)}
-exec "$PY" -m genpi.aggregate "$SWEEP" --rows loss --cols task --reference-rows \
+RUNS=${1:-outputs/internalization/runs}
+exec "$PY" -m genpi.aggregate "$RUNS" --rows loss --cols task --reference-rows \
   --metrics eval/student/format_rate eval/student/kl_forward eval/gap_closed/kl_forward eval/gap_closed/format_rate \
+  eval/env/student/success_rate eval/env/gap_closed/success_rate \
   --out experiments/internalization/results

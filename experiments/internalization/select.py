@@ -1,0 +1,31 @@
+"""On-policy distillation's settings for the study, chosen on the VALIDATION split: among the runs under RUNS (each
+trained with one candidate's sampling temperature and on-policy share, evaluated with eval.split=val), the best
+student format rate, ties broken by the larger share of the KL gap closed. Writes OUT (every candidate's validation
+figures and the choice) and prints the chosen settings as overrides.
+    python experiments/internalization/select.py RUNS OUT"""
+import json
+import sys
+from pathlib import Path
+
+runs, out = Path(sys.argv[1]), Path(sys.argv[2])
+rows = []
+for metrics in sorted(runs.glob("*/metrics.json")):
+    m = json.loads(metrics.read_text())
+    kl = json.loads((metrics.parent / "run.json").read_text())["config"]["loss"]["kl"]
+    split = json.loads((Path(m["eval/report"]).parent / "metrics.json").read_text())["info"]["split"]
+    if split != "val":  # never choose on the held-out inputs
+        raise SystemExit(f"{metrics}: evaluated on the {split!r} split, not the validation split")
+    rows.append({"run": metrics.parent.name, "temperature": kl["sampling"]["temperature"], "lmbda": kl["lmbda"],
+                 "steps": m.get("train/steps"), "val_inputs": m.get("eval/n_examples"),
+                 "val_student_format_rate": m["eval/student/format_rate"],
+                 "val_teacher_format_rate": m["eval/teacher/format_rate"],
+                 "val_gap_closed_kl_forward": m["eval/gap_closed/kl_forward"]})
+if not rows:
+    raise SystemExit(f"no evaluated runs under {runs}")
+rows.sort(key=lambda r: (-r["val_student_format_rate"], -r["val_gap_closed_kl_forward"]))
+best = rows[0]
+out.parent.mkdir(parents=True, exist_ok=True)
+out.write_text(json.dumps({"command": "experiments/internalization/run.sh (step 3)", "rule": "best validation student "
+                           "format rate, ties: larger share of the KL gap closed", "candidates": rows,
+                           "chosen": {"temperature": best["temperature"], "lmbda": best["lmbda"]}}, indent=2) + "\n")
+print(f"loss.kl.sampling.temperature={best['temperature']} loss.kl.lmbda={best['lmbda']}")
