@@ -238,3 +238,30 @@ def _csv_logger_class():
 def ResumableCSVLogger(*args: Any, **kwargs: Any):  # noqa: N802 - used as a class by Hydra's _target_
     """:class:`pytorch_lightning.loggers.CSVLogger` whose ``metrics.csv`` is appended to on resume."""
     return _csv_logger_class()(*args, **kwargs)
+
+
+def fit_seconds(train_log: Path) -> float:
+    """The wall time a run spent fitting, from its ``train.log``: each "training <task> on ..." line of genpi.train
+    to the ``Trainer.fit`` stop that follows it, summed over the processes of a resumed run (a process killed before
+    its fit stopped logs no stop: its time is not counted). The budget a study gives another run of the same data
+    (``trainer.max_time``). Raises when the log holds no complete fit."""
+    import re
+    from datetime import datetime
+
+    from genpi.utils.errors import GenpiError
+
+    stamp = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]\[([^]]+)\]\[INFO\] (.*)$")
+    total, start, fits = 0.0, None, 0
+    for line in Path(train_log).read_text().splitlines():
+        m = stamp.match(line)
+        if not m:
+            continue
+        t = datetime.strptime(m[1], "%Y-%m-%d %H:%M:%S,%f")
+        if m[2] == "genpi.train" and re.match(r"training \S+ on ", m[3]):
+            start = t
+        elif "`Trainer.fit` stopped" in m[3] and start is not None:
+            total, start, fits = total + (t - start).total_seconds(), None, fits + 1
+    if not fits:
+        raise GenpiError(f"{train_log}: no complete fit (a 'training ... on' line of genpi.train and the "
+                         "'Trainer.fit stopped' line after it)")
+    return total

@@ -466,12 +466,17 @@ def test_readme_figures_equal_their_artifact(readme, key, text):
 
 
 def test_no_committed_file_names_this_checkouts_folder():
-    """Results are committed and shared: a path of the machine that wrote them (the checkout's absolute folder) has
-    no place in them."""
+    """Results are committed and shared: a path of the machine that wrote them (the checkout's absolute folder, or
+    any absolute path to a run's outputs folder in a committed result) has no place in them."""
+    import shutil
     import subprocess
 
-    if not (ROOT / ".git").exists():
-        pytest.skip("not a git checkout")
+    if not (ROOT / ".git").exists() or shutil.which("git") is None:
+        pytest.skip("not a git checkout, or no git")
     proc = subprocess.run(["git", "grep", "-I", "-l", "-F", str(ROOT) + "/"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode in (0, 1), proc.stderr
     assert proc.stdout.split() == [], f"committed files name {ROOT}: {proc.stdout.split()}"
+    proc = subprocess.run(["git", "grep", "-I", "-n", "-E", "\"/[^\"]*/outputs/", "--", "experiments/*/results/*"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode in (0, 1), proc.stderr
+    assert proc.stdout == "", f"absolute paths of outputs in committed results: {proc.stdout[:500]}"

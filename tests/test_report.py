@@ -131,4 +131,6 @@ def test_aggregate_reports_the_spread_over_seeds_and_env_references(tmp_path):
     _, _, gap = pivot_stats(rows, "loss", "task", "eval/env/gap_closed/success_rate")
     assert gap[(REFERENCES["teacher"], "os")][0] == 1.0 and gap[(REFERENCES["floor"], "os")][0] == 0.0
     md, _ = write_tables(rows, tmp_path, "loss", "task", ["eval/env/student/success_rate"])
-    assert "| opcd | 0.500 ± 0.100 (3) |" in md.read_text() and "| genpi | 0.300 |" in md.read_text()
+    text = md.read_text()
+    assert "| opcd | 0.500 ± 0.100 (3) |" in text and "| genpi | 0.300 |" in text
+    assert f"| {REFERENCES['teacher']} | 0.700 |" in text  # a reference: its value, no spread

@@ -166,3 +166,21 @@ def test_checkpoint_of_another_lora_setup_is_refused(tmp_path, tiny_path, capsys
     ckpt = first["run_dir"] / "checkpoints" / "last.ckpt"
     line = _exit_line(capsys, tmp_path / "other", [*SMALL, "model.lora.r=4", f"ckpt_path={ckpt}"])
     assert "another setup" in line and "model.lora" in line
+
+
+def test_fit_seconds_sums_the_fits_of_a_resumed_run_and_refuses_a_log_without_one(tmp_path):
+    from genpi.runs import fit_seconds
+    from genpi.utils.errors import GenpiError
+
+    log = tmp_path / "train.log"
+    log.write_text(
+        "[2026-11-30 08:19:40,000][genpi.train][INFO] training os on data (20 train / 2 val records)\n"
+        "[2026-11-30 08:19:50,500][genpi.train][INFO] training step 3 of 9\n"  # not a start
+        "[2026-11-30 08:20:52,000][pytorch_lightning.utilities.rank_zero][INFO] `Trainer.fit` stopped: max_time\n"
+        "[2026-11-30 08:43:40,000][genpi.train][INFO] training os on data (20 train / 2 val records)\n"  # resumed
+        "[2026-11-30 08:43:50,250][pytorch_lightning.utilities.rank_zero][INFO] `Trainer.fit` stopped: max_epochs\n"
+        "[2026-11-30 09:00:00,000][genpi.train][INFO] training os on data (killed: no stop follows)\n")
+    assert fit_seconds(log) == pytest.approx(72.0 + 10.25)
+    log.write_text("[2026-11-30 08:19:40,000][genpi.train][INFO] training os on data\n")
+    with pytest.raises(GenpiError, match="no complete fit"):
+        fit_seconds(log)

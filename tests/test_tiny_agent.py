@@ -301,8 +301,10 @@ def test_pieces_pretraining_makes_its_values_of_the_vocabulary(tiny_path, tiny_t
 
 
 def test_a_killed_pretraining_resumes_to_the_same_weights(tiny_path, monkeypatch, tmp_path):
-    """A build killed in the drill and again in the corpus stage, restarted each time, ends with the weights and
-    losses of a build never stopped (checkpoints every step here; every two minutes by default)."""
+    """A build killed in the drill, at the drill's end and in the corpus stage, restarted each time, ends with the
+    weights and losses of a build never stopped (checkpoints every step here; every two minutes by default). A state
+    of another build, or one that does not load, is set aside with a message; the build command removes the state
+    once its folder is in place."""
     import hashlib
     import json
 
@@ -313,10 +315,11 @@ def test_a_killed_pretraining_resumes_to_the_same_weights(tiny_path, monkeypatch
     monkeypatch.setattr(tiny_agent.Checkpoints, "EVERY_S", 0.0)
     pre = pretrain_config({"copy_steps": 3, "copy_batch_size": 2, "copy_mix": 1, "examples_per_task": 4,
                            "batch_size": 2, "steps": 7, "warmup_steps": 2, "eval_inputs": 1})
+    said = []
 
-    def build(out: Path, resume: Path | None) -> tuple[str, list[float]]:
+    def build(out: Path, resume: Path | None, recipe=pre) -> tuple[str, list[float]]:
         out.mkdir()
-        tiny_agent._pretrain_into(out, tiny_path, arch_config(None), pre, "x", lambda _m: None, resume)
+        tiny_agent._pretrain_into(out, tiny_path, arch_config(None), recipe, "x", said.append, resume)
         card = json.loads((out / MARKER).read_text())
         assert card["weights_sha256"] == hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
         return card["weights_sha256"], card["loss_first"]
@@ -329,16 +332,36 @@ def test_a_killed_pretraining_resumes_to_the_same_weights(tiny_path, monkeypatch
     def save_then_die(self, stage, step, *args, **kwargs):
         real_save(self, stage, step, *args, **kwargs)
         saved.append((stage, step))
-        if (stage, step) in {("drill", 2), ("corpus", 4)}:
+        if (stage, step) in {("drill", 2), ("corpus", 0), ("corpus", 4)}:
             raise KeyboardInterrupt  # stands in for a kill right after a checkpoint
 
     monkeypatch.setattr(tiny_agent.Checkpoints, "save", save_then_die)
     resume = tmp_path / ".x.resume"
-    for attempt in range(2):
+    for attempt in range(3):
         with pytest.raises(KeyboardInterrupt):
             build(tmp_path / f"killed{attempt}", resume)
         assert (resume / tiny_agent.Checkpoints.FILE).is_file()
-    assert saved[-1] == ("corpus", 4) and ("drill", 1) in saved and ("corpus", 0) in saved
-    assert saved.count(("drill", 1)) == 1  # the second run went on from the checkpoint, it did not start over
+    assert saved == [("drill", 1), ("drill", 2), ("corpus", 0), *[("corpus", k) for k in range(1, 5)]]  # no repeat
+    monkeypatch.setattr(tiny_agent.Checkpoints, "save", real_save)
     assert build(tmp_path / "resumed", resume) == whole
-    assert not resume.exists()  # removed with the complete build
+    assert not said or "starts over" not in " ".join(said)
+
+    # a state of another recipe is not resumed: that build starts over and says so
+    other = pretrain_config({**pre, "lr": 2e-3})
+    build(tmp_path / "other", resume, other)
+    assert any("saved by another build (recipe differ)" in m for m in said)
+    # a state that does not load: the same
+    (resume / tiny_agent.Checkpoints.FILE).write_bytes(b"truncated")
+    assert build(tmp_path / "after_bad_file", resume) == whole
+    assert any("does not load" in m for m in said)
+
+    # the build command clears the state once the build is in place
+    monkeypatch.setattr(tiny_agent, "build_tiny", lambda *_a, **_k: tiny_path)
+    monkeypatch.setattr(tiny_agent, "_pretrain_into",
+                        lambda tmp, *_a, **_k: (tmp / MARKER).write_text("{}"))
+    folder = tiny_agent.agent_folder({"tiny_agent": pre}, tmp_path / "cache")
+    kept = folder.parent / f".{folder.name}.resume"
+    kept.mkdir(parents=True)
+    (kept / tiny_agent.Checkpoints.FILE).write_bytes(b"state")
+    assert tiny_agent.build_tiny_agent({"tiny_agent": pre}, tmp_path / "cache", None, use_shipped=False) == folder
+    assert not kept.exists()

@@ -5,6 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 RUNS=${1:-outputs/internalization/runs}
+# the on-policy settings' selection (run.sh step 3), beside the runs
+if [ -f "$(dirname "$RUNS")/selection.json" ]; then
+  cp "$(dirname "$RUNS")/selection.json" experiments/internalization/results/selection.json
+fi
 exec "$PY" -m genpi.aggregate "$RUNS" --rows loss --cols task --reference-rows \
   --metrics eval/student/format_rate eval/student/kl_forward eval/gap_closed/kl_forward eval/gap_closed/format_rate \
   eval/env/student/success_rate eval/env/gap_closed/success_rate \

@@ -4,11 +4,15 @@
 # os, by task success on genpi's own OS problems), then gather one table and one plot.
 #   experiments/internalization/run.sh [extra overrides for every training run]
 # A run that finished (its metrics.json holds the held-out evaluation) is kept: run the script again after a kill and
-# only what is missing is done. Settings (environment variables):
+# only what is missing is done; a run of the same name made with other settings is refused (GENPI_OUTPUT_ROOT holds
+# one study). Every run is split and evaluated on the same inputs (data.seed=0); SEEDS vary the rest (the adapter's
+# initialization, the batch order's sampler, opcd's sampling). Settings (environment variables):
 #   TASKS (os,webshop,m2w,kg)   LOSSES (genpi,genpi_kl,kl,sft,pg,w_prompt: seed 0)   SEEDS (0,1,2: GenPI and opcd)
-#   N_INPUTS (160 synthesized inputs per task)   JOBS (2 training runs at a time)
+#   N_INPUTS (160 synthesized inputs per task)
+#   JOBS (2 training runs at a time: each fit shares the CPU with one other run, GenPI's that sets a budget and
+#        opcd's that spends it alike, except a step's last run; on GPUs, the number of GPUs)
 #   ENV_PROBLEMS (all 120 of genpi's OS problems; a number plays only the first ones, for a quick try)
-#   CANDIDATES ("1.0:1.0 0.0:1.0 1.0:0.5": opcd's temperature:lmbda, chosen on os's VALIDATION split)
+#   CANDIDATES ("1.0:1.0 0.0:1.0 1.0:0.5 0.7:1.0": opcd's temperature:lmbda, chosen on os's VALIDATION split)
 #   GENPI_OUTPUT_ROOT (outputs/internalization: synthesis, runs, the selection and genpi's OS problems)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -18,10 +22,11 @@ LOSSES=${LOSSES:-genpi,genpi_kl,kl,sft,pg,w_prompt}
 SEEDS=${SEEDS:-0,1,2}
 N_INPUTS=${N_INPUTS:-160}
 JOBS=${JOBS:-2}
-CANDIDATES=${CANDIDATES:-"1.0:1.0 0.0:1.0 1.0:0.5"}
+CANDIDATES=${CANDIDATES:-"1.0:1.0 0.0:1.0 1.0:0.5 0.7:1.0"}
 export GENPI_OUTPUT_ROOT=${GENPI_OUTPUT_ROOT:-outputs/internalization}
 export GENPI_LAUNCH_ID=${GENPI_LAUNCH_ID:-$(date +%Y%m%d-%H%M%S)-$$}
-export PY EXTRA="$*" ENV_PROBLEMS=${ENV_PROBLEMS:-}
+EXTRA=$(printf '%q ' "$@")   # the script's arguments, quoted, for the jobs' shells
+export PY EXTRA N_INPUTS ENV_PROBLEMS=${ENV_PROBLEMS:-}
 ROOT=$GENPI_OUTPUT_ROOT
 mkdir -p "$ROOT/logs"
 
@@ -35,47 +40,40 @@ mkdir -p "$ROOT/logs"
   synth.outputs.sampling.max_tokens=96 synth.conversations.sampling.max_tokens=96 \
   synth.conversations.env_sampling.max_tokens=128 synth.progress=false
 
-# One training run (conf/experiment/internalization.yaml) evaluated after training; skipped when done.
+# One training run (conf/experiment/internalization.yaml) evaluated after training; kept when done with the same
+# settings (its command line is stamped in logs/NAME.args), refused when done with others.
 #   train NAME SPLIT TASK LOSS SEED [overrides...]   SPLIT: test (the held-out inputs) or val (the selection's)
 train() {
-  local name=$1 split=$2 task=$3 loss=$4 seed=$5 root=$ROOT/runs
+  local name=$1 split=$2 task=$3 loss=$4 seed=$5 root=$ROOT/runs extra
   shift 5
   [ "$split" = val ] && root=$ROOT/select/runs
-  if grep -qs '"eval/student/format_rate"' "$root/$name"-*/metrics.json; then echo "kept $name"; return; fi
   local evals=(eval.engine=hf eval.savings.measure=false eval.max_new_tokens=96 "eval.split=$split")
   # os on the held-out split: also task success on genpi's own problems (teacher, student, floor)
   [ "$task" = os ] && [ "$split" = test ] && evals+=(eval.env.enabled=true env=genpi_os eval.env.max_new_tokens=96
     ${ENV_PROBLEMS:+env.max_problems=$ENV_PROBLEMS})
-  # shellcheck disable=SC2086  # EXTRA: the script's own arguments, a list of overrides
-  "$PY" -m genpi.train experiment=internalization task="$task" loss="$loss" seed="$seed" run_name="$name" \
-    paths.output_root="$(dirname "$root")" data.path="$ROOT/synth/$task/tiny_agent/internalization" \
-    "post_eval_overrides=[$(printf '"%s",' "${evals[@]}" | sed 's/,$//')]" "$@" $EXTRA > "$ROOT/logs/$name.log" 2>&1 \
+  eval "extra=($EXTRA)"
+  local args=(experiment=internalization task="$task" loss="$loss" seed="$seed" data.seed=0 run_name="$name"
+    paths.output_root="$(dirname "$root")" data.path="$ROOT/synth/$task/tiny_agent/internalization"
+    "post_eval_overrides=[$(printf '"%s",' "${evals[@]}" | sed 's/,$//')]" "$@" "${extra[@]}")
+  local stamp="$ROOT/logs/$name.args" want
+  want=$(printf '%s\n' "N_INPUTS=$N_INPUTS" "${args[@]}")
+  if grep -qs '"eval/student/format_rate"' "$root/$name"-*/metrics.json; then
+    if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then echo "kept $name"; return; fi
+    echo "REFUSED $name: $root/$name-* was made with other settings than $stamp now asks; remove it (and the" \
+      "stamp) or use another GENPI_OUTPUT_ROOT" >&2
+    return 1
+  fi
+  printf '%s\n' "$want" > "$stamp"
+  "$PY" -m genpi.train "${args[@]}" > "$ROOT/logs/$name.log" 2>&1 \
     || { echo "FAILED $name: see $ROOT/logs/$name.log" >&2; return 1; }
   echo "done $name"
 }
-# GenPI's fit wall time for TASK and SEED, in seconds (its train.log: "training ... on" to "Trainer.fit stopped",
-# summed over the processes of a resumed run; a process killed mid-fit is not counted):
-# the budget of an on-policy run of the same task and seed, enforced by trainer.max_time
+# GenPI's fit wall time for TASK and SEED, in whole seconds (genpi.runs.fit_seconds: its train.log, summed over the
+# processes of a resumed run): the budget of an on-policy run of the same task and seed, enforced by trainer.max_time
 budget() {
-  "$PY" - "$ROOT/runs" "$1-genpi-s$2" <<'EOF'
-import re, sys
-from datetime import datetime
-from pathlib import Path
-
-(log,) = Path(sys.argv[1]).glob(f"{sys.argv[2]}-*/train.log")
-marks = [(line[1:24], "`Trainer.fit` stopped" in line) for line in log.read_text().splitlines()
-         if re.match(r"\[[^]]+\]\[genpi\.train\]\[INFO\] training ", line) or "`Trainer.fit` stopped" in line]
-# each start with the end that follows it, summed (a resumed run logs a start and an end per process)
-total, start = 0.0, None
-for stamp, is_end in marks:
-    t = datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f")
-    if is_end and start is not None:
-        total, start = total + (t - start).total_seconds(), None
-    elif not is_end:
-        start = t
-assert total > 0, f"{log}: no complete fit (a start of training and its Trainer.fit stop)"
-print(int(total))
-EOF
+  "$PY" -c "import sys; from pathlib import Path; from genpi.runs import fit_seconds
+(log,) = Path(sys.argv[1]).glob(sys.argv[2] + '-*/train.log')
+print(int(fit_seconds(log)))" "$ROOT/runs" "$1-genpi-s$2"
 }
 hms() { printf "00:%02d:%02d:%02d" $(($1 / 3600)) $(($1 % 3600 / 60)) $(($1 % 60)); }
 export -f train budget hms
@@ -91,21 +89,25 @@ done | parallel
 # 3. On-policy distillation's sampling temperature and on-policy share (lmbda), chosen on os's VALIDATION split
 #    (seed 0, each fit held to GenPI's os fit time): the best student format rate, ties broken by the KL gap closed
 b=$(budget os 0)
+names=()
 for c in $CANDIDATES; do
-  t=${c%%:*}; l=${c##*:}
+  t=${c%%:*}; l=${c##*:}; names+=("select-os-opcd-t$t-l$l")
   echo "train select-os-opcd-t$t-l$l val os opcd 0 loss.kl.sampling.temperature=$t loss.kl.lmbda=$l \
     loss.kl.sampling.max_new_tokens=96 trainer.max_epochs=1000 +trainer.max_time=$(hms "$b")"
 done | parallel
-CHOSEN=$("$PY" experiments/internalization/select.py "$ROOT/select/runs" experiments/internalization/results/selection.json)
+CHOSEN=$("$PY" experiments/internalization/select.py "$ROOT/select/runs" "$ROOT/selection.json" "${names[@]}")
 echo "opcd settings chosen on os's validation split: $CHOSEN"
 
 # 4. On-policy distillation on every task and seed with those settings, each fit held to GenPI's fit time there
+lines=()
 for task in ${TASKS//,/ }; do
   for seed in ${SEEDS//,/ }; do
-    echo "train $task-opcd-s$seed test $task opcd $seed $CHOSEN loss.kl.sampling.max_new_tokens=96 \
-      trainer.max_epochs=1000 +trainer.max_time=$(hms "$(budget "$task" "$seed")")"
+    b=$(budget "$task" "$seed")   # here, not inside the jobs' lines: a missing GenPI run stops the script
+    lines+=("train $task-opcd-s$seed test $task opcd $seed $CHOSEN loss.kl.sampling.max_new_tokens=96 \
+      trainer.max_epochs=1000 +trainer.max_time=$(hms "$b")")
   done
-done | parallel
+done
+printf '%s\n' "${lines[@]}" | parallel
 
 # 5. The table and the plot.
-exec "$(dirname "$0")/gather.sh" "$ROOT/runs"
+exec experiments/internalization/gather.sh "$ROOT/runs"

@@ -1,15 +1,19 @@
-"""On-policy distillation's settings for the study, chosen on the VALIDATION split: among the runs under RUNS (each
-trained with one candidate's sampling temperature and on-policy share, evaluated with eval.split=val), the best
+"""On-policy distillation's settings for the study, chosen on the VALIDATION split: among the runs NAME... under RUNS
+(each trained with one candidate's sampling temperature and on-policy share, evaluated with eval.split=val), the best
 student format rate, ties broken by the larger share of the KL gap closed. Writes OUT (every candidate's validation
 figures and the choice) and prints the chosen settings as overrides.
-    python experiments/internalization/select.py RUNS OUT"""
+    python experiments/internalization/select.py RUNS OUT NAME [NAME ...]"""
 import json
 import sys
 from pathlib import Path
 
-runs, out = Path(sys.argv[1]), Path(sys.argv[2])
+runs, out, names = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
 rows = []
-for metrics in sorted(runs.glob("*/metrics.json")):
+for name in names:
+    found = sorted(runs.glob(f"{name}-*/metrics.json"))
+    if len(found) != 1:
+        raise SystemExit(f"{runs}: {len(found)} finished runs named {name}, expected one")
+    metrics = found[0]
     m = json.loads(metrics.read_text())
     kl = json.loads((metrics.parent / "run.json").read_text())["config"]["loss"]["kl"]
     split = json.loads((Path(m["eval/report"]).parent / "metrics.json").read_text())["info"]["split"]
@@ -21,7 +25,7 @@ for metrics in sorted(runs.glob("*/metrics.json")):
                  "val_teacher_format_rate": m["eval/teacher/format_rate"],
                  "val_gap_closed_kl_forward": m["eval/gap_closed/kl_forward"]})
 if not rows:
-    raise SystemExit(f"no evaluated runs under {runs}")
+    raise SystemExit("name the candidates' runs")
 rows.sort(key=lambda r: (-r["val_student_format_rate"], -r["val_gap_closed_kl_forward"]))
 best = rows[0]
 out.parent.mkdir(parents=True, exist_ok=True)

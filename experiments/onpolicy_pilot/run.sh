@@ -21,23 +21,12 @@ N_INPUTS=${N_INPUTS:-160}
 ls "$GENPI_OUTPUT_ROOT"/runs/pilot-genpi-*/adapter >/dev/null 2>&1 ||
   "$PY" -m genpi.train experiment=internalization task=os loss=genpi run_name=pilot-genpi | tail -n 1
 
-# 3. on-policy distillation, its fit held to GenPI's fit wall time (from GenPI's train.log: "training ... on" to
-#    "Trainer.fit stopped"; validation inside the fit counts against opcd's budget too): as many epochs as fit in it
-budget=$("$PY" - "$GENPI_OUTPUT_ROOT" <<'EOF2'
-import re, sys
-from datetime import datetime
-from pathlib import Path
-
-(log,) = Path(sys.argv[1]).glob("runs/pilot-genpi-*/train.log")
-stamps = {}
-for line in log.read_text().splitlines():
-    m = re.match(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+)\]", line)
-    if m and ("][genpi.train][INFO] training " in line or "`Trainer.fit` stopped" in line):
-        stamps["start" if "training " in line and "start" not in stamps else "end"] = datetime.strptime(
-            m[1], "%Y-%m-%d %H:%M:%S,%f")
-print(int((stamps["end"] - stamps["start"]).total_seconds()))
-EOF2
-)
+# 3. on-policy distillation, its fit held to GenPI's fit wall time (genpi.runs.fit_seconds of GenPI's train.log:
+#    "training ... on" to "Trainer.fit stopped"; validation inside the fit counts against opcd's budget too): as many
+#    epochs as fit in it
+budget=$("$PY" -c "import sys; from pathlib import Path; from genpi.runs import fit_seconds
+(log,) = Path(sys.argv[1]).glob('runs/pilot-genpi-*/train.log')
+print(int(fit_seconds(log)))" "$GENPI_OUTPUT_ROOT")
 hms=$(printf "00:%02d:%02d:%02d" $((budget / 3600)) $((budget % 3600 / 60)) $((budget % 60)))
 ls "$GENPI_OUTPUT_ROOT"/runs/pilot-opcd-*/adapter >/dev/null 2>&1 ||
   "$PY" -m genpi.train experiment=internalization task=os loss=opcd run_name=pilot-opcd \

@@ -97,12 +97,10 @@ print(max(v, key=lambda k: (key(v[k]['pools']), key(v[k]['fresh']))))" "$RES/val
   opcd)
     # issue 13 on a copying probe, a pilot (one seed, opcd's defaults, not chosen on validation): on-policy
     # distillation (loss=opcd, answers up to 96 tokens) on tokens_5's data, its fit held to the wall time of GenPI's
-    # fit there (its train.log, from "training os on" to "Trainer.fit stopped"), judged as in measure
-    budget=$("$PY" -c "import re, sys, datetime as d
-t = [d.datetime.strptime(m[1], '%Y-%m-%d %H:%M:%S,%f') for m in re.finditer(
-    r'^\[([^]]+)\]\[[^]]+\]\[INFO\] (?:training os on|.Trainer.fit. stopped)', open(sys.argv[1]).read(), re.M)]
-assert len(t) == 2, f'{sys.argv[1]}: expected one start and one end of the fit, found {len(t)} lines'
-print(int((t[1] - t[0]).total_seconds()))" "$(ls -d "$OUT"/runs/os-genpi_kl-tokens_5-* | head -n 1)/train.log")
+    # fit there (genpi.runs.fit_seconds of its train.log: "training os on" to "Trainer.fit stopped"), judged as in
+    # measure
+    budget=$("$PY" -c "import sys; from genpi.runs import fit_seconds; print(int(fit_seconds(sys.argv[1])))" \
+      "$(ls -d "$OUT"/runs/os-genpi_kl-tokens_5-* | head -n 1)/train.log")
     echo "opcd's fit budget: $budget s (GenPI's fit)"
     GENPI_OUTPUT_ROOT="$OUT" TINY_AGENT="$OUT/tokens_5" LOSS=opcd MEASURE_OUT="$RES/measure_tokens_5_opcd" \
       TRAIN_ARGS="loss.kl.sampling.max_new_tokens=96 trainer.max_epochs=1000 +trainer.max_time=$(printf 00:00:%02d:%02d $((budget / 60)) $((budget % 60)))" \

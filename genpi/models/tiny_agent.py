@@ -288,8 +288,10 @@ def build_tiny_agent(model_cfg: dict[str, Any] | None = None, cache: Path | None
     resume = root / f".{folder.name}.resume"
     if (resume / Checkpoints.FILE).is_file():
         say(f"genpi: a killed pre-training of {folder.name} left a checkpoint in {resume}: resuming it")
-    return build_once(folder, lambda tmp: _pretrain_into(tmp, base, arch, pretrain, folder.name, say, resume),
-                      marker=MARKER, lock=True)
+    built = build_once(folder, lambda tmp: _pretrain_into(tmp, base, arch, pretrain, folder.name, say, resume),
+                       marker=MARKER, lock=True)
+    Checkpoints(resume).clear()  # only once the build is in place: a kill before that resumes again
+    return built
 
 
 def write_artifact(model_cfg: dict[str, Any] | None = None, cache: Path | None = None,
@@ -382,14 +384,19 @@ class Checkpoints:
     """Resumable pre-training: every ``every_s`` seconds of training, the stage in progress (model, optimizer,
     schedule, batch order and random states, losses so far) is saved atomically to ``folder/state.pt``; a build of
     the same name started after a kill reads it and goes on from that step, giving the same weights as a build that
-    was never stopped (same versions and CPU). The folder, ``.<build name>.resume`` beside the build, is removed when
-    the build is complete. ``folder=None``: no checkpoints."""
+    was never stopped (same versions and CPU). The folder, ``.<build name>.resume`` beside the build, is removed once
+    the build is in place. A state saved by another build (``identity``: the name, the recipe and this file's
+    SHA-256) or one that does not load is set aside with a message, and pre-training starts over. ``folder=None``:
+    no checkpoints."""
 
     FILE = "state.pt"
     EVERY_S = 120.0
 
-    def __init__(self, folder: Path | None, every_s: float | None = None):
+    def __init__(self, folder: Path | None, every_s: float | None = None, identity: dict[str, Any] | None = None,
+                 say: Callable[[str], None] = lambda _msg: None):
         self.folder = Path(folder) if folder is not None else None
+        self.identity = identity or {}  # what made the state: a state of another identity is not resumed
+        self.say = say
         self.every_s = self.EVERY_S if every_s is None else float(every_s)
         self.done: list[float] = []      # losses of the stages already finished
         self.seconds_before = 0.0        # training time of the runs before this one
@@ -401,7 +408,18 @@ class Checkpoints:
 
         if self.folder is None or not (self.folder / self.FILE).is_file():
             return None
-        state = torch.load(self.folder / self.FILE, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(self.folder / self.FILE, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a truncated or foreign file: start over rather than fail every rebuild
+            self.say(f"genpi: the checkpoint {self.folder / self.FILE} does not load ({type(exc).__name__}): "
+                     "pre-training starts over")
+            return None
+        if "identity" in state and state["identity"] != self.identity:
+            differ = sorted(k for k in {**state["identity"], **self.identity}
+                            if state["identity"].get(k) != self.identity.get(k))
+            self.say(f"genpi: the checkpoint in {self.folder} was saved by another build ({', '.join(differ)} "
+                     "differ): pre-training starts over")
+            return None
         self.done, self.seconds_before = list(state["done"]), float(state["seconds"])
         return state
 
@@ -420,7 +438,8 @@ class Checkpoints:
         if self.folder is None:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
-        state = {"stage": stage, "step": step, "model": model.state_dict(), "losses": list(losses or []),
+        state = {"identity": self.identity, "stage": stage, "step": step, "model": model.state_dict(),
+                 "losses": list(losses or []),
                  "done": list(self.done), "seconds": self.seconds(), "torch_rng": torch.get_rng_state(),
                  "opt": opt.state_dict() if opt is not None else None,
                  "sched": sched.state_dict() if sched is not None else None,
@@ -452,7 +471,10 @@ def _pretrain_into(tmp: Path, base: Path, arch: dict[str, Any], pretrain: dict[s
         tokenizer = AutoTokenizer.from_pretrained(str(base))
         model = LlamaForCausalLM.from_pretrained(str(base), dtype=torch.float32)
         tasks = _tasks()
-        ckpt = Checkpoints(resume)
+        # the build's name covers the recipe, the tasks, the generators and the versions; the state also records the
+        # training code that made it
+        ckpt = Checkpoints(resume, identity={"name": name, "recipe": json.dumps(recipe(pretrain), sort_keys=True),
+                                             "builder": _sha256(Path(__file__))}, say=say)
         state = ckpt.load()
         if state is not None:
             say(f"genpi: tiny_agent resumes at {state['stage']} step {state['step']} "
@@ -485,7 +507,6 @@ def _pretrain_into(tmp: Path, base: Path, arch: dict[str, Any], pretrain: dict[s
         "weights_sha256": weights, "seconds": round(seconds, 1), "loss_first": losses[:12], "loss_last": losses[-12:],
         "format_rates": rates, "parameters": sum(p.numel() for p in model.parameters()),
     }, indent=2) + "\n")
-    ckpt.clear()
 
 
 DRILL_KEY = ("copy", "drill")  # the drill's group in the corpus stage (copy_mix > 0)
