@@ -89,12 +89,13 @@ done | parallel
 # 3. On-policy distillation's sampling temperature and on-policy share (lmbda), chosen on os's VALIDATION split
 #    (seed 0, each fit held to GenPI's os fit time): the best student format rate, ties broken by the KL gap closed
 b=$(budget os 0)
-names=()
+names=() lines=()
 for c in $CANDIDATES; do
   t=${c%%:*}; l=${c##*:}; names+=("select-os-opcd-t$t-l$l")
-  echo "train select-os-opcd-t$t-l$l val os opcd 0 loss.kl.sampling.temperature=$t loss.kl.lmbda=$l \
-    loss.kl.sampling.max_new_tokens=96 trainer.max_epochs=1000 +trainer.max_time=$(hms "$b")"
-done | parallel
+  lines+=("train select-os-opcd-t$t-l$l val os opcd 0 loss.kl.sampling.temperature=$t loss.kl.lmbda=$l \
+    loss.kl.sampling.max_new_tokens=96 trainer.max_epochs=1000 +trainer.max_time=$(hms "$b")")
+done
+printf '%s\n' "${lines[@]}" | parallel
 CHOSEN=$("$PY" experiments/internalization/select.py "$ROOT/select/runs" "$ROOT/selection.json" "${names[@]}")
 echo "opcd settings chosen on os's validation split: $CHOSEN"
 
