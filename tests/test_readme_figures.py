@@ -321,6 +321,25 @@ def check_tiny_agent_copy(block: str) -> None:
             contains(block, f"succeeds {teacher['successes']} of {teacher['n']} times")
 
 
+def check_four_task(block: str) -> None:
+    """The four-task build: its validation proxies, teacher and floor on genpi's first 40 problems, its record's
+    format rates and time."""
+    val = load("experiments/tiny_agent_copy/results/validation.json")
+    for name in ("four_task", "tokens_5"):
+        pools = val[name]["pools"]
+        contains(block, f"{pools['exact_code']}/48 / {pools['dir_copied']}/{pools['dir_inputs']}",
+                 f"{val[name]['fresh']['exact_code']}/48")
+    env = load("experiments/tiny_agent_copy/results/env_four_task.json")["summary"]
+    for side in ("teacher", "floor"):
+        s = env[side]
+        contains(block, f"{pct(s['success_rate'], 1)}% ({s['successes']}/{s['n']}, Wilson "
+                        f"{pct(s['success_rate_ci_low'], 1)}-{pct(s['success_rate_ci_high'], 1)}%)")
+    card = load("experiments/tiny_agent_copy/results/four_task_card.json")
+    for task, r in card["format_rates"].items():
+        contains(block, f"{task} {pct(r['with_prompt'], 0)}% / {pct(r['without_prompt'], 0)}%")
+    contains(block, f"{card['seconds']:,.0f} s on one thread")
+
+
 def check_tiny_agent_copy_measure(block: str, probe: str = "pieces_2") -> None:
     """GenPI on a probe that copies: success on genpi's 120 problems per side, and the gaps closed."""
     m = load(f"experiments/tiny_agent_copy/results/measure_{probe}_metrics.json")
@@ -437,6 +456,7 @@ CHECKS: dict[str, Callable[[str], None]] = {
     "experiments/environments/results/tiny_agent_teacher_floor.json": check_teacher_floor,
     "experiments/tiny_agent_copy/results/summary.md": check_tiny_agent_copy,
     "experiments/tiny_agent_copy/results/measure_pieces_2_metrics.json": check_tiny_agent_copy_measure,
+    "experiments/tiny_agent_copy/results/env_four_task.json": check_four_task,
     "experiments/tiny_agent_copy/results/measure_tokens_5_metrics.json":
         lambda block: check_tiny_agent_copy_measure(block, "tokens_5"),
     "experiments/tiny_agent_copy/results/measure_tokens_5_opcd_metrics.json":
