@@ -163,8 +163,8 @@ def write_tables(rows: list[dict[str, Any]], out_dir: Path, row_key: str, col_ke
                   "|" + "---|" * (len(cl) + 1)]
         for r in rl:
             # the references are the same models on the runs' inputs: their value, not a spread over seeds
-            vals = [("–" if (r, c) not in cells else f"{cells[(r, c)][0]:.3f}" if r in REFERENCES.values()
-                     else cell_text(cells[(r, c)])) for c in cl]
+            text = (lambda st: f"{st[0]:.3f}") if r in REFERENCES.values() else cell_text
+            vals = [text(cells[(r, c)]) if (r, c) in cells else "–" for c in cl]
             lines.append("| " + " | ".join([str(r), *vals]) + " |")
         lines.append("")
     failed = [r for r in rows if r.get("status") == "failed"]

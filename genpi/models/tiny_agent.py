@@ -285,9 +285,7 @@ def build_tiny_agent(model_cfg: dict[str, Any] | None = None, cache: Path | None
     drill = f" after a {pretrain['copy_steps']}-step copy drill" if pretrain["copy_steps"] else ""
     say(f"genpi: pre-training the tiny_agent model here ({why}): {pretrain['steps']} steps{drill} (the default "
         f"2,400 take about 9 minutes on 2 cores), once; it is cached at {folder}")
-    resume = root / f".{folder.name}.resume"
-    if (resume / Checkpoints.FILE).is_file():
-        say(f"genpi: a killed pre-training of {folder.name} left a checkpoint in {resume}: resuming it")
+    resume = root / f".{folder.name}.resume"  # _pretrain_into says when it resumes from there
     built = build_once(folder, lambda tmp: _pretrain_into(tmp, base, arch, pretrain, folder.name, say, resume),
                        marker=MARKER, lock=True)
     Checkpoints(resume).clear()  # only once the build is in place: a kill before that resumes again
@@ -381,7 +379,7 @@ def _schedule(step: int, total: int, warmup: int) -> float:
 
 
 class Checkpoints:
-    """Resumable pre-training: every ``every_s`` seconds of training, the stage in progress (model, optimizer,
+    """Resumable pre-training: every ``EVERY_S`` seconds of training, the stage in progress (model, optimizer,
     schedule, batch order and random states, losses so far) is saved atomically to ``folder/state.pt``; a build of
     the same name started after a kill reads it and goes on from that step, giving the same weights as a build that
     was never stopped (same versions and CPU). The folder, ``.<build name>.resume`` beside the build, is removed once
@@ -392,12 +390,11 @@ class Checkpoints:
     FILE = "state.pt"
     EVERY_S = 120.0
 
-    def __init__(self, folder: Path | None, every_s: float | None = None, identity: dict[str, Any] | None = None,
+    def __init__(self, folder: Path | None, identity: dict[str, Any] | None = None,
                  say: Callable[[str], None] = lambda _msg: None):
         self.folder = Path(folder) if folder is not None else None
         self.identity = identity or {}  # what made the state: a state of another identity is not resumed
         self.say = say
-        self.every_s = self.EVERY_S if every_s is None else float(every_s)
         self.done: list[float] = []      # losses of the stages already finished
         self.seconds_before = 0.0        # training time of the runs before this one
         self.started = time.perf_counter()
@@ -427,7 +424,7 @@ class Checkpoints:
         return self.seconds_before + time.perf_counter() - self.started
 
     def due(self) -> bool:
-        return self.folder is not None and time.perf_counter() - self._last >= self.every_s
+        return self.folder is not None and time.perf_counter() - self._last >= self.EVERY_S
 
     def save(self, stage: str, step: int, model, opt=None, sched=None, rng=None, order=None,
              losses: list[float] | None = None) -> None:
