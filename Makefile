@@ -47,7 +47,7 @@ lint: install
 bench: install
 	$(VENV)/bin/genpi-bench
 
-# Pre-train model=tiny_agent here (36 minutes with 1 thread on a loaded 2-core machine) and write it as the shipped weights
+# Pre-train model=tiny_agent here (2.5 hours with 1 thread of a 2-core machine) and write it as the shipped weights
 # (genpi/models/artifacts/tiny_agent.{safetensors,json}); commit both to publish a new version.
 tiny-agent: install
 	$(PY) -m genpi.models.tiny_agent build --write-artifact

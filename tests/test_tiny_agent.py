@@ -161,19 +161,27 @@ def test_made_up_values_of_vocabulary_pieces_spell_only_those_pieces_and_never_a
     assert all(v not in g._taken() for v in drilled) and any(spelled.match(v) for v in drilled)
 
 
-def test_later_pretraining_settings_are_checked_and_off_by_default():
+# the later settings switched off: the recipe of the first shipped weights, whose hash must not change
+OFF = {"fresh_slots": "", "copy_steps": 0, "copy_mix": 0, "fresh_values": "words", "task_weights": "",
+       "terminal_newline": False}
+
+
+def test_later_pretraining_settings_are_checked_and_leave_the_recipe_when_off():
     from genpi.models.tiny_agent import recipe
 
-    assert recipe(pretrain_config(None)) == {k: v for k, v in DEFAULT_PRETRAIN.items()
-                                             if k not in ("fresh_slots", "copy_steps", "copy_batch_size", "copy_lr",
-                                                          "copy_mix", "fresh_values", "task_weights",
-                                                          "terminal_newline")}
-    on = pretrain_config({"fresh_slots": "[os]", "copy_steps": "300"})
+    assert recipe(pretrain_config(OFF)) == {k: v for k, v in DEFAULT_PRETRAIN.items()
+                                            if k not in ("fresh_slots", "copy_steps", "copy_batch_size", "copy_lr",
+                                                         "copy_mix", "fresh_values", "task_weights",
+                                                         "terminal_newline")}
+    default = recipe(pretrain_config(None))  # the four-task recipe: every later setting on
+    assert default["fresh_slots"] == "os" and default["copy_steps"] == 1500 and default["copy_mix"] == 3
+    on = pretrain_config({**OFF, "fresh_slots": "[os]", "copy_steps": "300"})
     assert on["fresh_slots"] == "os" and recipe(on)["copy_steps"] == 300 and recipe(on)["copy_lr"] == 1e-3
     assert pretrain_config({"fresh_slots": ["os"]})["fresh_slots"] == "os" == pretrain_config({"fresh_slots": "'os'"})[
         "fresh_slots"]  # a list from a config, or a quoted string from a command line
-    assert recipe(pretrain_config({"copy_lr": 0.5})) == recipe(pretrain_config(None))  # no drill: its lr means nothing
-    assert agent_hash(_arch(), on) != agent_hash(_arch(), pretrain_config(None))
+    # no drill: its learning rate means nothing
+    assert recipe(pretrain_config({**OFF, "copy_lr": 0.5})) == recipe(pretrain_config(OFF))
+    assert agent_hash(_arch(), on) != agent_hash(_arch(), pretrain_config(OFF))
     for bad, what in [({"fresh_slots": "os,kg"}, "only os can take made-up slot values, not kg"),
                       ({"copy_steps": -1}, "copy_steps >= 0"), ({"copy_steps": 5, "copy_batch_size": 0}, "copy_batch_size"),
                       ({"copy_mix": -1}, "copy_mix=-1"), ({"fresh_values": "tokens"}, "choose one of"),
@@ -220,7 +228,8 @@ def test_pretraining_passes_the_later_settings_on(tiny_path, monkeypatch, tmp_pa
     monkeypatch.setattr(tiny_agent, "_copy_drill", drill)
     monkeypatch.setattr(tiny_agent, "_train", train)
     monkeypatch.setattr(tiny_agent, "format_rates", lambda *_a, **_k: {})
-    pre = pretrain_config({"fresh_slots": "os", "copy_steps": 2, "examples_per_task": 8, "copy_mix": 2, "steps": 50})
+    pre = pretrain_config({**OFF, "fresh_slots": "os", "copy_steps": 2, "examples_per_task": 8, "copy_mix": 2,
+                           "steps": 50, "view_weights": "2,1,1"})
     tiny_agent._pretrain_into(tmp_path, tiny_path, arch_config(None), pre, "x", lambda _m: None)
     assert calls["drill"]["copy_steps"] == 2
     # the drill mixed into the corpus: copy_mix steps in every cycle of the 4 tasks' views (2,1,1), each chat seen once
@@ -231,7 +240,7 @@ def test_pretraining_passes_the_later_settings_on(tiny_path, monkeypatch, tmp_pa
     chats = len(calls["corpus"][tiny_agent.DRILL_KEY]) // pre["batch_size"]
     taken = sum(cycle[step % len(cycle)] == tiny_agent.DRILL_KEY for step in range(pre["steps"]))
     assert chats * pre["batch_size"] == len(calls["corpus"][tiny_agent.DRILL_KEY]) and chats <= taken <= chats + 2
-    assert recipe_has_mix(pre) and not recipe_has_mix(pretrain_config({"copy_mix": 0}))
+    assert recipe_has_mix(pre) and not recipe_has_mix(pretrain_config({**OFF, "copy_mix": 0}))
     assert calls["pieces"] is None  # fresh_values=words
     # task weights: the os task's views three times a cycle, the drill as before
     heavy = pretrain_config({**pre, "task_weights": {"os": 3}})
@@ -285,7 +294,7 @@ def test_pieces_pretraining_makes_its_values_of_the_vocabulary(tiny_path, tiny_t
     pre = pretrain_config({"fresh_slots": "os", "copy_steps": 2, "examples_per_task": 8, "fresh_values": "pieces",
                            "terminal_newline": "true"})
     # pieces with nothing made up (no made-up slots, no drill) would train the default model: not a new recipe
-    assert recipe(pretrain_config({"fresh_values": "pieces"})) == recipe(pretrain_config(None))
+    assert recipe(pretrain_config({**OFF, "fresh_values": "pieces"})) == recipe(pretrain_config(OFF))
     assert recipe(pre)["fresh_values"] == "pieces" and agent_hash(_arch(), pre) != agent_hash(
         _arch(), {**pre, "fresh_values": "words"})
     tiny_agent._pretrain_into(tmp_path, tiny_path, arch_config(None), pre, "x", lambda _m: None)

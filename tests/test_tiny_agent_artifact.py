@@ -33,8 +33,10 @@ def test_the_record_describes_the_shipped_file():
     assert hashlib.sha256(tiny_agent.ARTIFACT_WEIGHTS.read_bytes()).hexdigest() == record["weights_sha256"]
     assert record["arch"] == arch_config(None) and tiny_agent.recipe(record["pretrain"]) == tiny_agent.recipe(
         tiny_agent.pretrain_config(None))
-    for task, rates in record["format_rates"].items():  # the prompt changes what the model does
-        assert rates["with_prompt"] >= rates["without_prompt"] + 0.5, (task, rates)
+    rates = record["format_rates"]  # the prompt changes what the model does, on every task
+    assert set(rates) == {"kg", "m2w", "os", "webshop"}
+    assert all(r["with_prompt"] >= r["without_prompt"] + 0.4 for r in rates.values()), rates
+    assert rates["os"]["with_prompt"] >= 0.9  # the agent whose commands genpi's OS problems judge
 
 
 def test_the_default_tiny_agent_comes_from_the_shipped_weights(tmp_path, no_pretraining):
