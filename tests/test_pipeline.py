@@ -72,11 +72,11 @@ def test_literals_round_trip_through_hydra(value):
 
 @pytest.mark.slow
 def test_the_pipeline_runs_the_demo_on_one_model_and_task_and_the_student_learns_the_format(tmp_path):
-    """`genpi-pipeline experiment=demo` in a reduced setting (96 synthesized kg inputs, context distillation alone,
+    """`genpi-pipeline experiment=demo` in a reduced setting (96 synthesized m2w inputs, context distillation alone,
     6 epochs, transformers generation): the three stages ran on the same model and task; without the prompt the
     student follows the task's format far more than the floor and closes most of the KL gap to the teacher (the
     method working, end to end, on model=tiny_agent); a second call reuses the finished run and evaluation."""
-    args = [sys.executable, "-m", "genpi.pipeline", "experiment=demo", "task=kg", "loss=kl",
+    args = [sys.executable, "-m", "genpi.pipeline", "experiment=demo", "task=m2w", "loss=kl",
             "synth.pseudo_inputs.num_inputs=96", "trainer.max_epochs=6", "validate_before_fit=false",
             "eval.engine=hf", "eval.savings.measure=false", "eval.max_new_tokens=64"]
     env = {**os.environ, "GENPI_OUTPUT_ROOT": str(tmp_path / "out"), "WANDB_MODE": "offline"}
@@ -94,7 +94,7 @@ def test_the_pipeline_runs_the_demo_on_one_model_and_task_and_the_student_learns
     assert run["model"] == agent and evaluation["info"]["model"] == agent
     synth_model = card["config"]["model"]["name_or_path"]
     assert synth_model == "tiny_agent" or Path(synth_model).name == agent
-    assert card["task"]["name"] == run["task"] == evaluation["info"]["task"] == "kg"
+    assert card["task"]["name"] == run["task"] == evaluation["info"]["task"] == "m2w"
     assert "## In one table" in report.read_text()
     assert evaluation["teacher"]["format_rate"] >= 0.5
     assert evaluation["student"]["format_rate"] >= evaluation["floor"]["format_rate"] + 0.4
