@@ -7,7 +7,7 @@
 #            (model $BENCH_MODEL, default tiny_agent)
 #   measure  tiny_agent on genpi's own problems: synthesize os data with the model itself, train one GenPI run
 #            (loss=$LOSS, default genpi_kl), then genpi-eval with eval.env.enabled=true (teacher, student, floor)
-#   baseline tiny_agent's teacher and floor alone (no adapter) on the first $N_BASELINE (40) of genpi's problems
+#   baseline tiny_agent's teacher and floor alone (no adapter) on the first $N_BASELINE (all 120) of genpi's problems
 #            ($TINY_AGENT: a built tiny_agent folder to use instead of model=tiny_agent's default build;
 #            $BASELINE_OUT: where to write, instead of results/tiny_agent_teacher_floor.json)
 set -euo pipefail
@@ -68,7 +68,7 @@ PY
     cat "$PREFIX.md"
     ;;
   baseline)  # teacher and floor of tiny_agent (no adapter needed) on the first $N_BASELINE of genpi's problems
-    "$PY" - "$ROOT/env/genpi_os" "${N_BASELINE:-40}" "${BASELINE_OUT:-$OUT/tiny_agent_teacher_floor.json}" "${TINY_AGENT:-tiny_agent}" <<'PY'
+    "$PY" - "$ROOT/env/genpi_os" "${N_BASELINE:-120}" "${BASELINE_OUT:-$OUT/tiny_agent_teacher_floor.json}" "${TINY_AGENT:-tiny_agent}" <<'PY'
 import json, sys
 from pathlib import Path
 from genpi import schema
