@@ -364,9 +364,15 @@ def test_env_check_passes_every_genpi_problem_and_the_wrong_replay_none(tmp_path
 
 # -- genpi-eval eval.env.enabled=true -----------------------------------------------------------------------------
 @pytest.mark.slow
-def test_genpi_eval_plays_every_side_in_the_sandbox(tmp_path_factory, tiny_path, genpi_problems_dir):
+def test_genpi_eval_plays_every_side_in_the_sandbox(tmp_path_factory, tiny_path, genpi_problems_dir, monkeypatch):
+    import genpi.evaluate
     from genpi.evaluate import run_evaluation
     from tests.test_eval_support import FAST_EVAL, compose_eval, trained_run
+
+    sent: dict = {}  # what the evaluation hands its loggers (W&B logs each table; other loggers skip them)
+    monkeypatch.setattr(genpi.evaluate, "report_to_loggers",
+                        lambda _cfg, job, metrics, tables=None, images=None: sent.update(job=job, metrics=metrics,
+                                                                                        tables=tables))
 
     _env_check(tmp_path_factory.mktemp("probe"), "--help")  # skips when the sandbox cannot run here
     run_dir = trained_run(tmp_path_factory)
@@ -393,6 +399,15 @@ def test_genpi_eval_plays_every_side_in_the_sandbox(tmp_path_factory, tiny_path,
     text = report_path.read_text()
     assert "## Agents in the environment: genpi_os (dev, 3 problems)" in text and "### Trajectories of problem" in text
     assert "| teacher |" in text and "Success rate per label" in text
+    # the W&B table of the environment evaluation: one row per agent, its success and endings, then the gap closed
+    columns, rows = sent["tables"]["eval/env"]
+    by_agent = {row[0]: dict(zip(columns, row)) for row in rows}
+    assert list(by_agent) == ["teacher", "student", "floor", "gap_closed"]
+    for side in ("teacher", "student", "floor"):
+        assert by_agent[side]["successes"] == env[side]["successes"] and by_agent[side]["n"] == 3
+        assert sum(by_agent[side][f"ending/{e}"] for e in env[side]["endings"]) == 3
+    assert by_agent["gap_closed"]["success_rate"] == env["gap_closed"]["success_rate"]
+    assert sent["job"] == "eval" and sent["metrics"]["eval/env/teacher/success_rate"] == env["teacher"]["success_rate"]
 
 
 # -- genpi-bench: lockstep vs one at a time ---------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import hashlib
 import os
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -225,6 +226,16 @@ def test_environment_is_clean_and_secrets_masked(sandbox, monkeypatch):
         hashes = shell.run("cut -d: -f2 /etc/shadow /etc/gshadow | sort -u").output.split()
         assert set(hashes) <= {"*", "!", "!*", ""}, "password hashes are visible"
         assert shell.run("ls -A /root").output.split() == sorted(os.listdir("/etc/skel"))
+        # the host's home folders are masked (an empty /home), not copied: a marker made there now is not seen
+        marker = None
+        if os.access("/home", os.W_OK):
+            marker = Path(tempfile.mkdtemp(prefix="genpi-host-home-", dir="/home"))
+        try:
+            with sandbox.open() as fresh:
+                assert fresh.run("ls -A /home").output.split() == []
+        finally:
+            if marker is not None:
+                marker.rmdir()
         capabilities = shell.run("grep CapBnd /proc/self/status").output.split()[1]
         assert int(capabilities, 16) & (1 << 21) == 0  # no CAP_SYS_ADMIN, even inside the user namespace
         assert shell.run("echo 1 > /proc/sys/kernel/sysrq").exit_code != 0  # host-wide knobs read-only

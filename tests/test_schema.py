@@ -63,6 +63,17 @@ def test_every_loss_option_passes(tmp_path, option):
     assert spec.loss.name == option and spec.loss.active_terms
 
 
+def test_opcd_is_the_on_policy_reverse_kl_alone(tmp_path):
+    """loss=opcd as issue 13 defines it: the on-policy term alone (weight 1, reverse KL, every batch on-policy)."""
+    loss = schema.check(compose_cfg("train", ["loss=opcd"], tmp_path), "train").loss
+    assert (loss.sft.weight, loss.pg.weight, loss.kl.weight) == (0.0, 0.0, 1.0)
+    assert loss.kl.kind == "reverse_kl" and loss.kl.on_policy is True and loss.kl.lmbda == 1.0
+    assert tuple(loss.active_terms) == ("kl",)
+    mixed = schema.check(compose_cfg("train", ["loss=genpi_kl", "loss.kl.on_policy=true", "loss.kl.lmbda=0.25"],
+                                     tmp_path), "train").loss
+    assert mixed.kl.on_policy is True and mixed.kl.lmbda == 0.25 and mixed.sft.weight > 0 and mixed.pg.weight > 0
+
+
 @pytest.mark.parametrize("option", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
 def test_every_experiment_passes(tmp_path, option):
     spec = schema.check(compose_cfg("train", [f"experiment={option}"], tmp_path), "train")

@@ -85,10 +85,11 @@ FAST_SAMPLING = ["loss.kl.sampling.max_new_tokens=6"]
 
 @pytest.mark.parametrize("overrides", [
     ["loss=opcd", "loss.sft.weight=0.7"],
+    ["loss=opcd", "loss.pg.weight=0.3"],
     ["loss=opcd", "loss.sft.weight=0.7", "loss.pg.weight=0.3", "loss.kl.kind=jsd", "loss.kl.beta=0.5"],
     ["loss=genpi_kl", "loss.kl.on_policy=true", "loss.kl.lmbda=0.5", "loss.kl.sampling.top_p=0.9",
      "loss.kl.sampling.temperature=0"],
-], ids=["opcd+sft", "opcd+sft+pg_jsd", "genpi_kl_mixed_greedy"])
+], ids=["opcd+sft", "opcd+pg", "opcd+sft+pg_jsd", "genpi_kl_mixed_greedy"])
 def test_fast_dev_run_on_policy_with_sft_and_pg(tmp_path, tiny_path, overrides):
     out = run_train(tmp_path, [*overrides, *FAST_SAMPLING, "debug=fdr"])
     assert out["trainer"].global_step == 1
