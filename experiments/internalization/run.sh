@@ -25,7 +25,8 @@ JOBS=${JOBS:-2}
 CANDIDATES=${CANDIDATES:-"1.0:1.0 0.0:1.0 1.0:0.5 0.7:1.0"}
 export GENPI_OUTPUT_ROOT=${GENPI_OUTPUT_ROOT:-outputs/internalization}
 export GENPI_LAUNCH_ID=${GENPI_LAUNCH_ID:-$(date +%Y%m%d-%H%M%S)-$$}
-EXTRA=$(printf '%q ' "$@")   # the script's arguments, quoted, for the jobs' shells
+EXTRA=""   # the script's arguments, quoted, for the jobs' shells; none gives no word (printf '%q ' alone gives '')
+[ $# -eq 0 ] || EXTRA=$(printf '%q ' "$@")
 export PY EXTRA N_INPUTS ENV_PROBLEMS=${ENV_PROBLEMS:-}
 ROOT=$GENPI_OUTPUT_ROOT
 mkdir -p "$ROOT/logs"
