@@ -24,6 +24,9 @@ N_INPUTS=${N_INPUTS:-160}
 JOBS=${JOBS:-2}
 CANDIDATES=${CANDIDATES:-"1.0:1.0 0.0:1.0 1.0:0.5 0.7:1.0"}
 export GENPI_OUTPUT_ROOT=${GENPI_OUTPUT_ROOT:-outputs/internalization}
+# torch threads per run: the cores shared by the JOBS runs (torch takes every core in each process otherwise, and two
+# processes' spinning threads on two cores oversubscribe them)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}
 export GENPI_LAUNCH_ID=${GENPI_LAUNCH_ID:-$(date +%Y%m%d-%H%M%S)-$$}
 EXTRA=""   # the script's arguments, quoted, for the jobs' shells; none gives no word (printf '%q ' alone gives '')
 [ $# -eq 0 ] || EXTRA=$(printf '%q ' "$@")
