@@ -24,8 +24,8 @@ N_INPUTS=${N_INPUTS:-160}
 JOBS=${JOBS:-2}
 CANDIDATES=${CANDIDATES:-"1.0:1.0 0.0:1.0 1.0:0.5 0.7:1.0"}
 export GENPI_OUTPUT_ROOT=${GENPI_OUTPUT_ROOT:-outputs/internalization}
-# torch threads per run: the cores shared by the JOBS runs (torch takes every core in each process otherwise: two
-# os GenPI runs at a time here took 17.8 s a step with two threads each, 3.8 s with one)
+# torch threads per run: cores / JOBS (torch takes every core in each process otherwise: two os runs at a time
+# here took 17.8 s per step with two threads each and 3.8 s with one)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}
 export GENPI_LAUNCH_ID=${GENPI_LAUNCH_ID:-$(date +%Y%m%d-%H%M%S)-$$}
 EXTRA=""   # the script's arguments, quoted, for the jobs' shells; none gives no word (printf '%q ' alone gives '')
