@@ -147,6 +147,20 @@ def run_evaluation(cfg: DictConfig) -> Path:
     if not has_format:
         notes.append(f"task {task.name} has no format check (task.format is null): no format rate")
     table = metrics.summarize(per_example, kl, has_format)
+    later = later_turn_prompts(tokenizer, task, records, inputs, ev.turns) if has_format and ev.turns > 1 else []
+    if later:  # the agent's later turns, each after the record's turns before it (transformers, greedy)
+        later_sets = [generation.PromptSet("teacher", [t for t, _ in later], adapter=False),
+                      generation.PromptSet("student", [u for _, u in later], adapter=True),
+                      generation.PromptSet("floor", [u for _, u in later], adapter=False)]
+        later_out = generation.hf_run(model, later_sets, max_new, stop_ids, tokenizer.pad_token_id,
+                                      batch_size=ev.batch_size)["outputs"]
+        for m in metrics.MODELS:
+            texts = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in later_out[m]]
+            table[m]["format_rate_later_turns"] = metrics.mean(metrics.format_flags(texts, task.check_format))
+        table["gap_closed"]["format_rate_later_turns"] = metrics.gap_closed(
+            *(table[m]["format_rate_later_turns"] for m in ("floor", "student", "teacher")))
+    elif ev.turns > 1:
+        notes.append(f"eval.turns={ev.turns}: no record has a later agent turn (or the task has no format check)")
 
     # 6. savings
     params = savings.count_parameters(model)["compute"]
@@ -183,7 +197,7 @@ def run_evaluation(cfg: DictConfig) -> Path:
         "task": task.name, "prompt_id": task.prompt_id, "model": model_name, "adapter": str(art.adapter_dir),
         "run_dir": str(art.run_dir) if art.run_dir else None,
         "checkpoint": str(art.from_checkpoint) if art.from_checkpoint else None,
-        "engine": engine, "max_new_tokens": max_new, "kl_on": kl_source, "notes": notes,
+        "engine": engine, "max_new_tokens": max_new, "kl_on": kl_source, "notes": notes, "later_turns": len(later),
         "vllm_version": result.get("vllm_version"), "seconds": time.perf_counter() - t_start,
         "seconds_generation": t_generated - t_start, "seconds_kl": t_kl - t_generated, **source,
     }
@@ -201,6 +215,25 @@ def run_evaluation(cfg: DictConfig) -> Path:
                       images={f"eval/{Path(png).stem}": out_dir / png for png in plots.values()})
     log.info("evaluation done in %.1f s: %s", info["seconds"], path)
     return path
+
+
+def later_turn_prompts(tokenizer, task, records: list[dict[str, Any]], inputs: list[str], turns: int
+                       ) -> list[tuple[list[int], list[int]]]:
+    """(teacher ids, student ids) up to each later agent turn of the records' ``teacher_output_conv``: agent turn
+    k (2 <= k <= ``turns``) follows the record's agent and environment turns before it, after the teacher's view
+    (with the prompt) or the student's (without)."""
+    from genpi.data.tokenize import encode, render
+
+    out = []
+    for record, x in zip(records, inputs):
+        conv = record.get("teacher_output_conv") or []
+        for k in range(1, turns):
+            if len(conv) <= 2 * k or conv[2 * k]["role"] != "assistant":
+                break
+            history = conv[: 2 * k]
+            out.append(tuple(encode(tokenizer, render(tokenizer, view + history, add_generation_prompt=True))
+                             for view in (task.teacher_messages(x), task.student_messages(x))))
+    return out
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")

@@ -436,6 +436,9 @@ class Eval:
     allow_overlap: bool = False
     max_examples: int | None = field(default=None, metadata=rng(ge=1))
     max_new_tokens: int = field(default=128, metadata=rng(gt=0))
+    # most agent turns judged per conversation: above 1, each later agent turn of the records' teacher_output_conv
+    # is answered greedily after the record's turns before it (teacher with the prompt, student and floor without)
+    turns: int = field(default=1, metadata=rng(ge=1))
     engine: Literal["auto", "vllm", "hf"] = "auto"
     batch_size: int = field(default=8, metadata=rng(gt=0))
     kl_on: Literal["record", "generated"] = "record"

@@ -72,6 +72,36 @@ def test_student_kl_on_the_val_split_equals_trainings_val_kl(run_dir, tmp_path):
     assert m["student"]["kl_forward"] == pytest.approx(val_kl, rel=1e-4)
 
 
+def test_later_agent_turns_are_judged_after_the_records_turns(run_dir, tmp_path):
+    """eval.turns=3: every later agent turn of the records' conversations (at most two per record) is answered after
+    the record's turns before it, by the teacher with the prompt and the student and floor without; their format
+    rates are reported beside the first answer's."""
+    from genpi.data.tokenize import teacher_prefix_ids
+    from genpi.evaluate import later_turn_prompts, run_evaluation
+    from genpi.models.factory import load_tokenizer
+    from genpi.tasks.base import builtin_task
+
+    path = run_evaluation(compose_eval(tmp_path, [f"run_dir={run_dir}", *FAST_EVAL, "eval.split=val", "eval.turns=3",
+                                                  "eval.savings.measure=false"]))
+    m = json.loads((path.parent / "metrics.json").read_text())
+    assert 1 <= m["info"]["later_turns"] <= 2 * m["n_examples"]
+    for side in ("teacher", "student", "floor"):
+        assert 0.0 <= m[side]["format_rate_later_turns"] <= 1.0
+    assert "format_rate_later_turns" in m["gap_closed"]
+    # the prompts: a conversation of two agent turns gives one later prompt, its history the record's turns
+    tok, task = load_tokenizer({"name_or_path": "tiny"}), builtin_task("os")
+    conv = [{"role": "assistant", "content": "Act: bash\n\n```bash\nls /srv\n```"},
+            {"role": "user", "content": "The terminal printed:\nwww-data-marker"},
+            {"role": "assistant", "content": "Act: answer(www)"}]
+    record = {"pseudo_input": "Which user owns /srv/www?", "teacher_output_conv": conv}
+    (teacher, student), = later_turn_prompts(tok, task, [record], [record["pseudo_input"]], turns=3)
+    assert later_turn_prompts(tok, task, [record], [record["pseudo_input"]], turns=1) == []
+    first = teacher_prefix_ids(tok, task, record["pseudo_input"])
+    assert teacher[: len(first)] == first and len(teacher) > len(student)
+    text = tok.decode(student)
+    assert "www-data-marker" in text and "ls /srv" in text and "answer(www)" not in text
+
+
 def test_inputs_without_answers_use_the_teachers_greedy_answers(run_dir, tmp_path):
     from genpi.evaluate import run_evaluation
 
