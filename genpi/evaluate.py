@@ -13,7 +13,16 @@ import hydra
 from omegaconf import DictConfig
 
 from genpi import schema
-from genpi.data.tokenize import Limits, RecordEncoder, student_prefix_ids, teacher_prefix_ids, truncate_text
+from genpi.data.tokenize import (
+    Limits,
+    RecordEncoder,
+    alternating_agent_turns,
+    encode,
+    render,
+    student_prefix_ids,
+    teacher_prefix_ids,
+    truncate_text,
+)
 from genpi.environments import evaluate as env_eval
 from genpi.evaluation import artifacts, savings
 from genpi.models.factory import load_model, load_tokenizer, model_fingerprint, resolve_model_path
@@ -71,9 +80,7 @@ def run_evaluation(cfg: DictConfig) -> Path:
     inputs = [truncate_text(tokenizer, r["pseudo_input"], limits.input_tokens)[0] for r in records]
     teacher_ids = [teacher_prefix_ids(tokenizer, task, x, encoder.prompt) for x in inputs]
     student_ids = [student_prefix_ids(tokenizer, task, x) for x in inputs]
-    sets = [generation.PromptSet("teacher", teacher_ids, adapter=False),
-            generation.PromptSet("student", student_ids, adapter=True),
-            generation.PromptSet("floor", student_ids, adapter=False)]
+    sets = _prompt_sets(teacher_ids, student_ids)
     sav_cfg = ev.savings
     timing = (generation.TimingSpec(sav_cfg.new_tokens, sav_cfg.requests, sav_cfg.repeats)
               if sav_cfg.measure else None)
@@ -116,8 +123,7 @@ def run_evaluation(cfg: DictConfig) -> Path:
         result = generation.hf_run(model, sets, max_new, stop_ids, tokenizer.pad_token_id, timing,
                                    batch_size=ev.batch_size)
     t_generated = time.perf_counter()
-    answers = {name: [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in result["outputs"][name]]
-               for name in metrics.MODELS}
+    answers = _decoded(tokenizer, result["outputs"])
 
     # 4. KL to the teacher on the teacher's answers: the dataset's where it has them, else the greedy ones
     notes: list[str] = []
@@ -149,14 +155,13 @@ def run_evaluation(cfg: DictConfig) -> Path:
     table = metrics.summarize(per_example, kl, has_format)
     later = later_turn_prompts(tokenizer, task, records, inputs, ev.turns) if has_format and ev.turns > 1 else []
     if later:  # the agent's later turns, each after the record's turns before it (transformers, greedy)
-        later_sets = [generation.PromptSet("teacher", [t for t, _ in later], adapter=False),
-                      generation.PromptSet("student", [u for _, u in later], adapter=True),
-                      generation.PromptSet("floor", [u for _, u in later], adapter=False)]
+        later_sets = _prompt_sets([t for t, _ in later], [u for _, u in later])
         later_out = generation.hf_run(model, later_sets, max_new, stop_ids, tokenizer.pad_token_id,
                                       batch_size=ev.batch_size)["outputs"]
+        later_answers = _decoded(tokenizer, later_out)
         for m in metrics.MODELS:
-            texts = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in later_out[m]]
-            table[m]["format_rate_later_turns"] = metrics.mean(metrics.format_flags(texts, task.check_format))
+            table[m]["format_rate_later_turns"] = metrics.mean(metrics.format_flags(later_answers[m],
+                                                                                     task.check_format))
         table["gap_closed"]["format_rate_later_turns"] = metrics.gap_closed(
             *(table[m]["format_rate_later_turns"] for m in ("floor", "student", "teacher")))
     elif ev.turns > 1:
@@ -222,18 +227,30 @@ def later_turn_prompts(tokenizer, task, records: list[dict[str, Any]], inputs: l
     """(teacher ids, student ids) up to each later agent turn of the records' ``teacher_output_conv``: agent turn
     k (2 <= k <= ``turns``) follows the record's agent and environment turns before it, after the teacher's view
     (with the prompt) or the student's (without)."""
-    from genpi.data.tokenize import encode, render
-
     out = []
     for record, x in zip(records, inputs):
-        conv = record.get("teacher_output_conv") or []
-        for k in range(1, turns):
-            if len(conv) <= 2 * k or conv[2 * k]["role"] != "assistant":
-                break
-            history = conv[: 2 * k]
-            out.append(tuple(encode(tokenizer, render(tokenizer, view + history, add_generation_prompt=True))
+        conv = alternating_agent_turns(record.get("teacher_output_conv") or [], turns)
+        for k in range(2, len(conv), 2):  # agent turn k // 2 + 1 after the record's turns before it
+            out.append(tuple(encode(tokenizer, render(tokenizer, view + conv[:k], add_generation_prompt=True))
                              for view in (task.teacher_messages(x), task.student_messages(x))))
     return out
+
+
+def _prompt_sets(teacher_ids: list[list[int]], student_ids: list[list[int]]) -> list:
+    """The three sides' prompts: the teacher (base + prompt), the student (adapter, no prompt), the floor (base,
+    no prompt)."""
+    from genpi.evaluation import generation
+
+    return [generation.PromptSet("teacher", teacher_ids, adapter=False),
+            generation.PromptSet("student", student_ids, adapter=True),
+            generation.PromptSet("floor", student_ids, adapter=False)]
+
+
+def _decoded(tokenizer, outputs: dict[str, list[list[int]]]) -> dict[str, list[str]]:
+    """Each side's generated ids as stripped text."""
+    from genpi.evaluation import metrics
+
+    return {m: [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in outputs[m]] for m in metrics.MODELS}
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")

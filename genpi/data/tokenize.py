@@ -459,7 +459,7 @@ class RecordEncoder:
         ``data.limits.conversation_tokens``; a conversation is read as far as it alternates agent, environment,
         agent. A record without a conversation, or with one agent turn, has none (one sampled turn).
         """
-        conv = _alternating_agent_turns(rec.get("teacher_output_conv") or [], turns)
+        conv = alternating_agent_turns(rec.get("teacher_output_conv") or [], turns)
         n_agent = (len(conv) + 1) // 2
         if n_agent < 2:
             return {"env_student": [], "env_teacher": []}
@@ -512,7 +512,7 @@ class RecordEncoder:
         return ids, labels
 
 
-def _alternating_agent_turns(conv: list[Message], turns: int) -> list[Message]:
+def alternating_agent_turns(conv: list[Message], turns: int) -> list[Message]:
     """The conversation's first ``turns`` agent turns with the environment's turns between them: read while the
     roles alternate assistant, user, assistant, ...; ends on an agent turn (a trailing environment turn has no
     agent turn after it to sample)."""
