@@ -80,6 +80,17 @@ def test_pretrain_config_and_hash():
     assert base != agent_hash({**_arch()}, pretrain_config({"steps": 7}))
 
 
+def test_the_model_config_asks_for_the_default_recipe():
+    """conf/model/tiny_agent.yaml and DEFAULT_PRETRAIN are written by hand, twice: if they differ, model=tiny_agent
+    asks for a recipe the shipped weights were not made with and starts a 2.5-hour pre-training."""
+    from omegaconf import OmegaConf
+
+    from tests.helpers import CONF
+
+    block = OmegaConf.to_container(OmegaConf.load(CONF / "model" / "tiny_agent.yaml"))["tiny_agent"]
+    assert pretrain_config(block) == DEFAULT_PRETRAIN
+
+
 def _arch():
     from genpi.models.tiny import arch_config
 
