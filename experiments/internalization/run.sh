@@ -3,9 +3,11 @@
 # itself, train every loss configuration and on-policy distillation, evaluate each run on held-out inputs (and, on
 # os, by task success on genpi's own OS problems), then gather one table and one plot.
 #   experiments/internalization/run.sh [extra overrides for every training run]
-# A run that finished (its metrics.json holds the held-out evaluation) is kept: run the script again after a kill and
-# only what is missing is done; a run of the same name made with other settings is refused (GENPI_OUTPUT_ROOT holds
-# one study). Every run is split and evaluated on the same inputs (data.seed=0); SEEDS vary the rest (the adapter's
+# Every finished run leaves a record in results/ here (record.py: its metrics, settings and fit time), which is what
+# the table is gathered from; a run with a record made with the same command line is kept, so the script run again
+# after a kill, or on another machine after a partial study's records were committed, does only what is missing
+# (TASKS=os first, then the other tasks, is such a study in two parts). A run of the same name made with other
+# settings is refused. Every run is split and evaluated on the same inputs (data.seed=0); SEEDS vary the rest (the adapter's
 # initialization, the batch order's sampler, opcd's sampling). Settings (environment variables):
 #   TASKS (os,webshop,m2w,kg)   LOSSES (genpi,genpi_kl,kl,sft,pg,w_prompt: seed 0)   SEEDS (0,1,2: GenPI and opcd)
 #   N_INPUTS (160 synthesized inputs per task)
@@ -13,7 +15,8 @@
 #        opcd's that spends it alike, except a step's last run; on GPUs, the number of GPUs)
 #   ENV_PROBLEMS (all 120 of genpi's OS problems; a number plays only the first ones, for a quick try)
 #   CANDIDATES ("1.0:1.0 0.0:1.0 1.0:0.5 0.7:1.0": opcd's temperature:lmbda, chosen on os's VALIDATION split)
-#   GENPI_OUTPUT_ROOT (outputs/internalization: synthesis, runs, the selection and genpi's OS problems)
+#   GENPI_OUTPUT_ROOT (outputs/internalization: synthesis, the runs' folders and genpi's OS problems)
+#   RESULTS (experiments/internalization/results: the records, the selection, the table and the plot)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
@@ -32,6 +35,7 @@ EXTRA=""   # the script's arguments, quoted, for the jobs' shells; none gives no
 [ $# -eq 0 ] || EXTRA=$(printf '%q ' "$@")
 export PY EXTRA N_INPUTS ENV_PROBLEMS=${ENV_PROBLEMS:-}
 ROOT=$GENPI_OUTPUT_ROOT
+export RESULTS=${RESULTS:-experiments/internalization/results}
 mkdir -p "$ROOT/logs"
 
 # 0. genpi's own OS problems (deterministic: the same 120 on every machine), for the os runs' task success
@@ -44,13 +48,14 @@ mkdir -p "$ROOT/logs"
   synth.outputs.sampling.max_tokens=96 synth.conversations.sampling.max_tokens=96 \
   synth.conversations.env_sampling.max_tokens=128 synth.progress=false
 
-# One training run (conf/experiment/internalization.yaml) evaluated after training; kept when done with the same
-# settings (its command line is stamped in logs/NAME.args), refused when done with others.
+# One training run (conf/experiment/internalization.yaml) evaluated after training, then recorded in
+# $RESULTS/runs/NAME ($RESULTS/select/NAME for the selection's); kept when its record (or its finished folder, whose
+# command line is stamped in logs/NAME.args) was made with the same settings, refused when made with others.
 #   train NAME SPLIT TASK LOSS SEED [overrides...]   SPLIT: test (the held-out inputs) or val (the selection's)
 train() {
-  local name=$1 split=$2 task=$3 loss=$4 seed=$5 root=$ROOT/runs extra
+  local name=$1 split=$2 task=$3 loss=$4 seed=$5 root=$ROOT/runs record=$RESULTS/runs/$1 extra
   shift 5
-  [ "$split" = val ] && root=$ROOT/select/runs
+  [ "$split" = val ] && root=$ROOT/select/runs && record=$RESULTS/select/$name
   local evals=(eval.engine=hf eval.savings.measure=false eval.max_new_tokens=96 "eval.split=$split")
   # os on the held-out split: also task success on genpi's own problems (teacher, student, floor)
   [ "$task" = os ] && [ "$split" = test ] && evals+=(eval.env.enabled=true env=genpi_os eval.env.max_new_tokens=96
@@ -61,23 +66,35 @@ train() {
     "post_eval_overrides=[$(printf '"%s",' "${evals[@]}" | sed 's/,$//')]" "$@" "${extra[@]}")
   local stamp="$ROOT/logs/$name.args" want
   want=$(printf '%s\n' "N_INPUTS=$N_INPUTS" "${args[@]}")
-  if grep -qs '"eval/student/format_rate"' "$root/$name"-*/metrics.json; then
-    if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then echo "kept $name"; return; fi
+  if [ -f "$record/record.json" ]; then
+    if [ "$("$PY" -c 'import json, sys; print("\n".join(json.load(open(sys.argv[1]))["args"]))' \
+      "$record/record.json")" = "$want" ]; then echo "kept $name (recorded)"; return; fi
+    echo "REFUSED $name: its record $record was made with other settings than this command line; remove it" \
+      "or use another RESULTS" >&2
+    return 1
+  fi
+  if ! grep -qs '"eval/student/format_rate"' "$root/$name"-*/metrics.json; then
+    printf '%s\n' "$want" > "$stamp"
+    "$PY" -m genpi.train "${args[@]}" > "$ROOT/logs/$name.log" 2>&1 \
+      || { echo "FAILED $name: see $ROOT/logs/$name.log" >&2; return 1; }
+  elif [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "REFUSED $name: $root/$name-* was made with other settings than $stamp now asks; remove it (and the" \
       "stamp) or use another GENPI_OUTPUT_ROOT" >&2
     return 1
   fi
-  printf '%s\n' "$want" > "$stamp"
-  "$PY" -m genpi.train "${args[@]}" > "$ROOT/logs/$name.log" 2>&1 \
-    || { echo "FAILED $name: see $ROOT/logs/$name.log" >&2; return 1; }
+  local done
+  mapfile -t done < <(grep -ls '"eval/student/format_rate"' "$root/$name"-*/metrics.json)
+  [ ${#done[@]} = 1 ] || { echo "FAILED $name: ${#done[@]} finished folders $root/$name-*, expected one" >&2
+    return 1; }
+  "$PY" experiments/internalization/record.py "$(dirname "${done[0]}")" "$stamp" "$record" || return 1
   echo "done $name"
 }
-# GenPI's fit wall time for TASK and SEED, in whole seconds (genpi.runs.fit_seconds: its train.log, summed over the
-# processes of a resumed run): the budget of an on-policy run of the same task and seed, enforced by trainer.max_time
+# GenPI's fit wall time for TASK and SEED, in whole seconds (from its record: genpi.runs.fit_seconds of its train.log,
+# summed over the processes of a resumed run): the budget of an on-policy run of the same task and seed, enforced by
+# trainer.max_time
 budget() {
-  "$PY" -c "import sys; from pathlib import Path; from genpi.runs import fit_seconds
-(log,) = Path(sys.argv[1]).glob(sys.argv[2] + '-*/train.log')
-print(int(fit_seconds(log)))" "$ROOT/runs" "$1-genpi-s$2"
+  "$PY" -c "import json, sys; print(int(json.load(open(sys.argv[1]))['fit_seconds']))" \
+    "$RESULTS/runs/$1-genpi-s$2/record.json"
 }
 hms() { printf "00:%02d:%02d:%02d" $(($1 / 3600)) $(($1 % 3600 / 60)) $(($1 % 60)); }
 export -f train budget hms
@@ -100,7 +117,7 @@ for c in $CANDIDATES; do
     loss.kl.sampling.max_new_tokens=96 trainer.max_epochs=1000 +trainer.max_time=$(hms "$b")")
 done
 printf '%s\n' "${lines[@]}" | parallel
-CHOSEN=$("$PY" experiments/internalization/select.py "$ROOT/select/runs" "$ROOT/selection.json" "${names[@]}")
+CHOSEN=$("$PY" experiments/internalization/select.py "$RESULTS/select" "$RESULTS/selection.json" "${names[@]}")
 echo "opcd settings chosen on os's validation split: $CHOSEN"
 
 # 4. On-policy distillation on every task and seed with those settings, each fit held to GenPI's fit time there
@@ -115,4 +132,4 @@ done
 printf '%s\n' "${lines[@]}" | parallel
 
 # 5. The table and the plot.
-exec experiments/internalization/gather.sh "$ROOT/runs"
+exec experiments/internalization/gather.sh "$RESULTS/runs"
