@@ -15,6 +15,7 @@
 #        opcd's that spends it alike, except a step's last run; on GPUs, the number of GPUs)
 #   ENV_PROBLEMS (all 120 of genpi's OS problems; a number plays only the first ones, for a quick try)
 #   CANDIDATES ("1.0:1.0 0.0:1.0 1.0:0.5 0.7:1.0": opcd's temperature:lmbda, chosen on os's VALIDATION split)
+#   ONPOLICY (1; 0 skips on-policy distillation, steps 3 and 4, which need os's GenPI run)
 #   GENPI_OUTPUT_ROOT (outputs/internalization: synthesis, the runs' folders and genpi's OS problems)
 #   RESULTS (experiments/internalization/results: the records, the selection, the table and the plot)
 set -euo pipefail
@@ -106,6 +107,8 @@ for task in ${TASKS//,/ }; do
   for loss in ${LOSSES//,/ }; do echo "train $task-$loss-s0 test $task $loss 0"; done
   for seed in ${SEEDS//,/ }; do [ "$seed" = 0 ] || echo "train $task-genpi-s$seed test $task genpi $seed"; done
 done | parallel
+
+if [ "${ONPOLICY:-1}" = 0 ]; then exec experiments/internalization/gather.sh "$RESULTS/runs"; fi
 
 # 3. On-policy distillation's sampling temperature and on-policy share (lmbda), chosen on os's VALIDATION split
 #    (seed 0, each fit held to GenPI's os fit time): the best student format rate, ties broken by the KL gap closed
