@@ -14,7 +14,7 @@ STUDY = CONF.parent / "experiments" / "internalization"
 
 
 def _run_folder(tmp_path: Path, name: str, split: str, format_rate: float, kl_gap: float,
-                temperature: float = 1.0, lmbda: float = 1.0) -> Path:
+                temperature: float = 1.0, lmbda: float = 1.0, turns: int = 1, later: float | None = None) -> Path:
     """A finished run's folder as genpi.train leaves it (run.json, metrics.json with its post-training evaluation's
     report, train.log), under tmp_path/runs, its evaluation under tmp_path/eval."""
     run = tmp_path / "runs" / f"{name}-20261130"
@@ -25,12 +25,13 @@ def _run_folder(tmp_path: Path, name: str, split: str, format_rate: float, kl_ga
     (ev / "report.md").write_text("report\n")
     (run / "run.json").write_text(json.dumps({
         "task": "os", "run_name": name, "config": {
-            "seed": 0, "loss": {"name": "opcd", "kl": {"lmbda": lmbda, "sampling": {"temperature": temperature}}},
+            "seed": 0, "loss": {"name": "opcd", "kl": {"lmbda": lmbda, "sampling": {"temperature": temperature, "turns": turns}}},
             "paths": {"output_root": str(tmp_path)}}}))
     (run / "metrics.json").write_text(json.dumps({
         "eval/student/format_rate": format_rate, "eval/teacher/format_rate": 0.9,
         "eval/gap_closed/kl_forward": kl_gap, "eval/n_examples": 19, "train/steps": 40,
-        "eval/report": str(ev / "report.md")}))
+        "eval/report": str(ev / "report.md"),
+        **({} if later is None else {"eval/student/format_rate_later_turns": later})}))
     # two processes (a resumed run): 100 s and 25.5 s of fitting
     (run / "train.log").write_text(
         "[2026-11-30 10:00:00,000][genpi.train][INFO] training os on 120 records\n"
@@ -89,3 +90,22 @@ def test_selection_reads_the_candidates_records_and_never_a_held_out_split(tmp_p
     proc = subprocess.run([sys.executable, str(STUDY / "select.py"), str(records), str(out), *cands, "c4"],
                           capture_output=True, text=True)
     assert proc.returncode != 0 and "not the validation split" in proc.stderr
+
+
+def test_selection_of_the_turns_ranks_by_the_later_turns_and_needs_them(tmp_path):
+    records = tmp_path / "results" / "select"
+    cands = {"n2": (0.9, 0.9, 2, 0.4), "n3": (0.8, 0.8, 3, 0.6)}
+    for name, (fmt, gap, turns, later) in cands.items():
+        run = _run_folder(tmp_path, name, "val", fmt, gap, turns=turns, later=later)
+        assert _record(run, tmp_path, records / name, base=tmp_path).returncode == 0
+    out = tmp_path / "selection_turns.json"
+    select = [sys.executable, str(STUDY / "select.py"), "--by", "later_turns", str(records), str(out)]
+    proc = subprocess.run([*select, *cands], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "loss.kl.sampling.turns=3"   # better later turns, though worse first answers
+    assert json.loads(out.read_text())["chosen"] == {"turns": 3}
+
+    run = _run_folder(tmp_path, "n4", "val", 1.0, 1.0, turns=4)   # evaluated without eval.turns
+    assert _record(run, tmp_path, records / "n4", base=tmp_path).returncode == 0
+    proc = subprocess.run([*select, *cands, "n4"], capture_output=True, text=True)
+    assert proc.returncode != 0 and "no format rate of later turns" in proc.stderr

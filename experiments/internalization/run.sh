@@ -15,7 +15,8 @@
 #        opcd's that spends it alike, except a step's last run; on GPUs, the number of GPUs)
 #   ENV_PROBLEMS (all 120 of genpi's OS problems; a number plays only the first ones, for a quick try)
 #   CANDIDATES ("1.0:1.0 0.0:1.0 1.0:0.5 0.7:1.0": opcd's temperature:lmbda, chosen on os's VALIDATION split)
-#   ONPOLICY (1; 0 skips on-policy distillation, steps 3 and 4, which need os's GenPI run)
+#   ONPOLICY (1; 0 skips on-policy distillation, steps 3 to 5, which need os's GenPI run)
+#   TURNS ("2 3": the candidates of opcd_turns' number of sampled agent turns, chosen on os's VALIDATION split)
 #   GENPI_OUTPUT_ROOT (outputs/internalization: synthesis, the runs' folders and genpi's OS problems)
 #   RESULTS (experiments/internalization/results: the records, the selection, the table and the plot)
 set -euo pipefail
@@ -27,6 +28,7 @@ SEEDS=${SEEDS:-0,1,2}
 N_INPUTS=${N_INPUTS:-160}
 JOBS=${JOBS:-2}
 CANDIDATES=${CANDIDATES:-"1.0:1.0 0.0:1.0 1.0:0.5 0.7:1.0"}
+TURNS=${TURNS:-"2 3"}
 export GENPI_OUTPUT_ROOT=${GENPI_OUTPUT_ROOT:-outputs/internalization}
 # torch threads per run: cores / JOBS (torch takes every core in each process otherwise: two os runs at a time
 # here took 17.8 s per step with two threads each and 3.8 s with one)
@@ -52,19 +54,22 @@ mkdir -p "$ROOT/logs"
 # One training run (conf/experiment/internalization.yaml) evaluated after training, then recorded in
 # $RESULTS/runs/NAME ($RESULTS/select/NAME for the selection's); kept when its record (or its finished folder, whose
 # command line is stamped in logs/NAME.args) was made with the same settings, refused when made with others.
-#   train NAME SPLIT TASK LOSS SEED [overrides...]   SPLIT: test (the held-out inputs) or val (the selection's)
+#   train NAME SPLIT TASK LOSS SEED [overrides...]   SPLIT: test (the held-out inputs) or val (the selection's);
+#   an override written eval:KEY=VALUE goes to the evaluation after training, the others to training
 train() {
-  local name=$1 split=$2 task=$3 loss=$4 seed=$5 root=$ROOT/runs record=$RESULTS/runs/$1 extra
+  local name=$1 split=$2 task=$3 loss=$4 seed=$5 root=$ROOT/runs record=$RESULTS/runs/$1 extra a
   shift 5
   [ "$split" = val ] && root=$ROOT/select/runs && record=$RESULTS/select/$name
-  local evals=(eval.engine=hf eval.savings.measure=false eval.max_new_tokens=96 "eval.split=$split")
+  local evals=(eval.engine=hf eval.savings.measure=false eval.max_new_tokens=96 "eval.split=$split") trains=()
+  for a in "$@"; do if [[ $a == eval:* ]]; then evals+=("${a#eval:}"); else trains+=("$a"); fi; done
   # os on the held-out split: also task success on genpi's own problems (teacher, student, floor)
   [ "$task" = os ] && [ "$split" = test ] && evals+=(eval.env.enabled=true env=genpi_os eval.env.max_new_tokens=96
     ${ENV_PROBLEMS:+env.max_problems=$ENV_PROBLEMS})
   eval "extra=($EXTRA)"
   local args=(experiment=internalization task="$task" loss="$loss" seed="$seed" data.seed=0 run_name="$name"
     paths.output_root="$(dirname "$root")" data.path="$ROOT/synth/$task/tiny_agent/internalization"
-    "post_eval_overrides=[$(printf '"%s",' "${evals[@]}" | sed 's/,$//')]" "$@" "${extra[@]}")
+    "post_eval_overrides=[$(printf '"%s",' "${evals[@]}" | sed 's/,$//')]" ${trains[@]+"${trains[@]}"} \
+    ${extra[@]+"${extra[@]}"})
   local stamp="$ROOT/logs/$name.args" want
   want=$(printf '%s\n' "N_INPUTS=$N_INPUTS" "${args[@]}")
   if [ -f "$record/record.json" ]; then
@@ -134,5 +139,31 @@ for task in ${TASKS//,/ }; do
 done
 printf '%s\n' "${lines[@]}" | parallel
 
-# 5. The table and the plot.
+# 5. On-policy distillation on the student's own trajectories (os only; its rows are named opcd_turns): with step 3's
+#    temperature and lmbda, the student samples up to N agent turns of each synthesized conversation, the
+#    environment's turns between them taken from the record (loss.kl.sampling.turns), so that the turns after an
+#    observation (an OS agent's answer) are trained on its own text too. N chosen on os's VALIDATION split by the
+#    student's format rate on the conversations' later turns (eval.turns=3), then 3 seeds as in step 4.
+if [[ ",$TASKS," == *,os,* ]]; then
+  b=$(budget os 0)
+  names=() lines=()
+  for n in $TURNS; do
+    names+=("select-os-opcd_turns-n$n")
+    lines+=("train select-os-opcd_turns-n$n val os opcd 0 loss.name=opcd_turns $CHOSEN loss.kl.sampling.turns=$n \
+      loss.kl.sampling.max_new_tokens=96 trainer.max_epochs=1000 +trainer.max_time=$(hms "$b") eval:eval.turns=3")
+  done
+  printf '%s\n' "${lines[@]}" | parallel
+  N=$("$PY" experiments/internalization/select.py --by later_turns "$RESULTS/select" "$RESULTS/selection_turns.json" \
+    "${names[@]}")
+  echo "opcd_turns' turns chosen on os's validation split: $N"
+  lines=()
+  for seed in ${SEEDS//,/ }; do
+    b=$(budget os "$seed")
+    lines+=("train os-opcd_turns-s$seed test os opcd $seed loss.name=opcd_turns $CHOSEN $N \
+      loss.kl.sampling.max_new_tokens=96 trainer.max_epochs=1000 +trainer.max_time=$(hms "$b")")
+  done
+  printf '%s\n' "${lines[@]}" | parallel
+fi
+
+# 6. The table and the plot.
 exec experiments/internalization/gather.sh "$RESULTS/runs"

@@ -2,12 +2,18 @@
 NAME... under RECORDS (record.py; each run trained with one candidate's sampling temperature and on-policy share,
 evaluated with eval.split=val), the best student format rate, ties broken by the larger share of the KL gap closed.
 Writes OUT (every candidate's validation figures and the choice) and prints the chosen settings as overrides.
-    python experiments/internalization/select.py RECORDS OUT NAME [NAME ...]"""
+With --by later_turns (candidates that differ in loss.kl.sampling.turns, evaluated with eval.turns above 1): the best
+student format rate on the conversations' later agent turns, ties broken as above; prints the chosen turns.
+    python experiments/internalization/select.py [--by later_turns] RECORDS OUT NAME [NAME ...]"""
 import json
 import sys
 from pathlib import Path
 
-records, out, names = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
+args = sys.argv[1:]
+later = args[:2] == ["--by", "later_turns"]
+if later:
+    args = args[2:]
+records, out, names = Path(args[0]), Path(args[1]), args[2:]
 rows = []
 for name in names:
     record = records / name
@@ -18,17 +24,25 @@ for name in names:
     split = json.loads((record / "record.json").read_text())["split"]
     if split != "val":  # never choose on the held-out inputs
         raise SystemExit(f"{record}: evaluated on the {split!r} split, not the validation split")
+    if later and "eval/student/format_rate_later_turns" not in m:
+        raise SystemExit(f"{record}: no format rate of later turns (evaluate with eval.turns above 1)")
     rows.append({"run": name, "temperature": kl["sampling"]["temperature"], "lmbda": kl["lmbda"],
+                 "turns": kl["sampling"].get("turns", 1),
+                 "val_student_format_rate_later_turns": m.get("eval/student/format_rate_later_turns"),
+                 "val_teacher_format_rate_later_turns": m.get("eval/teacher/format_rate_later_turns"),
                  "steps": m.get("train/steps"), "val_inputs": m.get("eval/n_examples"),
                  "val_student_format_rate": m["eval/student/format_rate"],
                  "val_teacher_format_rate": m["eval/teacher/format_rate"],
                  "val_gap_closed_kl_forward": m["eval/gap_closed/kl_forward"]})
 if not rows:
     raise SystemExit("name the candidates' runs")
-rows.sort(key=lambda r: (-r["val_student_format_rate"], -r["val_gap_closed_kl_forward"]))
+first = ([lambda r: -r["val_student_format_rate_later_turns"]] if later else [])
+rows.sort(key=lambda r: (*(f(r) for f in first), -r["val_student_format_rate"], -r["val_gap_closed_kl_forward"]))
 best = rows[0]
+rule = ("best validation student format rate" + (" on the later turns, then on the first answers" if later else "")
+        + ", ties: larger share of the KL gap closed")
+chosen = {"turns": best["turns"]} if later else {"temperature": best["temperature"], "lmbda": best["lmbda"]}
 out.parent.mkdir(parents=True, exist_ok=True)
-out.write_text(json.dumps({"command": "experiments/internalization/run.sh (step 3)", "rule": "best validation student "
-                           "format rate, ties: larger share of the KL gap closed", "candidates": rows,
-                           "chosen": {"temperature": best["temperature"], "lmbda": best["lmbda"]}}, indent=2) + "\n")
-print(f"loss.kl.sampling.temperature={best['temperature']} loss.kl.lmbda={best['lmbda']}")
+out.write_text(json.dumps({"command": "experiments/internalization/run.sh (step " + ("5" if later else "3") + ")",
+                           "rule": rule, "candidates": rows, "chosen": chosen}, indent=2) + "\n")
+print(" ".join(f"loss.kl.sampling.{k}={v}" if k != "lmbda" else f"loss.kl.{k}={v}" for k, v in chosen.items()))
