@@ -242,7 +242,8 @@ def ResumableCSVLogger(*args: Any, **kwargs: Any):  # noqa: N802 - used as a cla
 
 def fit_seconds(train_log: Path) -> float:
     """The wall time a run spent fitting, from its ``train.log``: each "training <task> on ..." line of genpi.train
-    to the ``Trainer.fit`` stop that follows it, summed over the processes of a resumed run (a process killed before
+    to the ``Trainer.fit`` stop that follows it (or, for a fit ended by ``trainer.max_time``, Lightning's "Time limit
+    reached" line: such a fit logs no stop), summed over the processes of a resumed run (a process killed before
     its fit stopped logs no stop: its time is not counted). The budget a study gives another run of the same data
     (``trainer.max_time``). Raises when the log holds no complete fit."""
     import re
@@ -259,9 +260,9 @@ def fit_seconds(train_log: Path) -> float:
         t = datetime.strptime(m[1], "%Y-%m-%d %H:%M:%S,%f")
         if m[2] == "genpi.train" and re.match(r"training \S+ on ", m[3]):
             start = t
-        elif "`Trainer.fit` stopped" in m[3] and start is not None:
+        elif ("`Trainer.fit` stopped" in m[3] or m[3].startswith("Time limit reached")) and start is not None:
             total, start, fits = total + (t - start).total_seconds(), None, fits + 1
     if not fits:
         raise GenpiError(f"{train_log}: no complete fit (a 'training ... on' line of genpi.train and the "
-                         "'Trainer.fit stopped' line after it)")
+                         "'Trainer.fit stopped' or 'Time limit reached' line after it)")
     return total

@@ -179,8 +179,11 @@ def test_fit_seconds_sums_the_fits_of_a_resumed_run_and_refuses_a_log_without_on
         "[2026-11-30 08:20:52,000][pytorch_lightning.utilities.rank_zero][INFO] `Trainer.fit` stopped: max_time\n"
         "[2026-11-30 08:43:40,000][genpi.train][INFO] training os on data (20 train / 2 val records)\n"  # resumed
         "[2026-11-30 08:43:50,250][pytorch_lightning.utilities.rank_zero][INFO] `Trainer.fit` stopped: max_epochs\n"
-        "[2026-11-30 09:00:00,000][genpi.train][INFO] training os on data (killed: no stop follows)\n")
-    assert fit_seconds(log) == pytest.approx(72.0 + 10.25)
+        "[2026-11-30 09:00:00,000][genpi.train][INFO] training os on data (killed: no stop follows)\n"
+        "[2026-11-30 09:10:00,000][genpi.train][INFO] training os on data (resumed again, held to max_time)\n"
+        "[2026-11-30 09:12:13,500][pytorch_lightning.utilities.rank_zero][INFO] Time limit reached. Elapsed time is "
+        "0:02:13. Signaling Trainer to stop.\n")
+    assert fit_seconds(log) == pytest.approx(72.0 + 10.25 + 133.5)
     log.write_text("[2026-11-30 08:19:40,000][genpi.train][INFO] training os on data\n")
     with pytest.raises(GenpiError, match="no complete fit"):
         fit_seconds(log)
