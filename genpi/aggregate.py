@@ -213,6 +213,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rows", default="loss")
     ap.add_argument("--cols", default="task")
     ap.add_argument("--metrics", nargs="+", default=["val/kl", "val/kl_start"])
+    ap.add_argument("--plots", nargs="+", default=None, metavar="METRIC",
+                    help="metrics to plot, one figure each: the first as results.png, the others as "
+                         "results_<metric with / as _>.png (default: the first of --metrics)")
     ap.add_argument("--out", default=None, help="output folder (default: ROOT/summary)")
     ap.add_argument("--reference-rows", action="store_true",
                     help="add rows for the teacher (base + prompt) and the floor (base, no prompt) of the evaluations")
@@ -230,9 +233,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.reference_rows:
         rows = rows + reference_rows(rows, args.rows)
     md, csv_path = write_tables(rows, out, args.rows, args.cols, args.metrics)
-    png = plot(rows, out / "results.png", args.rows, args.cols, args.metrics[0])
+    pngs = [plot(rows, out / plot_name(metric, first=i == 0), args.rows, args.cols, metric)
+            for i, metric in enumerate(args.plots or args.metrics[:1])]
     print(md.read_text())
-    print(f"table: {md}\ncsv: {csv_path}\nplot: {png}")
+    print(f"table: {md}\ncsv: {csv_path}\nplot: " + " ".join(map(str, pngs)))
+
+
+def plot_name(metric: str, first: bool) -> str:
+    """The file of a metric's figure: ``results.png`` for the first, ``results_eval_env_student_success_rate.png``
+    for ``eval/env/student/success_rate`` after it."""
+    return "results.png" if first else "results_" + metric.replace("/", "_") + ".png"
 
 
 if __name__ == "__main__":

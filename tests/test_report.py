@@ -134,3 +134,22 @@ def test_aggregate_reports_the_spread_over_seeds_and_env_references(tmp_path):
     text = md.read_text()
     assert "| opcd | 0.500 ± 0.100 (3) |" in text and "| genpi | 0.300 |" in text
     assert f"| {REFERENCES['teacher']} | 0.700 |" in text  # a reference: its value, no spread
+
+
+def test_aggregate_draws_one_figure_per_metric_asked(tmp_path):
+    from genpi.aggregate import main
+
+    runs = tmp_path / "runs"
+    for loss, fmt, success in (("genpi", 0.8, 0.6), ("opcd", 0.9, None)):
+        run = runs / f"os-{loss}"
+        run.mkdir(parents=True)
+        (run / "run.json").write_text(json.dumps({"task": "os", "config": {"loss": {"name": loss}, "seed": 0}}))
+        metrics = {"eval/student/format_rate": fmt, **({} if success is None else
+                                                      {"eval/env/student/success_rate": success})}
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    main([str(runs), "--metrics", "eval/student/format_rate", "eval/env/student/success_rate", "--plots",
+          "eval/student/format_rate", "eval/env/student/success_rate", "--out", str(tmp_path / "out")])
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == [
+        "results.png", "results_eval_env_student_success_rate.png"]
+    main([str(runs), "--metrics", "eval/student/format_rate", "--out", str(tmp_path / "one")])
+    assert [p.name for p in (tmp_path / "one").glob("*.png")] == ["results.png"]

@@ -9,4 +9,5 @@ RUNS=${1:-experiments/internalization/results/runs}
 exec "$PY" -m genpi.aggregate "$RUNS" --rows loss --cols task --reference-rows \
   --metrics eval/student/format_rate eval/student/kl_forward eval/gap_closed/kl_forward eval/gap_closed/format_rate \
   eval/env/student/success_rate eval/env/gap_closed/success_rate \
+  --plots eval/student/format_rate eval/env/student/success_rate \
   --out "$(dirname "$RUNS")"
