@@ -165,5 +165,7 @@ if [[ ",$TASKS," == *,os,* ]]; then
   printf '%s\n' "${lines[@]}" | parallel
 fi
 
-# 6. The table and the plot.
+# 6. Where the os students fail (episodes.py: first actions, validation failures after an observation, one trajectory
+#    per loss), then the table and the plots.
+if [[ ",$TASKS," == *,os,* ]]; then "$PY" experiments/internalization/episodes.py "$RESULTS/runs" "$RESULTS/os_episodes.json"; fi
 exec experiments/internalization/gather.sh "$RESULTS/runs"
