@@ -396,49 +396,140 @@ def _study(path: str) -> dict[tuple[str, str], dict[str, float]]:
 
 INTERNALIZATION = "experiments/internalization/results/results.csv"
 INTERNALIZATION_MD = "experiments/internalization/results/results.md"
+STUDY_TABLES = ["eval/student/format_rate", "eval/gap_closed/kl_forward", "eval/env/student/success_rate"]
+
+
+def _seeds(path: str) -> dict[tuple[str, str], list[dict[str, float]]]:
+    """Every run of a study (genpi.aggregate's results.csv) by (loss, task): one entry per seed."""
+    out: dict[tuple[str, str], list[dict[str, float]]] = {}
+    for r in csv_rows(path):
+        if r["loss"].startswith(("teacher (", "floor (")):
+            continue
+        assert r["status"] == "ok", r["run_name"]
+        out.setdefault((r["loss"], r["task"]), []).append(
+            {k: float(v) for k, v in r.items() if k.startswith(("eval/", "train/"))
+             and v not in ("", "True", "False") and not k.endswith("report")})
+    return out
+
+
+def _mean_sd(runs: list[dict[str, float]], key: str) -> tuple[float, float]:
+    import statistics
+
+    values = [r[key] for r in runs]
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def study_phrases() -> dict[str, str]:
+    """The study README's statements of the on-policy targets and of task success, rendered from results.csv."""
+    runs = _seeds(INTERNALIZATION)
+    fmt, gap, ok = "eval/student/format_rate", "eval/gap_closed/kl_forward", "eval/env/student/success_rate"
+    tasks = sorted({t for _, t in runs})
+    mean = {(lo, t, k): _mean_sd(v, k)[0] for (lo, t), v in runs.items() for k in (fmt, gap)}
+    opcd_os, sd_os = _mean_sd(runs["opcd", "os"], fmt)
+    teacher_os = runs["opcd", "os"][0]["eval/teacher/format_rate"]
+    genpi_os, genpi_sd = _mean_sd(runs["genpi", "os"], fmt)
+    met_os = opcd_os >= 0.9 * teacher_os
+    worse = [f"{t} ({'format rate' if mean['opcd', t, fmt] < mean['genpi', t, fmt] else 'KL gap'})" for t in tasks
+             if mean["opcd", t, fmt] < mean["genpi", t, fmt] or mean["opcd", t, gap] < mean["genpi", t, gap]]
+    out = {
+        "os_target": f"On os, at least 90% of the teacher's format rate without the prompt: "
+                     f"{'met' if met_os else 'missed'}.",
+        "os": f"opcd's student follows the format {pct(opcd_os, 1)}% ± {pct(sd_os, 1)} of the time without the "
+              f"prompt (3 seeds), {pct(opcd_os / teacher_os)}% of the teacher's {pct(teacher_os, 1)}% "
+              f"(GenPI {pct(genpi_os, 1)}% ± {pct(genpi_sd, 1)})",
+        "every": "At least as good as GenPI on format rate and KL gap closed on every task: "
+                 + ("met." if not worse else "missed on " + ", ".join(worse) + "."),
+        "format": "format rate " + ", ".join(f"{t} {pct(mean['opcd', t, fmt], 1)}% vs {pct(mean['genpi', t, fmt], 1)}%"
+                                             for t in tasks),
+        "gap": "KL gap closed " + ", ".join(f"{t} {pct(mean['opcd', t, gap], 1)}% vs {pct(mean['genpi', t, gap], 1)}%"
+                                            for t in tasks),
+    }
+    vf = "eval/env/student/endings/validation_failure"
+    teacher = runs["genpi", "os"][0]
+    success = {lo: (*_mean_sd(runs[lo, "os"], ok), _mean_sd(runs[lo, "os"], vf)[0])
+               for lo in ("genpi", "sft", "kl", "opcd", "opcd_turns")}
+    out["success"] = ("; ".join(f"{lo} {pct(m, 1)}%" + (f" ± {pct(sd, 1)}" if len(runs[lo, "os"]) > 1 else "")
+                                + f" ({fixed(v, 1).removesuffix('.0')} validation failures)"
+                                for lo, (m, sd, v) in success.items())
+                      + f"; teacher {pct(teacher['eval/env/teacher/success_rate'], 1)}%, floor "
+                      f"{pct(teacher['eval/env/floor/success_rate'], 1)}%")
+    turns = load("experiments/internalization/results/selection_turns.json")
+    out["turns"] = f"{turns['chosen']['turns']} turns, chosen on validation"
+    return out
 
 
 def check_internalization_tables(block: str) -> None:
-    """The study README's two tables are ``results.md``'s (written by gather.sh from the same runs as results.csv)."""
+    """The study README's tables are ``results.md``'s sections (written by gather.sh from the same records as
+    results.csv), each possibly without its reference rows."""
     text = (ROOT / INTERNALIZATION_MD).read_text()
     sections = dict(re.findall(r"^### (\S+)\n\n((?:\|.*\n?)+)", text, flags=re.M))
     readme_tables = tables(block)
-    assert readme_tables == [table(sections["eval/student/format_rate"]),
-                             table(sections["eval/gap_closed/kl_forward"])[:len(readme_tables[1])]]
-    assert [r[0] for r in readme_tables[1]] == sorted({loss for loss, _ in _study(INTERNALIZATION)})
-    assert {r["eval/info/n_examples"] for r in _study(INTERNALIZATION).values()} == {32.0}  # the heading's 32
+    assert len(readme_tables) == len(STUDY_TABLES)
+    runs = _seeds(INTERNALIZATION)
+    for got, key in zip(readme_tables, STUDY_TABLES):
+        full = table(sections[key])
+        losses = {lo for (lo, t), v in runs.items() if key in v[0]}
+        assert got == full[:len(got)] and {r[0] for r in got} >= losses, key
+    assert {r["eval/info/n_examples"] for v in runs.values() for r in v} == {32.0}  # the heading's 32
+    assert {len(v) for (lo, _), v in runs.items() if lo in ("genpi", "opcd", "opcd_turns")} == {3}  # "3 seeds"
+    assert {len(v) for (lo, _), v in runs.items() if lo not in ("genpi", "opcd", "opcd_turns")} == {1}
 
 
-def _range(runs: dict, loss: str, key: str, tasks: list[str] | None = None) -> str:
-    values = [v[key] for (lo, t), v in runs.items() if lo == loss and (tasks is None or t in tasks)]
-    return f"{pct(min(values))}-{pct(max(values))}%"
+def check_internalization_selection(block: str) -> None:
+    d = load("experiments/internalization/results/selection.json")
+    t = load("experiments/internalization/results/selection_turns.json")
+    rows = d["candidates"]
+    assert rows == sorted(rows, key=lambda r: (-r["val_student_format_rate"], -r["val_gap_closed_kl_forward"]))
+    assert d["chosen"] == {"temperature": rows[0]["temperature"], "lmbda": rows[0]["lmbda"]}
+    trows = t["candidates"]
+    assert trows == sorted(trows, key=lambda r: (-r["val_student_format_rate_later_turns"],
+                                                 -r["val_student_format_rate"], -r["val_gap_closed_kl_forward"]))
+    assert t["chosen"] == {"turns": trows[0]["turns"]}
+    contains(block, f"temperature {d['chosen']['temperature']:g} and `lmbda` {d['chosen']['lmbda']:g}",
+             f"{int(rows[0]['val_inputs'])} validation inputs",
+             *(f"temperature {r['temperature']:g} / `lmbda` {r['lmbda']:g}: {pct(r['val_student_format_rate'], 1)}%"
+               f" and {pct(r['val_gap_closed_kl_forward'], 1)}%" for r in rows),
+             *(f"{r['turns']} turns: {pct(r['val_student_format_rate_later_turns'], 1)}% of the later turns "
+               f"(teacher {pct(r['val_teacher_format_rate_later_turns'], 1)}%)" for r in trows))
+
+
+def check_internalization_episodes(block: str) -> None:
+    d = load("experiments/internalization/results/os_episodes.json")
+    runs = _seeds(INTERNALIZATION)
+    for loss in ("kl", "opcd", "opcd_turns", "genpi", "sft"):
+        mine = [v for k, v in d["runs"].items() if k.startswith(f"os-{loss}-s")]
+        assert len(mine) == len(runs[loss, "os"]), loss  # every os run of the table
+        total = {k: sum(v[k] for v in mine) for k in mine[0]}
+        assert total["successes"] == round(sum(r["eval/env/student/successes"] for r in runs[loss, "os"]))
+        contains(block, f"{loss}: {total['first_action_valid']} of {total['episodes']} first actions valid, "
+                        f"{total['validation_failures_after_an_observation']} of {total['validation_failures']} "
+                        "validation failures after an observation")
+    assert {r["eval/env/teacher/rounds_mean"] for v in runs.values() for r in v if "eval/env/teacher/n" in r} == {2.0}
+    ex = d["examples"]["opcd"]
+    assert ex["run"] == "os-opcd-s0"
+    contains(block, ex["description"], *(" ".join(t["content"].split()) for t in ex["turns"][1:]))
 
 
 def check_internalization_findings(block: str) -> None:
-    runs = _study(INTERNALIZATION)
-    gap_kl, gap_format = "eval/gap_closed/kl_forward", "eval/gap_closed/format_rate"
-    assert all(r["eval/floor/format_rate"] == 0 for r in runs.values())  # so "% of the teacher's" = gap closed
-    contains(block, "(" + ", ".join(f"{loss} {_range(runs, loss, gap_kl)}" for loss in ("genpi", "genpi_kl", "kl",
-                                                                                             "sft")) + ")",
-             f"(genpi {pct(runs['genpi', 'webshop']['eval/student/format_rate'], 1)}% vs "
-             f"{pct(runs['genpi', 'webshop']['eval/teacher/format_rate'])}%)",
-             f"({pct(runs['genpi_kl', 'kg'][gap_format])}% and {pct(runs['kl', 'kg'][gap_format])}% of the teacher's)",
-             f"on m2w by kl ({pct(runs['kl', 'm2w'][gap_format])}%)",
-             f"reaches {pct(runs['genpi', 'm2w'][gap_format])}% of the teacher's on m2w, "
-             f"{pct(runs['genpi', 'kg'][gap_format])}% on kg and {pct(runs['genpi', 'os'][gap_format])}% on os",
-             f"({min(_range(runs, lo, gap_kl, ['os']).split('-')[0] for lo in ('genpi', 'genpi_kl', 'kl', 'sft'))}-"
-             f"{max(_range(runs, lo, gap_kl, ['os']).split('-')[1] for lo in ('genpi', 'genpi_kl', 'kl', 'sft'))} "
-             "of the KL gap closed)")
-    assert all(runs[lo, "os"]["eval/student/format_rate"] < 0.9 * runs[lo, "os"]["eval/teacher/format_rate"]
-               for lo, _ in runs)  # "Missed on os by every configuration"
+    contains(block, *study_phrases().values())
+    runs = _seeds(INTERNALIZATION)
+    trained = ("genpi", "genpi_kl", "kl", "opcd", "opcd_turns", "sft")  # the losses that train without the prompt
+    gap = sorted(trained, key=lambda lo: -_mean_sd(runs[lo, "os"], "eval/gap_closed/kl_forward")[0])
+    success = sorted(trained, key=lambda lo: _mean_sd(runs[lo, "os"], "eval/env/student/success_rate")[0])
+    contains(block, "opcd and kl close the most KL gap on os", "succeeds as often as GenPI's")
+    assert set(gap[:2]) == {"opcd", "kl"} and set(success[:2]) == {"opcd", "kl"}
+    turns, genpi = (_mean_sd(runs[lo, "os"], "eval/env/student/success_rate") for lo in ("opcd_turns", "genpi"))
+    assert abs(turns[0] - genpi[0]) < min(turns[1], genpi[1])  # "as often as": within a standard deviation
 
 
 def check_internalization_summary(block: str) -> None:
-    runs = _study(INTERNALIZATION)
-    student, teacher = "eval/student/format_rate", "eval/teacher/format_rate"
-    contains(block, f"GenPI closes {_range(runs, 'genpi', 'eval/gap_closed/kl_forward')} of the KL gap on every task",
-             *(f"{pct(runs['genpi', t][student])}%{' of the time' if t == 'webshop' else ''} on {t} "
-               f"(teacher {pct(runs['genpi', t][teacher])}%)" for t in ("webshop", "m2w", "kg", "os")))
+    phrases = study_phrases()
+    contains(block, phrases["success"], phrases["os_target"], phrases["every"])
+
+
+def _range(runs: dict, loss: str, key: str) -> str:
+    values = [v[key] for (lo, _), v in runs.items() if lo == loss]
+    return f"{pct(min(values))}-{pct(max(values))}%"
 
 
 def check_ablation(block: str) -> None:
@@ -472,6 +563,8 @@ CHECKS: dict[str, Callable[[str], None]] = {
     "experiments/serve/results/serve_bench_prefix_cache_on.json": check_serve,
     "experiments/real_tokenizers/results/tokenizers.json": check_tokenizers,
     INTERNALIZATION_MD: check_internalization_tables,
+    "experiments/internalization/results/selection.json": check_internalization_selection,
+    "experiments/internalization/results/os_episodes.json": check_internalization_episodes,
     f"{INTERNALIZATION}#findings": check_internalization_findings,
     f"{INTERNALIZATION}#summary": check_internalization_summary,
     "experiments/ablation/results/results.csv": check_ablation,

@@ -6,6 +6,7 @@ stopped half-way goes on where its committed records end, without the runs' fold
 Paths under the working directory are written relative to it.
     python experiments/internalization/record.py RUN_DIR STAMP RECORD_DIR"""
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -36,11 +37,14 @@ def write_record(run_dir: Path, stamp: Path, out: Path, base: str) -> None:
     for name in ("run.json", "metrics.json"):
         doc = portable(json.loads((run_dir / name).read_text()), base)
         (out / name).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-    record = {"args": stamp.read_text().splitlines(), "fit_seconds": round(fit_seconds(run_dir / "train.log"), 1),
+    # tenths rounded down: run.sh's budget, int() of it, is the whole seconds of the fit as genpi.runs gives them
+    seconds = math.floor(fit_seconds(run_dir / "train.log") * 10) / 10
+    record = {"args": stamp.read_text().splitlines(), "fit_seconds": seconds,
               "split": split, "run_dir": portable(str(run_dir), base)}
     (out / "record.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":
     run_dir, stamp, out = (Path(a) for a in sys.argv[1:4])
-    write_record(run_dir.resolve(), stamp, out, str(Path.cwd().resolve()))
+    # absolute without resolving links: an outputs/ that is a link elsewhere stays under the working directory
+    write_record(Path(os.path.abspath(run_dir)), stamp, out, os.path.abspath(os.getcwd()))

@@ -18,7 +18,7 @@ rows = []
 for name in names:
     record = records / name
     if not (record / "record.json").is_file():
-        raise SystemExit(f"{record}: no record of candidate {name} (run.sh step 3 writes it)")
+        raise SystemExit(f"{record}: no record of candidate {name} (run.sh writes it when the candidate's run finishes)")
     m = json.loads((record / "metrics.json").read_text())
     kl = json.loads((record / "run.json").read_text())["config"]["loss"]["kl"]
     split = json.loads((record / "record.json").read_text())["split"]
