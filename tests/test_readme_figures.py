@@ -517,6 +517,15 @@ def check_internalization_findings(block: str) -> None:
     gap = sorted(trained, key=lambda lo: -_mean_sd(runs[lo, "os"], "eval/gap_closed/kl_forward")[0])
     success = sorted(trained, key=lambda lo: _mean_sd(runs[lo, "os"], "eval/env/student/success_rate")[0])
     contains(block, "opcd and kl close the most KL gap on os", "succeeds as often as GenPI's")
+    fmt, gap_key = "eval/student/format_rate", "eval/gap_closed/kl_forward"
+    tasks = sorted({t for _, t in runs})
+    missed = [t for t in tasks if _mean_sd(runs["opcd", t], fmt)[0] < _mean_sd(runs["genpi", t], fmt)[0]]
+    if missed:  # "smaller than the spread of opcd's seeds there"
+        contains(block, "smaller than the spread of opcd's seeds")
+        assert all(_mean_sd(runs["genpi", t], fmt)[0] - _mean_sd(runs["opcd", t], fmt)[0]
+                   < _mean_sd(runs["opcd", t], fmt)[1] for t in missed)
+    contains(block, "on the KL gap opcd is ahead on every task")
+    assert all(_mean_sd(runs["opcd", t], gap_key)[0] > _mean_sd(runs["genpi", t], gap_key)[0] for t in tasks)
     assert set(gap[:2]) == {"opcd", "kl"} and set(success[:2]) == {"opcd", "kl"}
     turns, genpi = (_mean_sd(runs[lo, "os"], "eval/env/student/success_rate") for lo in ("opcd_turns", "genpi"))
     assert abs(turns[0] - genpi[0]) < min(turns[1], genpi[1])  # "as often as": within a standard deviation
