@@ -136,9 +136,13 @@ def cell_text(stats: tuple[float, float | None, int]) -> str:
     return f"{mean:.3f}" if sd is None else f"{mean:.3f} ± {sd:.3f} ({n})"
 
 
-def _portable(value: Any) -> Any:
-    """An absolute path under the current folder as a relative one: tables get committed and shared, and the
-    folder a study ran in is nobody else's business."""
+def portable(value: Any) -> Any:
+    """An absolute path under the current folder as a relative one, in a value or anywhere inside its dicts and
+    lists: tables and records get committed and shared, and the folder a study ran in is nobody else's business."""
+    if isinstance(value, dict):
+        return {k: portable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable(v) for v in value]
     if isinstance(value, str) and value.startswith("/"):
         try:
             return str(Path(value).relative_to(Path.cwd()))
@@ -155,7 +159,7 @@ def write_tables(rows: list[dict[str, Any]], out_dir: Path, row_key: str, col_ke
     with csv_path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
-        w.writerows({k: _portable(v) for k, v in r.items()} for r in rows)
+        w.writerows({k: portable(v) for k, v in r.items()} for r in rows)
     lines = []
     for metric in metrics:
         rl, cl, cells = pivot_stats(rows, row_key, col_key, metric)
@@ -169,7 +173,7 @@ def write_tables(rows: list[dict[str, Any]], out_dir: Path, row_key: str, col_ke
         lines.append("")
     failed = [r for r in rows if r.get("status") == "failed"]
     if failed:
-        lines += ["### Failed jobs", ""] + [f"- {_portable(r['run_dir'])}: {r.get('error', 'see error.txt')}" for r in failed]
+        lines += ["### Failed jobs", ""] + [f"- {portable(r['run_dir'])}: {r.get('error', 'see error.txt')}" for r in failed]
     md_path = out_dir / "results.md"
     md_path.write_text("\n".join(lines) + "\n")
     return md_path, csv_path

@@ -384,14 +384,10 @@ def check_tokenizers(block: str) -> None:
 
 
 def _study(path: str) -> dict[tuple[str, str], dict[str, float]]:
-    out = {}
-    for r in csv_rows(path):
-        if r["loss"].startswith(("teacher (", "floor (")):  # the reference rows genpi.aggregate appends
-            continue
-        assert r["status"] == "ok", r["run_name"]
-        out[r["loss"], r["task"]] = {k: float(v) for k, v in r.items() if k.startswith(("eval/", "train/"))
-                                     and v not in ("", "True", "False") and not k.endswith("report")}
-    return out
+    """A study of one run per (loss, task)."""
+    runs = _seeds(path)
+    assert {len(v) for v in runs.values()} == {1}, path
+    return {k: v[0] for k, v in runs.items()}
 
 
 INTERNALIZATION = "experiments/internalization/results/results.csv"

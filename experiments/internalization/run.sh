@@ -113,7 +113,15 @@ for task in ${TASKS//,/ }; do
   for seed in ${SEEDS//,/ }; do [ "$seed" = 0 ] || echo "train $task-genpi-s$seed test $task genpi $seed"; done
 done | parallel
 
-if [ "${ONPOLICY:-1}" = 0 ]; then exec experiments/internalization/gather.sh "$RESULTS/runs"; fi
+# The end, after step 2 (ONPOLICY=0) or step 5: where the os students fail (episodes.py: first actions, validation
+# failures after an observation, one trajectory per loss), then the table and the plots.
+finish() {
+  if [[ ",$TASKS," == *,os,* ]]; then
+    "$PY" experiments/internalization/episodes.py "$RESULTS/runs" "$RESULTS/os_episodes.json"
+  fi
+  exec experiments/internalization/gather.sh "$RESULTS/runs"
+}
+if [ "${ONPOLICY:-1}" = 0 ]; then finish; fi
 
 # 3. On-policy distillation's sampling temperature and on-policy share (lmbda), chosen on os's VALIDATION split
 #    (seed 0, each fit held to GenPI's os fit time): the best student format rate, ties broken by the KL gap closed
@@ -165,7 +173,4 @@ if [[ ",$TASKS," == *,os,* ]]; then
   printf '%s\n' "${lines[@]}" | parallel
 fi
 
-# 6. Where the os students fail (episodes.py: first actions, validation failures after an observation, one trajectory
-#    per loss), then the table and the plots.
-if [[ ",$TASKS," == *,os,* ]]; then "$PY" experiments/internalization/episodes.py "$RESULTS/runs" "$RESULTS/os_episodes.json"; fi
-exec experiments/internalization/gather.sh "$RESULTS/runs"
+finish

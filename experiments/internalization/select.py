@@ -36,8 +36,9 @@ for name in names:
                  "val_gap_closed_kl_forward": m["eval/gap_closed/kl_forward"]})
 if not rows:
     raise SystemExit("name the candidates' runs")
-first = ([lambda r: -r["val_student_format_rate_later_turns"]] if later else [])
-rows.sort(key=lambda r: (*(f(r) for f in first), -r["val_student_format_rate"], -r["val_gap_closed_kl_forward"]))
+# later turns first when asked; then the first answers' format rate; then the share of the KL gap closed
+rows.sort(key=lambda r: ((-r["val_student_format_rate_later_turns"],) if later else ())
+          + (-r["val_student_format_rate"], -r["val_gap_closed_kl_forward"]))
 best = rows[0]
 rule = ("best validation student format rate" + (" on the later turns, then on the first answers" if later else "")
         + ", ties: larger share of the KL gap closed")
@@ -45,4 +46,5 @@ chosen = {"turns": best["turns"]} if later else {"temperature": best["temperatur
 out.parent.mkdir(parents=True, exist_ok=True)
 out.write_text(json.dumps({"command": "experiments/internalization/run.sh (step " + ("5" if later else "3") + ")",
                            "rule": rule, "candidates": rows, "chosen": chosen}, indent=2) + "\n")
-print(" ".join(f"loss.kl.sampling.{k}={v}" if k != "lmbda" else f"loss.kl.{k}={v}" for k, v in chosen.items()))
+OVERRIDE = {"temperature": "loss.kl.sampling.temperature", "lmbda": "loss.kl.lmbda", "turns": "loss.kl.sampling.turns"}
+print(" ".join(f"{OVERRIDE[k]}={v}" for k, v in chosen.items()))

@@ -37,7 +37,7 @@ ls "$GENPI_OUTPUT_ROOT"/runs/pilot-opcd-*/adapter >/dev/null 2>&1 ||
 import json, sys, time
 from pathlib import Path
 
-from genpi.aggregate import _portable
+from genpi.aggregate import portable
 
 root, budget = Path(sys.argv[1]), int(sys.argv[2])
 out = {"command": "experiments/onpolicy_pilot/run.sh", "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -46,7 +46,7 @@ out = {"command": "experiments/onpolicy_pilot/run.sh", "measured_at": time.strft
 for name in ("genpi", "opcd"):
     (run,) = [p.parent for p in (root / "runs").glob(f"pilot-{name}-*/adapter")]  # the finished run
     m = json.loads((run / "metrics.json").read_text())
-    out["runs"][name] = {k: _portable(m[k]) for k in sorted(m) if k.startswith(("eval/", "train/steps", "perf/",
+    out["runs"][name] = {k: portable(m[k]) for k in sorted(m) if k.startswith(("eval/", "train/steps", "perf/",
                          "val/kl")) and not isinstance(m[k], (dict, list))}  # paths relative to the checkout
 Path("experiments/onpolicy_pilot/results").mkdir(parents=True, exist_ok=True)
 Path("experiments/onpolicy_pilot/results/pilot.json").write_text(json.dumps(out, indent=2) + "\n")
