@@ -32,6 +32,14 @@ def compose_cfg(config_name: str, overrides: list[str], output_root: Path):
     return cfg
 
 
+def vllm_env() -> dict[str, str]:
+    """The environment genpi gives its own vLLM processes on this machine (one engine process, a KV cache that fits,
+    no torch.compile without a GPU, this checkout on ``PYTHONPATH``), for the tests' own vLLM scripts and servers."""
+    from genpi.evaluation.generation import vllm_subprocess_env
+
+    return vllm_subprocess_env(kvcache_gb=1, multiprocessing=False)
+
+
 def read_wandb_records(path: Path) -> list:
     """The protobuf records of a W&B transaction log (``run-<id>.wandb``), as wandb writes them offline.
 

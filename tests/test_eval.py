@@ -215,10 +215,35 @@ def test_cli_prints_the_report_path(run_dir, tmp_path):
     assert path.parent.name.startswith(f"{run_dir.name}-") and len(path.parent.name) == len(run_dir.name) + 9
     m = json.loads((path.parent / "metrics.json").read_text())
     assert "timing" not in m["savings"]
-    bad = subprocess.run([sys.executable, "-m", "genpi.evaluate", f"run_dir={run_dir}", "task=kg",
-                          f"paths.output_root={tmp_path}", *FAST_EVAL], capture_output=True, text=True, cwd=REPO)
-    assert bad.returncode == 2 and "genpi: error:" in bad.stderr and "task kg" in bad.stderr
-    assert "Traceback" not in bad.stderr
+
+
+def test_a_run_evaluated_on_another_task_is_one_line_and_exit_2(run_dir, tmp_path, capsys):
+    """In-process, through the wrapper the command runs (exit 2 through a real entry point: tests/test_train.py)."""
+    from genpi.evaluate import run_evaluation
+    from genpi.utils.wrappers import task_wrapper
+
+    with pytest.raises(SystemExit) as info:
+        task_wrapper(run_evaluation)(compose_eval(tmp_path, [f"run_dir={run_dir}", "task=kg", *FAST_EVAL]))
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert info.value.code == 2 and len(lines) == 1, err
+    assert lines[0].startswith("genpi: error:") and "task kg" in lines[0] and "Traceback" not in err
+    assert not list(tmp_path.rglob("metrics.json"))
+
+
+def test_genpi_vllm_processes_skip_torch_compile_without_a_gpu(monkeypatch):
+    """Without CUDA genpi's vLLM processes run the sampler's few small ops eagerly (compiling them cost about 8 s per
+    machine and 2 s per process here); a user's TORCH_COMPILE_DISABLE=0 is kept; with CUDA nothing is set."""
+    from genpi.evaluation import generation
+
+    monkeypatch.delenv("TORCH_COMPILE_DISABLE", raising=False)
+    monkeypatch.setattr(generation, "_cuda", lambda: False)
+    assert generation.vllm_subprocess_env()["TORCH_COMPILE_DISABLE"] == "1"
+    monkeypatch.setenv("TORCH_COMPILE_DISABLE", "0")
+    assert generation.vllm_subprocess_env()["TORCH_COMPILE_DISABLE"] == "0"
+    monkeypatch.delenv("TORCH_COMPILE_DISABLE")
+    monkeypatch.setattr(generation, "_cuda", lambda: True)
+    assert "TORCH_COMPILE_DISABLE" not in generation.vllm_subprocess_env()
 
 
 def test_vllm_jobs_share_one_worker_on_cpu_and_get_one_each_on_a_gpu(tmp_path, monkeypatch):

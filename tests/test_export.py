@@ -111,7 +111,8 @@ def test_export_refuses_another_base_model(run_dir, tmp_path):
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_exported_adapter_and_merged_model_answer_like_the_trained_model_in_vllm(exported, reference, tmp_path):
-    """Both exports in the real vLLM engine: the adapter as a LoRA request, the merged folder as the model."""
+    """Both exports in the real vLLM engine: the adapter as a LoRA request, the merged folder as the model (two
+    engines in one worker process, as genpi-eval runs them on a CPU: vLLM is imported once)."""
     pytest.importorskip("vllm")
     from genpi.evaluation.generation import PromptSet, run_vllm_worker, vllm_job
     from genpi.models.factory import load_tokenizer, resolve_model_path
@@ -122,8 +123,8 @@ def test_exported_adapter_and_merged_model_answer_like_the_trained_model_in_vllm
                         [PromptSet("student", reference["prompts"], adapter=True)], MAX_NEW, stop)
     merged_job = vllm_job(str(exported["merged"]), "float32", None,
                           [PromptSet("student", reference["prompts"], adapter=False)], MAX_NEW, stop)
-    lora_out = run_vllm_worker(lora_job, tmp_path / "lora")["outputs"]["student"]
-    merged_out = run_vllm_worker(merged_job, tmp_path / "merged")["outputs"]["student"]
+    lora_res, merged_res = run_vllm_worker([lora_job, merged_job], tmp_path / "vllm")
+    lora_out, merged_out = lora_res["outputs"]["student"], merged_res["outputs"]["student"]
     assert lora_out == reference["answers"]
     assert merged_out == reference["answers"]
 

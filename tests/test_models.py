@@ -4,7 +4,6 @@ assistant mask, LoRA defaults, full fine-tuning, switching the adapter off, and 
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from omegaconf import OmegaConf
 from genpi.models import factory, tiny
 from genpi.utils.errors import GenpiError
 from tests.conftest import TINY_CFG
+from tests.helpers import vllm_env
 
 CONF_MODEL = Path(__file__).resolve().parents[1] / "conf" / "model"
 BUILD_FILES = ["model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "config.json",
@@ -325,9 +325,8 @@ def test_vllm_loads_the_tiny_folder_with_the_same_tokens_and_logprobs(tiny_path,
     script = tmp_path / "load_tiny.py"
     script.write_text(VLLM_SCRIPT)
     conv = CONVERSATION[:4]
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
     proc = subprocess.run([sys.executable, str(script), str(tiny_path), json.dumps(conv)], capture_output=True,
-                          text=True, timeout=600, env=env, cwd=tmp_path)
+                          text=True, timeout=600, env=vllm_env(), cwd=tmp_path)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("GENPI_RESULT ")), None)
     assert line, proc.stderr[-3000:]
     result = json.loads(line.removeprefix("GENPI_RESULT "))

@@ -5,7 +5,6 @@ tokenizer. Split from ``test_real_tokenizers.py`` so that the two halves can run
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,17 +12,13 @@ from pathlib import Path
 import pytest
 
 from genpi.tasks.base import builtin_task
-from tests.helpers import compose_cfg
+from tests.helpers import compose_cfg, vllm_env
 from tests.test_real_tokenizers import FAMILIES, REPO, SMALL_SYNTH, _chat_ids
 
 pytest.importorskip("llama_models")
 pytest.importorskip("mistral_common")
 
 
-def vllm_env() -> dict[str, str]:
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    return {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
-            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": path}
 
 
 
@@ -38,9 +33,10 @@ if __name__ == "__main__":
     for name, job in jobs.items():
         prompts = [{"prompt_token_ids": p} for p in job["prompts"]]
         res = {}
-        llm = LLM(model=job["merged"], enforce_eager=True, dtype="float32", max_model_len=2048, seed=0)
-        res["merged"] = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
-        del llm
+        if job["merged"]:
+            llm = LLM(model=job["merged"], enforce_eager=True, dtype="float32", max_model_len=2048, seed=0)
+            res["merged"] = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
+            del llm
         llm = LLM(model=job["base"], enforce_eager=True, dtype="float32", max_model_len=2048, seed=0,
                   enable_lora=True, max_lora_rank=16)
         lora = LoRARequest("student", 1, job["adapter"])
@@ -54,11 +50,17 @@ if __name__ == "__main__":
 """
 
 
+# The family whose merged export vLLM also loads: Llama 3's tiktoken vocabulary (128k), the common real-model case,
+# whose tokenizer files the merged folder must carry. Every family's base + adapter is loaded (the LoRA path); the
+# merged path itself is checked on the tiny model in tests/test_export.py. An engine at 128k costs ~10 s here.
+MERGED_FAMILY = "tiny_llama3_vocab"
+
+
 @pytest.fixture(scope="module")
 def vllm_exports(trained_runs, real_tokenizers, tmp_path_factory):
-    """Every family's merged export and base + adapter, answered greedily by vLLM in ONE process (an engine's
-    import and start cost about a minute here), beside the trained model's answers in transformers:
-    ``{family: (want, got)}``."""
+    """Every family's base + adapter (and ``MERGED_FAMILY``'s merged export), answered greedily by vLLM in ONE
+    process (vLLM's import costs about 10 s here, each engine about as much again), beside the trained model's answers
+    in transformers: ``{family: (want, got)}``."""
     pytest.importorskip("vllm")
     import torch
     from peft import PeftModel
@@ -75,14 +77,16 @@ def vllm_exports(trained_runs, real_tokenizers, tmp_path_factory):
     jobs, want = {}, {}
     for name in FAMILIES:
         tok = real_tokenizers[name]
+        merged = name == MERGED_FAMILY
         folders = export(compose_cfg("export", [f"model={name}", f"run_dir={trained_runs(name)}",
-                                                "export.merged=true"], tmp / name))
+                                                f"export.merged={str(merged).lower()}"], tmp / name))
         prompts = [student_prefix_ids(tok, task, x) for x in ["How many files are in /etc?", "Who is logged in?"]]
         torch.manual_seed(0)
         model = PeftModel.from_pretrained(load_model({"name_or_path": name}, for_training=False),
                                           str(trained_runs(name) / "adapter")).eval()
         want[name] = hf_generate(model, prompts, 12, end_of_turn_ids(tok), tok.pad_token_id)
-        jobs[name] = {"base": resolve_model_path({"name_or_path": name}), "merged": str(folders["merged"]),
+        jobs[name] = {"base": resolve_model_path({"name_or_path": name}),
+                      "merged": str(folders["merged"]) if merged else None,
                       "adapter": str(folders["adapter"]), "prompts": prompts}
     (tmp / "jobs.json").write_text(json.dumps(jobs))
     script = tmp / "run_vllm.py"
@@ -98,10 +102,13 @@ def vllm_exports(trained_runs, real_tokenizers, tmp_path_factory):
 @pytest.mark.vllm
 @pytest.mark.parametrize("name", FAMILIES)
 def test_export_loads_in_vllm_and_answers_like_transformers(name, vllm_exports, real_tokenizers):
-    """The merged export and the base + adapter in vLLM give the trained model's greedy answers; vLLM's chat
-    tokenization equals the template's."""
+    """The base + adapter (and, for ``MERGED_FAMILY``, the merged export) in vLLM give the trained model's greedy
+    answers; vLLM's chat tokenization equals the template's."""
     want, got = vllm_exports[name]
-    assert got["merged"] == want and got["lora"] == want
+    assert got["lora"] == want
+    assert ("merged" in got) == (name == MERGED_FAMILY)
+    if name == MERGED_FAMILY:
+        assert got["merged"] == want
     assert got["chat"] == _chat_ids(real_tokenizers[name], [{"role": "user", "content": "List the files"}],
                                     add_generation_prompt=True)
 

@@ -353,6 +353,19 @@ def test_bad_inputs_fail_in_one_line(student, run_dir, output_root):
     assert "serving on" not in proc.stdout and "Traceback" not in proc.stderr
 
 
+def test_the_server_runs_without_torch_compile_on_a_cpu(run_dir, output_root, monkeypatch):
+    """As genpi's other vLLM processes (tests/test_eval.py): the sampler's small ops run eagerly without a GPU."""
+    import torch
+
+    from genpi.serve import plan_server
+    from tests.helpers import compose_cfg
+
+    monkeypatch.delenv("TORCH_COMPILE_DISABLE", raising=False)
+    cfg = compose_cfg("serve", [f"task.prompt_path={PROMPT}", f"run_dir={run_dir}"], output_root / "plan")
+    env = plan_server(cfg).env
+    assert env.get("TORCH_COMPILE_DISABLE") == (None if torch.cuda.is_available() else "1")
+
+
 def test_teacher_mode_answers_as_the_teacher(teacher, teacher_reference, os_task):
     reference = teacher_reference
     for k, problem in enumerate(PROBLEMS):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import socket
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from genpi.data.records import load_records
 from genpi.synthesis.clients import Sampling
 from genpi.synthesis.clients.openai import OpenAIClient
 from genpi.utils.errors import GenpiError
-from tests.helpers import CONF, compose_cfg
+from tests.helpers import CONF, compose_cfg, vllm_env
 
 REPO = CONF.parent
 SECRET = "sk-genpi-test-secret"
@@ -163,10 +162,6 @@ VLLM_SCRIPT = textwrap.dedent(
 )
 
 
-def vllm_env() -> dict[str, str]:
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)  # scripts import genpi from here
-    return {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
-            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": path}
 
 
 @pytest.mark.slow

@@ -81,20 +81,17 @@ def bench_episodes(model: str = "tiny_agent", n_episodes: int = 32, max_new_toke
 
 
 def _vllm_runs(spec: dict[str, Any], model_cfg: dict[str, Any], widths: list[int], work: Path) -> dict[str, Any]:
-    import os
     import subprocess
     import sys
 
+    from genpi.evaluation.generation import vllm_subprocess_env
     from genpi.models.factory import resolve_model_path
     from genpi.utils.errors import GenpiError
-    from genpi.utils.paths import repo_root
 
     job = {"spec": spec, "model": resolve_model_path(model_cfg), "dtype": "float32", "adapter": None,
            "max_lora_rank": None, "bench_widths": widths}
     (work / "job.json").write_text(json.dumps(job))
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join([str(repo_root()), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env = vllm_subprocess_env(kvcache_gb=1, multiprocessing=False)
     with (work / "worker.log").open("w") as log:
         proc = subprocess.run([sys.executable, "-m", "genpi.environments.vllm_worker", str(work / "job.json"),
                                str(work / "result.json")], stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -263,16 +263,25 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+# Without a GPU vLLM still torch.compiles a few small sampler ops (top-k/top-p, logprob ranks): here about 8 s the first
+# time on a machine and 2 s in every later process, for kernels that run in milliseconds on a CPU. genpi runs them
+# eagerly there, as it runs the model eagerly (enforce_eager); TORCH_COMPILE_DISABLE=0 in the environment compiles.
+NO_COMPILE_ON_CPU = ("TORCH_COMPILE_DISABLE", "1")
+
+
 def vllm_subprocess_env(kvcache_gb: float | None = 1, multiprocessing: bool | None = None,
                         cpu_threads_bind: str | None = None) -> dict[str, str]:
     """The environment of a process that runs a vLLM engine for genpi (evaluation's worker, the on-policy
     sampling engine): ``VLLM_CPU_KVCACHE_SPACE`` without a GPU (None leaves it as it is),
     ``VLLM_ENABLE_V1_MULTIPROCESSING`` (None = on with CUDA, off without: on the CPU a separate engine process only
-    costs start time and memory), ``VLLM_CPU_OMP_THREADS_BIND`` when given, and this checkout on ``PYTHONPATH``."""
+    costs start time and memory), ``VLLM_CPU_OMP_THREADS_BIND`` when given, no torch.compile without a GPU
+    (``NO_COMPILE_ON_CPU``), and this checkout on ``PYTHONPATH``."""
     env = dict(os.environ)
     cuda = _cuda()
     if not cuda and kvcache_gb is not None:
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kvcache_gb))
+    if not cuda:
+        env.setdefault(*NO_COMPILE_ON_CPU)
     mp = cuda if multiprocessing is None else bool(multiprocessing)
     env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if mp else "0"
     if cpu_threads_bind:

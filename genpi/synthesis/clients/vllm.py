@@ -10,6 +10,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from genpi.evaluation.generation import NO_COMPILE_ON_CPU
 from genpi.synthesis.clients.base import ChatClient, Message, Sampling, TopK, end_of_turn_ids
 from genpi.utils.errors import GenpiError
 
@@ -54,6 +55,12 @@ class VLLMClient(ChatClient):
         # The engine in a separate process overlaps scheduling with the GPU; on the CPU it only costs start time and memory.
         mp = cuda if multiprocessing is None else bool(multiprocessing)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "1" if mp else "0")
+        if not cuda:
+            # torch read the variable at import: set it for an engine process too, and switch compiling off here
+            os.environ.setdefault(*NO_COMPILE_ON_CPU)
+            import torch._dynamo
+
+            torch._dynamo.config.disable = os.environ[NO_COMPILE_ON_CPU[0]] == "1"
         try:
             from vllm import LLM
         except ImportError as err:
