@@ -1,6 +1,7 @@
-"""The real-tokenizer models in vLLM: the exported adapter and merged model of each family answer like the trained
-model in transformers, and vLLM's chat tokenization equals the template's; ``genpi-synth`` through vLLM on a real
-tokenizer. Split from ``test_real_tokenizers.py`` so that the two halves can run on separate test workers."""
+"""The real-tokenizer models in vLLM: the exported adapter of each family (and one family's merged model) answers
+like the trained model in transformers, and vLLM's chat tokenization equals the template's; every family's merged
+export loads as a plain transformers folder with its tokenizer and answers alike; ``genpi-synth`` through vLLM on a
+real tokenizer. Split from ``test_real_tokenizers.py`` so that the two halves can run on separate test workers."""
 
 from __future__ import annotations
 
@@ -17,9 +18,6 @@ from tests.test_real_tokenizers import FAMILIES, REPO, SMALL_SYNTH, _chat_ids
 
 pytest.importorskip("llama_models")
 pytest.importorskip("mistral_common")
-
-
-
 
 
 VLLM_SCRIPT = """
@@ -50,9 +48,10 @@ if __name__ == "__main__":
 """
 
 
-# The family whose merged export vLLM also loads: Llama 3's tiktoken vocabulary (128k), the common real-model case,
-# whose tokenizer files the merged folder must carry. Every family's base + adapter is loaded (the LoRA path); the
-# merged path itself is checked on the tiny model in tests/test_export.py. An engine at 128k costs ~10 s here.
+# The family whose merged export vLLM also loads: Llama 3's tiktoken vocabulary (128k), the common real-model case.
+# Every family's base + adapter is loaded in vLLM (the LoRA path), every family's merged folder in transformers
+# (below); vLLM on a merged folder is also checked on the tiny model in tests/test_export.py. An engine at a 128k
+# vocabulary costs about 10 s here.
 MERGED_FAMILY = "tiny_llama3_vocab"
 
 
@@ -60,7 +59,7 @@ MERGED_FAMILY = "tiny_llama3_vocab"
 def vllm_exports(trained_runs, real_tokenizers, tmp_path_factory):
     """Every family's base + adapter (and ``MERGED_FAMILY``'s merged export), answered greedily by vLLM in ONE
     process (vLLM's import costs about 10 s here, each engine about as much again), beside the trained model's answers
-    in transformers: ``{family: (want, got)}``."""
+    in transformers and the prompts: ``{family: (want, got, prompts, merged folder)}``."""
     pytest.importorskip("vllm")
     import torch
     from peft import PeftModel
@@ -74,19 +73,19 @@ def vllm_exports(trained_runs, real_tokenizers, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("vllm_exports")
     task = builtin_task("os")
-    jobs, want = {}, {}
+    jobs, want, merged = {}, {}, {}
     for name in FAMILIES:
         tok = real_tokenizers[name]
-        merged = name == MERGED_FAMILY
         folders = export(compose_cfg("export", [f"model={name}", f"run_dir={trained_runs(name)}",
-                                                f"export.merged={str(merged).lower()}"], tmp / name))
+                                                "export.merged=true"], tmp / name))
         prompts = [student_prefix_ids(tok, task, x) for x in ["How many files are in /etc?", "Who is logged in?"]]
         torch.manual_seed(0)
         model = PeftModel.from_pretrained(load_model({"name_or_path": name}, for_training=False),
                                           str(trained_runs(name) / "adapter")).eval()
         want[name] = hf_generate(model, prompts, 12, end_of_turn_ids(tok), tok.pad_token_id)
+        merged[name] = Path(folders["merged"])
         jobs[name] = {"base": resolve_model_path({"name_or_path": name}),
-                      "merged": str(folders["merged"]) if merged else None,
+                      "merged": str(folders["merged"]) if name == MERGED_FAMILY else None,
                       "adapter": str(folders["adapter"]), "prompts": prompts}
     (tmp / "jobs.json").write_text(json.dumps(jobs))
     script = tmp / "run_vllm.py"
@@ -95,7 +94,7 @@ def vllm_exports(trained_runs, real_tokenizers, tmp_path_factory):
                           env=vllm_env(), capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads((tmp / "out.json").read_text())
-    return {name: (want[name], got[name]) for name in FAMILIES}
+    return {name: (want[name], got[name], jobs[name]["prompts"], merged[name]) for name in FAMILIES}
 
 
 @pytest.mark.slow
@@ -104,7 +103,7 @@ def vllm_exports(trained_runs, real_tokenizers, tmp_path_factory):
 def test_export_loads_in_vllm_and_answers_like_transformers(name, vllm_exports, real_tokenizers):
     """The base + adapter (and, for ``MERGED_FAMILY``, the merged export) in vLLM give the trained model's greedy
     answers; vLLM's chat tokenization equals the template's."""
-    want, got = vllm_exports[name]
+    want, got, _, _ = vllm_exports[name]
     assert got["lora"] == want
     assert ("merged" in got) == (name == MERGED_FAMILY)
     if name == MERGED_FAMILY:
@@ -115,10 +114,31 @@ def test_export_loads_in_vllm_and_answers_like_transformers(name, vllm_exports, 
 
 @pytest.mark.slow
 @pytest.mark.vllm
+@pytest.mark.parametrize("name", FAMILIES)
+def test_merged_export_is_a_plain_transformers_folder_that_answers_like_the_trained_model(name, vllm_exports,
+                                                                                         real_tokenizers):
+    """Every family's merged folder carries its tokenizer (the same chat ids as the family's) and, loaded by plain
+    transformers, gives the trained model's greedy answers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from genpi.evaluation.generation import hf_generate
+    from genpi.synthesis.clients.base import end_of_turn_ids
+
+    want, _, prompts, folder = vllm_exports[name]
+    tok = AutoTokenizer.from_pretrained(folder)
+    chat = [{"role": "user", "content": "List the files"}]
+    assert _chat_ids(tok, chat, add_generation_prompt=True) == _chat_ids(real_tokenizers[name], chat,
+                                                                         add_generation_prompt=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype="float32").eval()
+    assert hf_generate(model, prompts, 12, end_of_turn_ids(tok), tok.pad_token_id) == want
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
 @pytest.mark.parametrize("name", ["tiny_mistral_vocab"])
 def test_genpi_synth_with_vllm_on_a_real_tokenizer(name, tmp_path):
-    """``genpi-synth synth.client=vllm`` writes a dataset with top-k rows that trains. One family here (an engine
-    start costs about a minute on 2 cores): SentencePiece, whose leading-space handling differs most from genpi's
+    """``genpi-synth synth.client=vllm`` writes a dataset with top-k rows that trains. One family here (a process that
+    imports vLLM and starts an engine costs about 20 s on 2 cores): SentencePiece, whose leading-space handling differs most from genpi's
     own tokenizer; the tiktoken families are loaded by vLLM in the export test above. Add the others with
     ``-k``-free parametrization when a GPU runner makes engines cheap."""
     pytest.importorskip("vllm")

@@ -162,8 +162,6 @@ VLLM_SCRIPT = textwrap.dedent(
 )
 
 
-
-
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_vllm_engine_role_swap_and_teacher_logits(tmp_path, tiny_path, tiny_model):

@@ -263,9 +263,9 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-# Without a GPU vLLM still torch.compiles a few small sampler ops (top-k/top-p, logprob ranks): here about 8 s the first
-# time on a machine and 2 s in every later process, for kernels that run in milliseconds on a CPU. genpi runs them
-# eagerly there, as it runs the model eagerly (enforce_eager); TORCH_COMPILE_DISABLE=0 in the environment compiles.
+# Without a GPU vLLM still torch.compiles a few small sampler ops (top-k/top-p, logprob ranks): here about 10 s the
+# first time on a machine and 2 s in every later process, for kernels that run in milliseconds on a CPU. genpi runs
+# them eagerly there; TORCH_COMPILE_DISABLE=0 in the environment compiles them. With CUDA the variable is left alone.
 NO_COMPILE_ON_CPU = ("TORCH_COMPILE_DISABLE", "1")
 
 

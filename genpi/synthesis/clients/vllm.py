@@ -15,6 +15,16 @@ from genpi.synthesis.clients.base import ChatClient, Message, Sampling, TopK, en
 from genpi.utils.errors import GenpiError
 
 
+def no_compile_in_this_process() -> None:
+    """For an engine in this process without a GPU: ``NO_COMPILE_ON_CPU`` unless the environment says otherwise.
+    torch read the variable when it was imported, so the setting is also made on torch's config (read at each call
+    of a compiled function); the variable itself reaches an engine process started from here."""
+    import torch._dynamo
+
+    os.environ.setdefault(*NO_COMPILE_ON_CPU)
+    torch._dynamo.config.disable = os.environ[NO_COMPILE_ON_CPU[0]] == "1"
+
+
 def _has_cuda() -> bool:
     try:
         import torch
@@ -56,11 +66,7 @@ class VLLMClient(ChatClient):
         mp = cuda if multiprocessing is None else bool(multiprocessing)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "1" if mp else "0")
         if not cuda:
-            # torch read the variable at import: set it for an engine process too, and switch compiling off here
-            os.environ.setdefault(*NO_COMPILE_ON_CPU)
-            import torch._dynamo
-
-            torch._dynamo.config.disable = os.environ[NO_COMPILE_ON_CPU[0]] == "1"
+            no_compile_in_this_process()
         try:
             from vllm import LLM
         except ImportError as err:
