@@ -1,7 +1,7 @@
-"""The real-tokenizer models in vLLM: the exported adapter of each family (and one family's merged model) answers
-like the trained model in transformers, and vLLM's chat tokenization equals the template's; every family's merged
-export loads as a plain transformers folder with its tokenizer and answers alike; ``genpi-synth`` through vLLM on a
-real tokenizer. Split from ``test_real_tokenizers.py`` so that the two halves can run on separate test workers."""
+"""The real-tokenizer models in vLLM: the exported adapter of each family answers like the trained model in
+transformers, and vLLM's chat tokenization equals the template's; every family's merged export loads as a plain
+transformers folder with its tokenizer and answers alike (vLLM on a merged folder: tests/test_export.py, on the tiny
+model); ``genpi-synth`` through vLLM on a real tokenizer. Split from ``test_real_tokenizers.py`` so that the two halves can run on separate test workers."""
 
 from __future__ import annotations
 
@@ -31,10 +31,6 @@ if __name__ == "__main__":
     for name, job in jobs.items():
         prompts = [{"prompt_token_ids": p} for p in job["prompts"]]
         res = {}
-        if job["merged"]:
-            llm = LLM(model=job["merged"], enforce_eager=True, dtype="float32", max_model_len=2048, seed=0)
-            res["merged"] = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
-            del llm
         llm = LLM(model=job["base"], enforce_eager=True, dtype="float32", max_model_len=2048, seed=0,
                   enable_lora=True, max_lora_rank=16)
         lora = LoRARequest("student", 1, job["adapter"])
@@ -48,18 +44,11 @@ if __name__ == "__main__":
 """
 
 
-# The family whose merged export vLLM also loads: Llama 3's tiktoken vocabulary (128k), the common real-model case.
-# Every family's base + adapter is loaded in vLLM (the LoRA path), every family's merged folder in transformers
-# (below); vLLM on a merged folder is also checked on the tiny model in tests/test_export.py. An engine at a 128k
-# vocabulary costs about 10 s here.
-MERGED_FAMILY = "tiny_llama3_vocab"
-
-
 @pytest.fixture(scope="module")
 def vllm_exports(trained_runs, real_tokenizers, tmp_path_factory):
-    """Every family's base + adapter (and ``MERGED_FAMILY``'s merged export), answered greedily by vLLM in ONE
-    process (vLLM's import costs about 10 s here, each engine about as much again), beside the trained model's answers
-    in transformers and the prompts: ``{family: (want, got, prompts, merged folder)}``."""
+    """Every family's base + adapter, answered greedily by vLLM in ONE process (vLLM's import costs about 10 s here,
+    an engine at a 128k vocabulary about as much again), beside the trained model's answers in transformers, the
+    prompts and the family's merged export: ``{family: (want, got, prompts, merged folder)}``."""
     pytest.importorskip("vllm")
     import torch
     from peft import PeftModel
@@ -85,7 +74,6 @@ def vllm_exports(trained_runs, real_tokenizers, tmp_path_factory):
         want[name] = hf_generate(model, prompts, 12, end_of_turn_ids(tok), tok.pad_token_id)
         merged[name] = Path(folders["merged"])
         jobs[name] = {"base": resolve_model_path({"name_or_path": name}),
-                      "merged": str(folders["merged"]) if name == MERGED_FAMILY else None,
                       "adapter": str(folders["adapter"]), "prompts": prompts}
     (tmp / "jobs.json").write_text(json.dumps(jobs))
     script = tmp / "run_vllm.py"
@@ -101,13 +89,10 @@ def vllm_exports(trained_runs, real_tokenizers, tmp_path_factory):
 @pytest.mark.vllm
 @pytest.mark.parametrize("name", FAMILIES)
 def test_export_loads_in_vllm_and_answers_like_transformers(name, vllm_exports, real_tokenizers):
-    """The base + adapter (and, for ``MERGED_FAMILY``, the merged export) in vLLM give the trained model's greedy
-    answers; vLLM's chat tokenization equals the template's."""
+    """The base + adapter in vLLM give the trained model's greedy answers; vLLM's chat tokenization equals the
+    template's."""
     want, got, _, _ = vllm_exports[name]
     assert got["lora"] == want
-    assert ("merged" in got) == (name == MERGED_FAMILY)
-    if name == MERGED_FAMILY:
-        assert got["merged"] == want
     assert got["chat"] == _chat_ids(real_tokenizers[name], [{"role": "user", "content": "List the files"}],
                                     add_generation_prompt=True)
 
