@@ -53,7 +53,7 @@ def plan_server(cfg: DictConfig) -> ServePlan:
     """Check the config and decide what vLLM serves; nothing is loaded and nothing is started here."""
     opts = schema.read(cfg.get("serve"), schema.Serve, "serve")
     server_module()
-    from genpi.evaluation.generation import NO_COMPILE_ON_CPU, VLLM_DTYPES, lora_rank, vllm_max_lora_rank
+    from genpi.evaluation.generation import VLLM_DTYPES, lora_rank, vllm_engine_vars, vllm_max_lora_rank
     from genpi.models.factory import model_fingerprint, resolve_model_path
 
     task = build_task(**to_dict(cfg.task))
@@ -117,12 +117,7 @@ def plan_server(cfg: DictConfig) -> ServePlan:
     args += list(opts.extra_args)
 
     env: dict[str, str] = {"TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "false")}
-    if not cuda and opts.kvcache_gb is not None:
-        env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", f"{opts.kvcache_gb:g}")
-    if not cuda:
-        env[NO_COMPILE_ON_CPU[0]] = os.environ.get(NO_COMPILE_ON_CPU[0], NO_COMPILE_ON_CPU[1])
-    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if (opts.multiprocessing if opts.multiprocessing is not None
-                                                     else cuda) else "0"
+    env.update(vllm_engine_vars(cuda, opts.kvcache_gb, opts.multiprocessing))
     # The key travels only in the child's environment: never on its command line (visible to `ps`), never on disk.
     env["VLLM_API_KEY"] = os.environ.get(opts.api_key_env, "")
 

@@ -32,6 +32,22 @@ def compose_cfg(config_name: str, overrides: list[str], output_root: Path):
     return cfg
 
 
+def run_bad(capsys, tmp_path: Path, config: str, entry, overrides: list[str]):
+    """Run ``entry`` (a command's function) through the wrapper its command runs, on a config composed in
+    ``tmp_path / "out"``, expecting it to exit: ``(exit code, non-empty stderr lines, stderr, run folder)``."""
+    import pytest
+
+    from genpi.utils.wrappers import task_wrapper
+
+    cfg = compose_cfg(config, overrides, tmp_path / "out")
+    run_dir = Path(cfg.hydra.run.dir)
+    with pytest.raises(SystemExit) as info:
+        task_wrapper(entry)(cfg)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    return info.value.code, lines, err, run_dir
+
+
 def vllm_env() -> dict[str, str]:
     """The environment genpi gives its own vLLM processes on this machine (one engine process, a KV cache that fits,
     no torch.compile without a GPU, this checkout on ``PYTHONPATH``), for the tests' own vLLM scripts and servers."""

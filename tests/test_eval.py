@@ -221,13 +221,11 @@ def test_cli_prints_the_report_path(run_dir, tmp_path):
 def test_a_run_evaluated_on_another_task_is_one_line_and_exit_2(run_dir, tmp_path, capsys):
     """In-process, through the wrapper the command runs (exit 2 through a real entry point: tests/test_train.py)."""
     from genpi.evaluate import run_evaluation
-    from genpi.utils.wrappers import task_wrapper
+    from tests.helpers import run_bad
 
-    with pytest.raises(SystemExit) as info:
-        task_wrapper(run_evaluation)(compose_eval(tmp_path, [f"run_dir={run_dir}", "task=kg", *FAST_EVAL]))
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert info.value.code == 2 and len(lines) == 1, err
+    code, lines, err, _ = run_bad(capsys, tmp_path, "eval", run_evaluation, [f"run_dir={run_dir}", "task=kg",
+                                                                             *FAST_EVAL])
+    assert code == 2 and len(lines) == 1, err
     assert lines[0].startswith("genpi: error:") and "task kg" in lines[0]
     assert not list(tmp_path.rglob("metrics.json"))
 

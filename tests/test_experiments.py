@@ -119,8 +119,9 @@ def _run_folder(root: Path, run_name: str) -> Path:
 
 @pytest.mark.slow
 def test_killed_run_resumes_in_the_same_folder_with_the_same_wandb_run(tmp_path, tiny_path):
-    common = ["loss=sft", "data.max_records=48", "data.batch_size=4", "trainer.max_epochs=4", "logger=many",
-              "model.lora.dropout=0.0", "+callbacks.model_checkpoint.every_n_train_steps=2"]
+    epochs, batch = 4, 4
+    common = ["loss=sft", "data.max_records=48", f"data.batch_size={batch}", f"trainer.max_epochs={epochs}",
+              "logger=many", "model.lora.dropout=0.0", "+callbacks.model_checkpoint.every_n_train_steps=2"]
     e = dict(os.environ, WANDB_MODE="offline")
     e.pop("WANDB_SERVICE", None)
     # Its own process group, killed whole as a scheduler kills a job: the run and its wandb service process (a
@@ -139,8 +140,9 @@ def test_killed_run_resumes_in_the_same_folder_with_the_same_wandb_run(tmp_path,
     again = cli([*common, "run_name=killed"], tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     m_res = json.loads((killed / "metrics.json").read_text())
-    # every step of the 4 epochs ran once: none lost with the kill, none trained again after the resume
-    assert m_res["train/steps"] == 4 * math.ceil(m_res["data/train_records"] / 4)
+    # every step of every epoch ran once (one process, no accumulation: a batch is a step): none lost with the kill,
+    # none trained again after the resume
+    assert m_res["train/steps"] == epochs * math.ceil(m_res["data/train_records"] / batch)
     run_ids = {d.name.split("-", 3)[-1] for d in (killed / "wandb").glob("offline-run-*")}
     assert run_ids == {(killed / "wandb_id.txt").read_text().strip()}
 

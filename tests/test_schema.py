@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 import genpi.evaluation.artifacts  # noqa: F401  (registers genpi_eval_name, used by eval.yaml and export.yaml)
 from genpi import schema
 from genpi.utils.errors import GenpiError
-from tests.helpers import CONF, compose_cfg
+from tests.helpers import CONF, compose_cfg, run_bad
 
 SAMPLES = CONF.parent / "genpi" / "tasks" / "samples"
 
@@ -200,25 +200,13 @@ TRAIN_BAD = [
 ]
 
 
-def _run_bad(capsys, tmp_path: Path, config: str, entry, overrides: list[str]):
-    from genpi.utils.wrappers import task_wrapper
-
-    cfg = compose_cfg(config, overrides, tmp_path / "out")
-    run_dir = Path(cfg.hydra.run.dir)
-    with pytest.raises(SystemExit) as info:
-        task_wrapper(entry)(cfg)
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    return info.value.code, lines, err, run_dir
-
-
 @pytest.mark.parametrize(("overrides", "names"), TRAIN_BAD, ids=[" ".join(o) for o, _ in TRAIN_BAD])
 def test_bad_training_input_is_one_line_and_exit_2(capsys, tmp_path, overrides, names):
     from genpi.train import train
 
     overrides = [o.replace(o[o.index("{data:"):], _data_file(tmp_path, o[o.index("{data:") + 6:-1]))
                  if "{data:" in o else o for o in overrides]
-    code, lines, err, run_dir = _run_bad(capsys, tmp_path, "train", train, overrides)
+    code, lines, err, run_dir = run_bad(capsys, tmp_path, "train", train, overrides)
     assert code == 2
     assert len(lines) == 1 and lines[0].startswith("genpi: error: "), err
     assert names in lines[0], lines[0]
@@ -249,7 +237,7 @@ def test_bad_eval_synth_export_input_is_one_line_and_exit_2(capsys, tmp_path, co
     from genpi.synth import run_synthesis
 
     entry = {"eval": run_evaluation, "synth": run_synthesis, "export": export}[config]
-    code, lines, err, _ = _run_bad(capsys, tmp_path, config, entry, overrides)
+    code, lines, err, _ = run_bad(capsys, tmp_path, config, entry, overrides)
     assert code == 2 and len(lines) == 1 and names in lines[0], err
     assert "s3cr3t" not in err and "Traceback" not in err
 

@@ -269,21 +269,28 @@ def _cuda() -> bool:
 NO_COMPILE_ON_CPU = ("TORCH_COMPILE_DISABLE", "1")
 
 
+def vllm_engine_vars(cuda: bool, kvcache_gb: float | None = 1, multiprocessing: bool | None = None) -> dict[str, str]:
+    """The variables genpi sets for a process that runs a vLLM engine (a worker, ``genpi-serve``'s server, the
+    synthesis client's own process). Without a GPU: ``VLLM_CPU_KVCACHE_SPACE`` (vLLM's default fails its memory check
+    on small machines; None sets nothing) and ``NO_COMPILE_ON_CPU``, each unless the environment has it already.
+    ``VLLM_ENABLE_V1_MULTIPROCESSING``: None = on with CUDA (the engine's own process overlaps scheduling with the
+    GPU), off without (on the CPU it only costs start time and memory)."""
+    out: dict[str, str] = {}
+    if not cuda:
+        if kvcache_gb is not None:
+            out["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", f"{kvcache_gb:g}")
+        out[NO_COMPILE_ON_CPU[0]] = os.environ.get(*NO_COMPILE_ON_CPU)
+    mp = cuda if multiprocessing is None else bool(multiprocessing)
+    out["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if mp else "0"
+    return out
+
+
 def vllm_subprocess_env(kvcache_gb: float | None = 1, multiprocessing: bool | None = None,
                         cpu_threads_bind: str | None = None) -> dict[str, str]:
     """The environment of a process that runs a vLLM engine for genpi (evaluation's worker, the on-policy
-    sampling engine): ``VLLM_CPU_KVCACHE_SPACE`` without a GPU (None leaves it as it is),
-    ``VLLM_ENABLE_V1_MULTIPROCESSING`` (None = on with CUDA, off without: on the CPU a separate engine process only
-    costs start time and memory), ``VLLM_CPU_OMP_THREADS_BIND`` when given, no torch.compile without a GPU
-    (``NO_COMPILE_ON_CPU``), and this checkout on ``PYTHONPATH``."""
-    env = dict(os.environ)
-    cuda = _cuda()
-    if not cuda and kvcache_gb is not None:
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kvcache_gb))
-    if not cuda:
-        env.setdefault(*NO_COMPILE_ON_CPU)
-    mp = cuda if multiprocessing is None else bool(multiprocessing)
-    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if mp else "0"
+    sampling engine, the episode benchmark): ``vllm_engine_vars``, ``VLLM_CPU_OMP_THREADS_BIND`` when given, and this
+    checkout on ``PYTHONPATH``."""
+    env = {**os.environ, **vllm_engine_vars(_cuda(), kvcache_gb, multiprocessing)}
     if cpu_threads_bind:
         env["VLLM_CPU_OMP_THREADS_BIND"] = str(cpu_threads_bind)
     env["PYTHONPATH"] = os.pathsep.join([str(repo_root()), *filter(None, [env.get("PYTHONPATH")])])

@@ -10,7 +10,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from genpi.evaluation.generation import NO_COMPILE_ON_CPU
+from genpi.evaluation.generation import NO_COMPILE_ON_CPU, vllm_engine_vars
 from genpi.synthesis.clients.base import ChatClient, Message, Sampling, TopK, end_of_turn_ids
 from genpi.utils.errors import GenpiError
 
@@ -59,12 +59,9 @@ class VLLMClient(ChatClient):
         model_name: str = "",
     ):
         cuda = _has_cuda()
-        # Without a GPU the engine sizes its KV cache from this variable; the sandbox default fails its memory check.
-        if not cuda and cpu_kvcache_gb is not None:
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kvcache_gb))
-        # The engine in a separate process overlaps scheduling with the GPU; on the CPU it only costs start time and memory.
-        mp = cuda if multiprocessing is None else bool(multiprocessing)
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "1" if mp else "0")
+        # the engine runs in this process (or one it starts): genpi's vLLM variables, where the environment has none
+        for key, value in vllm_engine_vars(cuda, cpu_kvcache_gb, multiprocessing).items():
+            os.environ.setdefault(key, value)
         if not cuda:
             no_compile_in_this_process()
         try:
